@@ -1,0 +1,193 @@
+"""The `asr-dist` command: one entry point, subcommands per task.
+
+  asr-dist shards build|verify|info|merge    shard sets (asr_dist.data)
+  asr-dist demo                              synthesised Danish corpus, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .logging import setup_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed without a traceback, exit code 2."""
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _part(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part takes I/N, e.g. 0/8 (got {value!r})") from None
+    return i, n
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs")
+    g.add_argument("--input", "-i", action="append", required=True, metavar="PATH",
+                   help="a corpus: Common Voice .tsv, NeMo .json/.jsonl manifest, audiofolder directory "
+                        "(metadata.csv/.jsonl), datasets save_to_disk directory, or Kaldi data dir; repeatable")
+    g.add_argument("--input-format", choices=("commonvoice", "nemo", "audiofolder", "hf-dataset", "kaldi"),
+                   help="force the layout of every --input instead of detecting it")
+    g.add_argument("--text-column", help="transcript column/field (default: sentence, text, transcription, … as found)")
+    g.add_argument("--audio-column", help="audio column of a datasets input (default: audio)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", required=True, metavar="DIR", help="shard set directory")
+    g.add_argument("--audio-format", choices=("flac", "wav"), default="flac", help="stored audio, 16 kHz mono 16-bit (default: flac)")
+    g.add_argument("--shard-size", type=int, default=1000, help="utterances per shard; only the last may be short (default: 1000)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
+    g.add_argument("--sort-in-shard", action="store_true", help="sort utterances by duration inside each shard")
+    g.add_argument("--overwrite", action="store_true", help="replace a different shard set already in --output")
+    g = p.add_argument_group("text")
+    g.add_argument("--normalizer", choices=("danish", "basic", "none"), default="danish",
+                   help="danish: NFKC, lower case, Danish letters, no punctuation (default); basic: NFKC, lower "
+                        "case, no punctuation; none: whitespace only")
+    g.add_argument("--hesitations", choices=("words", "drop"), help="danish: NPSC <ee> <mm> <qq> as words eee mmm qqq (default) or dropped")
+    g.add_argument("--inaudible", choices=("drop", "keep"), help="danish: reject utterances with <inaudible> (default) or keep them without the tag")
+    g.add_argument("--digits", choices=("spell", "keep", "reject"), help="danish: spell numbers out in Danish (default), keep digits, or reject")
+    g.add_argument("--no-fold-accents", action="store_true", help="danish: reject é, ü, … instead of folding them to e, u, …")
+    g.add_argument("--vocab", metavar="FILE", help="use this vocab.json; transcripts with other characters are rejected")
+    g = p.add_argument_group("filters")
+    g.add_argument("--min-duration", type=float, default=0.5, help="seconds (default: 0.5)")
+    g.add_argument("--max-duration", type=float, default=30.0, help="seconds (default: 30)")
+    g.add_argument("--max-reject-fraction", type=float, default=0.05,
+                   help="exit 1 when more than this fraction of items is rejected (default: 0.05)")
+    g = p.add_argument_group("running")
+    g.add_argument("--workers", "-j", type=int, default=_default_workers(), help="processes (default: CPUs available)")
+    g.add_argument("--part", type=_part, metavar="I/N", help="build only part I of N (0-based) for `shards merge`; see slurm/build-shards.sbatch")
+    g.add_argument("--dry-run", action="store_true", help="scan inputs and read audio headers; write nothing")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_options_from_args(args):
+    from .data.writer import BuildOptions
+
+    settings = {k: getattr(args, k) for k in ("hesitations", "inaudible", "digits") if getattr(args, k) is not None}
+    if args.no_fold_accents:
+        settings["fold_accents"] = False
+    if settings and args.normalizer != "danish":
+        raise UserError(f"--{', --'.join(settings).replace('_', '-')} only apply to --normalizer danish")
+    return BuildOptions(
+        inputs=args.input, output=args.output, input_format=args.input_format, text_column=args.text_column,
+        audio_column=args.audio_column, audio_format=args.audio_format, normalizer=args.normalizer,
+        normalizer_settings=settings, vocab=args.vocab, min_duration=args.min_duration,
+        max_duration=args.max_duration, shard_size=args.shard_size, seed=args.seed,
+        sort_in_shard=args.sort_in_shard, workers=args.workers, part=args.part,
+        max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite, dry_run=args.dry_run,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_shards_build(args) -> int:
+    from .data.writer import build
+
+    summary = build(build_options_from_args(args))
+    print(summary.render())
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def cmd_shards_merge(args) -> int:
+    from .data.writer import merge
+
+    summary = merge(args.parts, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    print(summary.render())
+    return EXIT_OK
+
+
+def cmd_shards_verify(args) -> int:
+    from .data.verify import verify
+
+    problems = verify(args.dir, progress=not args.no_progress)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s) found", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.dir}: every sample decodes and matches index.json and vocab.json")
+    return EXIT_OK
+
+
+def cmd_shards_info(args) -> int:
+    from .data.verify import info
+
+    print(info(args.dir))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(output=args.output, num_utterances=args.num_utterances, workers=args.workers, rebuild=args.rebuild)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asr-dist", description="Fine-tune wav2vec2 / XLS-R CTC speech recognisers at scale.")
+    parser.add_argument("--version", action="version", version=f"asr-dist {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shards = sub.add_parser("shards", help="build, check and describe WebDataset shard sets")
+    ssub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    p = ssub.add_parser("build", help="corpora in, 16 kHz WebDataset shards + index + vocab + rejects out",
+                        description="Build a shard set from one or more corpora. Every rejected item is listed in "
+                                    "rejects.tsv with its reason. Re-running an interrupted build with the same "
+                                    "arguments keeps the finished shards and does the rest.")
+    add_build_arguments(p)
+    p.set_defaults(func=cmd_shards_build)
+    p = ssub.add_parser("merge", help="join the parts of a --part I/N build into one shard set")
+    p.add_argument("parts", nargs="+", metavar="PART_DIR")
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_shards_merge)
+    p = ssub.add_parser("verify", help="decode every sample and check it against index.json; exit 1 on any damage")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_shards_verify)
+    p = ssub.add_parser("info", help="counts, hours, duration histogram and characters of a shard set")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_shards_info)
+
+    p = sub.add_parser("demo", help="synthesise a small Danish corpus and run the pipeline on it, no download")
+    p.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="where everything goes (default: ./demo-output)")
+    p.add_argument("--num-utterances", type=int, default=400, help="synthetic utterances (default: 400)")
+    p.add_argument("--workers", "-j", type=int, default=_default_workers())
+    p.add_argument("--rebuild", action="store_true", help="synthesise and build again instead of reusing earlier output")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    from .data.sources import InputError
+
+    try:
+        return args.func(args)
+    except (UserError, InputError, FileNotFoundError, ValueError) as e:
+        print(f"asr-dist: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("asr-dist: interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The on-disk shard-set format (version 1, specified in shards/FORMAT.md): names, index.json,
+and a safe reader for our tar shards.
+
+  DIR/shard-000000.tar … shard-NNNNNN.tar   {key}.flac|{key}.wav + {key}.json per sample
+  DIR/index.json                            written last: its presence means the set is complete
+  DIR/vocab.json  DIR/rejects.tsv
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+VOCAB_NAME = "vocab.json"
+REJECTS_NAME = "rejects.tsv"
+STATE_NAME = ".build-state.json"
+REJECTS_PARTIAL = ".rejects.partial.tsv"
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+AUDIO_EXTS = ("flac", "wav")
+KEY_RE = re.compile(r"^[A-Za-z0-9-][A-Za-z0-9_-]*$")
+MAX_MEMBER_BYTES = 1 << 30  # one sample's file; anything larger is not an utterance
+HIST_BIN_SECONDS = 1.0
+REJECTS_HEADER = "input\titem\treason\tdetail\n"
+
+
+class ShardError(Exception):
+    """A shard that cannot be read; the message names the shard and the last good sample."""
+
+
+def histogram_add(hist: dict[str, int], duration: float) -> None:
+    """Count a duration into 1-second bins, keyed by the bin's lower edge ("0", "1", …)."""
+    b = str(int(math.floor(duration / HIST_BIN_SECONDS)))
+    hist[b] = hist.get(b, 0) + 1
+
+
+def histogram_merge(hists) -> dict[str, int]:
+    total: Counter = Counter()
+    for h in hists:
+        total.update(h)
+    return {k: total[k] for k in sorted(total, key=int)}
+
+
+def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) for each sample of a shard, refusing anything but plain
+    files with safe relative names (no "..", no absolute paths, no links or devices)."""
+    path = Path(path)
+    last = "(start of shard)"
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            key, files = None, {}
+            for m in tar:
+                name = m.name
+                if not m.isreg():
+                    raise ShardError(f"{path}: member {name!r} is not a regular file (links and devices are refused)")
+                if name.startswith("/") or ".." in name.split("/") or "/" in name:
+                    raise ShardError(f"{path}: member {name!r} has an unsafe or nested path")
+                if m.size > MAX_MEMBER_BYTES:
+                    raise ShardError(f"{path}: member {name!r} is {m.size} bytes, over the {MAX_MEMBER_BYTES} limit")
+                k, dot, ext = name.partition(".")
+                if not dot:
+                    raise ShardError(f"{path}: member {name!r} has no extension")
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise ShardError(f"{path}: member {name!r} is truncated")
+                if k != key:
+                    if key is not None:
+                        yield key, files
+                        last = key
+                    key, files = k, {}
+                files[ext] = data
+            if key is not None:
+                yield key, files
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{path}: unreadable after sample {last}: {e}") from None
+
+
+def read_index(directory: str | os.PathLike) -> dict:
+    """index.json of a complete shard set, with a clear error when it is missing or foreign."""
+    d = Path(directory)
+    p = d / INDEX_NAME
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such shard directory")
+    if not p.exists():
+        hint = " (a build was interrupted here: re-run it with the same arguments to finish)" if (d / STATE_NAME).exists() else ""
+        raise FileNotFoundError(f"{d}: no {INDEX_NAME}; not a complete shard set{hint}")
+    with open(p, encoding="utf-8") as f:
+        index = json.load(f)
+    version = index.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{p}: format version {version}, this asr-dist reads version {FORMAT_VERSION}")
+    return index
+
+
+def write_json_atomic(path: Path, obj, **kwargs) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, **kwargs)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,431 @@
+"""Corpus readers: every supported input layout to a flat list of ``Item``s and ``Reject``s.
+
+  Common Voice TSV ─┐
+  NeMo JSONL ───────┤
+  HF audiofolder ───┼──> scan_inputs ──> [Item(key, audio ref, text_raw, speaker)] + [Reject]
+  datasets on disk ─┤
+  Kaldi data dir ───┘
+
+Reading a manifest is cheap: no audio is opened here. Every line, row or utterance that cannot
+become an item is returned as a Reject naming the input and the line, so nothing is lost quietly.
+Structural problems (a missing column, an unknown layout) raise ``InputError`` with what was found
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+FORMATS = ("commonvoice", "nemo", "audiofolder", "hf-dataset", "kaldi")
+TEXT_COLUMNS = ("transcription", "text", "sentence", "transcript", "normalized_text")
+AUDIO_COLUMNS = ("audio", "path", "file")
+SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class InputError(Exception):
+    """An input that cannot be read at all; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Reject:
+    input: str
+    item: str
+    reason: str
+    detail: str = ""
+
+    def tsv_row(self) -> str:
+        clean = [str(v).replace("\t", " ").replace("\n", " ") for v in (self.input, self.item, self.reason, self.detail)]
+        return "\t".join(clean) + "\n"
+
+
+@dataclasses.dataclass
+class Item:
+    input: str  # the --input it came from
+    item: str  # where in that input: "line 12", "row 3", an utterance id
+    key: str
+    text_raw: str
+    audio_path: str | None = None  # a file, or a Kaldi command ending in "|"
+    dataset: tuple | None = None  # (dataset dir, split, row, audio column) for save_to_disk inputs
+    offset: float = 0.0
+    duration: float | None = None
+    speaker: str | None = None
+    text: str = ""  # normalised, filled in by the builder
+
+
+def make_key(name: str) -> str:
+    """A WebDataset-safe sample key: no dots (WebDataset splits on the first one), no slashes, no
+    leading underscore. Characters outside [A-Za-z0-9_-] become "_"."""
+    key = _KEY_BAD.sub("_", name).lstrip("_")
+    return key or "utt"
+
+
+def _stem(path: str) -> str:
+    p = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return p.rsplit(".", 1)[0] if "." in p else p
+
+
+def _segment_key(stem: str, offset: float) -> str:
+    return make_key(stem if not offset else f"{stem}-{int(round(offset * 1000)):09d}")
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() == ".tsv":
+            return "commonvoice"
+        if path.suffix.lower() in (".json", ".jsonl"):
+            return "nemo"
+        raise InputError(
+            f"{path}: cannot tell the layout of this file; expected a Common Voice .tsv or a NeMo "
+            f".json/.jsonl manifest (or pass --input-format)"
+        )
+    if path.is_dir():
+        if (path / "wav.scp").exists():
+            return "kaldi"
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return "hf-dataset"
+        if any(path.rglob("metadata.csv")) or any(path.rglob("metadata.jsonl")):
+            return "audiofolder"
+        raise InputError(
+            f"{path}: a directory without wav.scp (Kaldi), state.json/dataset_dict.json (datasets "
+            f"save_to_disk) or metadata.csv/metadata.jsonl (audiofolder); point --input at one of those, "
+            f"or at a Common Voice .tsv or NeMo manifest file"
+        )
+    raise InputError(f"{path}: no such file or directory")
+
+
+def manifest_files(path: Path, fmt: str) -> list[Path]:
+    """The small files that define an input (hashed into index.json); audio is not hashed."""
+    if fmt in ("commonvoice", "nemo"):
+        return [path]
+    if fmt == "kaldi":
+        return [path / n for n in ("wav.scp", "text", "segments", "utt2spk") if (path / n).exists()]
+    if fmt == "audiofolder":
+        return sorted(list(path.rglob("metadata.csv")) + list(path.rglob("metadata.jsonl")))
+    return sorted(p for p in path.rglob("*.json"))
+
+
+def hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _lines(path: Path, label: str) -> Iterator[tuple[int, str | None, Reject | None]]:
+    """(line number, decoded line, None) or (line number, None, Reject) for lines that are not UTF-8."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as e:
+                yield n, None, Reject(label, f"{path.name} line {n}", "bad_encoding", f"not UTF-8 ({e.reason} at byte {e.start})")
+
+
+def _pick(columns, wanted: str | None, candidates: tuple[str, ...], what: str, where: str, required=True) -> str | None:
+    if wanted:
+        if wanted not in columns:
+            raise InputError(f"{where}: no {what} column {wanted!r}; columns found: {', '.join(columns)}")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    if required:
+        raise InputError(
+            f"{where}: no {what} column; expected one of {', '.join(candidates)} (or name it with "
+            f"--{what}-column); columns found: {', '.join(columns) or '(none)'}"
+        )
+    return None
+
+
+def read_commonvoice(path: Path, label: str, text_column: str | None = None, **_) -> Iterator[Item | Reject]:
+    clips = path.parent / "clips"
+    audio_dir = clips if clips.is_dir() else path.parent
+    lines = _lines(path, label)
+    header = None
+    for n, line, rej in lines:
+        if rej:
+            if header is None:
+                raise InputError(f"{path}: the header line is not UTF-8")
+            yield rej
+            continue
+        if header is None:
+            header = line.split("\t")
+            for col in ("path",):
+                if col not in header:
+                    raise InputError(
+                        f"{path}: missing column 'path'; a Common Voice TSV needs 'path' and 'sentence'; "
+                        f"columns found: {', '.join(header)}"
+                    )
+            text_col = _pick(header, text_column, ("sentence",), "text", str(path))
+            speaker_col = "client_id" if "client_id" in header else None
+            continue
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            yield Reject(label, f"{path.name} line {n}", "bad_line", f"{len(fields)} fields, header has {len(header)}")
+            continue
+        row = dict(zip(header, fields))
+        clip = row["path"]
+        yield Item(
+            label, f"{path.name} line {n}", make_key(_stem(clip)), row[text_col],
+            audio_path=str(audio_dir / clip), speaker=row.get(speaker_col) if speaker_col else None,
+        )
+
+
+def _resolve(base: Path, p: str) -> str:
+    return p if os.path.isabs(p) else str(base / p)
+
+
+def read_nemo(path: Path, label: str, text_column: str | None = None, **_) -> Iterator[Item | Reject]:
+    text_key = text_column or "text"
+    for n, line, rej in _lines(path, label):
+        if rej:
+            yield rej
+            continue
+        if not line.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Reject(label, where, "bad_line", f"not JSON: {e.msg}")
+            continue
+        if not isinstance(entry, dict) or "audio_filepath" not in entry or text_key not in entry:
+            found = ", ".join(entry) if isinstance(entry, dict) else type(entry).__name__
+            yield Reject(label, where, "bad_line", f"needs 'audio_filepath' and '{text_key}'; found: {found}")
+            continue
+        try:
+            offset = float(entry.get("offset") or 0.0)
+            duration = float(entry["duration"]) if entry.get("duration") is not None and "offset" in entry else None
+        except (TypeError, ValueError):
+            yield Reject(label, where, "bad_line", "offset/duration are not numbers")
+            continue
+        audio = _resolve(path.parent, entry["audio_filepath"])
+        yield Item(
+            label, where, _segment_key(_stem(audio), offset), str(entry[text_key]), audio_path=audio,
+            offset=offset, duration=duration, speaker=str(entry["speaker"]) if entry.get("speaker") is not None else None,
+        )
+
+
+def read_audiofolder(path: Path, label: str, text_column: str | None = None, **_) -> Iterator[Item | Reject]:
+    metas = sorted(list(path.rglob("metadata.csv")) + list(path.rglob("metadata.jsonl")))
+    for meta in metas:
+        rel = meta.relative_to(path)
+        rows: Iterator[tuple[str, dict | None, Reject | None]]
+        if meta.suffix == ".csv":
+            rows = _csv_rows(meta, label, rel)
+        else:
+            rows = _jsonl_rows(meta, label, rel)
+        text_col = None
+        for where, row, rej in rows:
+            if rej:
+                yield rej
+                continue
+            if text_col is None:
+                if "file_name" not in row:
+                    raise InputError(f"{meta}: no 'file_name' column; columns found: {', '.join(row)}")
+                text_col = _pick(list(row), text_column, TEXT_COLUMNS, "text", str(meta))
+                speaker_col = _pick(list(row), None, SPEAKER_COLUMNS, "speaker", str(meta), required=False)
+            fname = row.get("file_name")
+            if not isinstance(fname, str) or not fname:
+                yield Reject(label, where, "bad_line", "empty file_name")
+                continue
+            rel_name = str((meta.parent.relative_to(path) / fname).with_suffix("")).replace(os.sep, "_")
+            yield Item(
+                label, where, make_key(rel_name), str(row.get(text_col) or ""), audio_path=str(meta.parent / fname),
+                speaker=str(row[speaker_col]) if speaker_col and row.get(speaker_col) not in (None, "") else None,
+            )
+
+
+def _csv_rows(meta: Path, label: str, rel: Path):
+    header = None
+    for n, line, rej in _lines(meta, label):
+        if rej:
+            yield f"{rel} line {n}", None, rej
+            continue
+        if not line.strip():
+            continue
+        fields = next(csv.reader(io.StringIO(line)))
+        if header is None:
+            header = fields
+            continue
+        if len(fields) != len(header):
+            yield f"{rel} line {n}", None, Reject(label, f"{rel} line {n}", "bad_line", f"{len(fields)} fields, header has {len(header)}")
+            continue
+        yield f"{rel} line {n}", dict(zip(header, fields)), None
+
+
+def _jsonl_rows(meta: Path, label: str, rel: Path):
+    for n, line, rej in _lines(meta, label):
+        where = f"{rel} line {n}"
+        if rej:
+            yield where, None, rej
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            yield where, None, Reject(label, where, "bad_line", f"not a JSON object: {e}")
+            continue
+        yield where, row, None
+
+
+def read_kaldi(path: Path, label: str, **_) -> Iterator[Item | Reject]:
+    def table(name: str) -> dict[str, tuple[str, str]]:
+        out: dict[str, tuple[str, str]] = {}
+        f = path / name
+        if not f.exists():
+            return out
+        for n, line, rej in _lines(f, label):
+            if rej:
+                continue  # reported by the pass over 'text' or counted below
+            if not line.strip():
+                continue
+            first, _, rest = line.strip().partition(" ")
+            out.setdefault(first, (rest.strip(), f"{name} line {n}"))
+        return out
+
+    if not (path / "text").exists():
+        raise InputError(f"{path}: a Kaldi data dir needs 'text' beside 'wav.scp'; found: {', '.join(sorted(os.listdir(path)))}")
+    wavs = table("wav.scp")
+    segments = table("segments")
+    spk = table("utt2spk")
+    used_recordings = set()
+    for n, line, rej in _lines(path / "text", label):
+        if rej:
+            yield rej
+            continue
+        if not line.strip():
+            continue
+        utt, _, words = line.strip().partition(" ")
+        where = f"text line {n} ({utt})"
+        offset, duration, rec = 0.0, None, utt
+        if segments:
+            if utt not in segments:
+                yield Reject(label, where, "missing_audio_entry", f"utterance {utt} is not in segments")
+                continue
+            parts = segments[utt][0].split()
+            try:
+                rec, start, end = parts[0], float(parts[1]), float(parts[2])
+            except (IndexError, ValueError):
+                yield Reject(label, where, "bad_line", f"bad segments entry: {segments[utt][0]!r}")
+                continue
+            offset, duration = start, end - start if end > 0 else None
+        if rec not in wavs:
+            yield Reject(label, where, "missing_audio_entry", f"recording {rec} is not in wav.scp")
+            continue
+        used_recordings.add(rec)
+        wav = wavs[rec][0]
+        audio_path = wav if wav.endswith("|") else _resolve(path, wav)
+        yield Item(
+            label, where, make_key(utt), words, audio_path=audio_path, offset=offset, duration=duration,
+            speaker=spk[utt][0] if utt in spk else None,
+        )
+    if not segments:
+        for rec, (_, where) in wavs.items():
+            if rec not in used_recordings:
+                yield Reject(label, where, "missing_transcript", f"recording {rec} has no line in 'text'")
+
+
+def read_hf_dataset(
+    path: Path, label: str, text_column: str | None = None, audio_column: str | None = None, **_
+) -> Iterator[Item | Reject]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split, ds in splits:
+        where_ds = f"{path} split {split}" if split else str(path)
+        cols = ds.column_names
+        audio_col = _pick(cols, audio_column, AUDIO_COLUMNS, "audio", where_ds)
+        text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", where_ds)
+        speaker_col = _pick(cols, None, SPEAKER_COLUMNS, "speaker", where_ds, required=False)
+        paths = ds.cast_column(audio_col, datasets.Audio(decode=False))[audio_col] if isinstance(
+            ds.features[audio_col], datasets.Audio) else None
+        texts = ds[text_col]
+        speakers = ds[speaker_col] if speaker_col else None
+        for i, text in enumerate(texts):
+            where = f"{split + ' ' if split else ''}row {i}"
+            name = (paths[i] or {}).get("path") if paths is not None else None
+            key = make_key(_stem(name)) if name else make_key(f"{split or 'row'}-{i:09d}")
+            yield Item(
+                label, where, key, "" if text is None else str(text), dataset=(str(path), split, i, audio_col),
+                speaker=str(speakers[i]) if speakers is not None and speakers[i] is not None else None,
+            )
+
+
+READERS = {
+    "commonvoice": read_commonvoice,
+    "nemo": read_nemo,
+    "audiofolder": read_audiofolder,
+    "hf-dataset": read_hf_dataset,
+    "kaldi": read_kaldi,
+}
+
+
+@dataclasses.dataclass
+class InputSpec:
+    path: Path
+    format: str
+    label: str
+    manifest_sha256: str
+
+
+def resolve_input(path: str, fmt: str | None) -> InputSpec:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: no such file or directory")
+    fmt = fmt or detect_format(p)
+    if fmt not in READERS:
+        raise InputError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return InputSpec(p, fmt, path, hash_files(manifest_files(p, fmt)))
+
+
+def read_input(spec: InputSpec, text_column: str | None = None, audio_column: str | None = None):
+    return READERS[spec.format](spec.path, spec.label, text_column=text_column, audio_column=audio_column)
+
+
+_DATASETS: dict = {}
+
+
+def load_item_audio(item: Item) -> bytes:
+    """The raw bytes of an item's audio (a file, a Kaldi command's output, or a datasets row)."""
+    from ..audio import AudioError, read_source_bytes
+
+    if item.dataset is None:
+        return read_source_bytes(item.audio_path)
+    ds_path, split, row, col = item.dataset
+    ds = _DATASETS.get((ds_path, split))
+    if ds is None:
+        import datasets
+
+        loaded = datasets.load_from_disk(ds_path)
+        ds = loaded[split] if split is not None else loaded
+        if isinstance(ds.features[col], datasets.Audio):
+            ds = ds.cast_column(col, datasets.Audio(decode=False))
+        _DATASETS[(ds_path, split)] = ds
+    value = ds[row][col]
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            return read_source_bytes(_resolve(Path(ds_path), value["path"]))
+    if isinstance(value, str):
+        return read_source_bytes(_resolve(Path(ds_path), value))
+    raise AudioError("missing_file", f"row {row} column {col!r} holds neither audio bytes nor a path")

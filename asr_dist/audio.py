@@ -10,6 +10,7 @@ files, no FFmpeg.
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 
 import numpy as np
@@ -17,6 +18,9 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16000
+# libsndfile's log for a WAV whose data chunk is shorter than its header says, e.g. "data : 44100 (should be 22028)"
+_SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+_STREAMING_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)  # placeholders written by streaming WAV writers
 AUDIO_FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16")}
 
 
@@ -54,6 +58,11 @@ def decode(data: bytes, offset: float = 0.0, duration: float | None = None) -> t
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr = f.samplerate
+            short = _SHORT_CHUNK.search(f.extra_info)
+            if short and int(short.group(1)) not in _STREAMING_SIZES and int(short.group(1)) > int(short.group(2)):
+                raise AudioError(
+                    "truncated_audio", f"the file ends early: {short.group(2)} of {short.group(1)} audio bytes present"
+                )
             start = int(round(offset * sr))
             if start:
                 if start >= f.frames:
@@ -65,7 +74,8 @@ def decode(data: bytes, offset: float = 0.0, duration: float | None = None) -> t
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
         raise AudioError("corrupt_audio", str(e).strip() or type(e).__name__) from None
-    if duration is not None and audio.shape[0] < int(round(duration * sr)) - 1:
+    # segment ends are often rounded (Kaldi: 10 ms); a shortfall beyond 20 ms means a wrong segment
+    if duration is not None and audio.shape[0] < int(round((duration - 0.02) * sr)):
         raise AudioError(
             "bad_segment", f"segment of {duration}s at {offset}s ends past the audio ({audio.shape[0] / sr:.2f}s read)"
         )

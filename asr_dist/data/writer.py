@@ -76,6 +76,8 @@ class BuildOptions:
     progress: bool = True
 
     def __post_init__(self):
+        self.inputs = [str(p) for p in self.inputs]
+        self.output = str(self.output)
         if not self.inputs:
             raise InputError("give at least one --input")
         if self.audio_format not in ("flac", "wav"):

@@ -10,7 +10,9 @@ files, no FFmpeg.
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import subprocess
 
 import numpy as np
@@ -40,51 +42,137 @@ def read_source_bytes(path: str) -> bytes:
         if proc.returncode != 0:
             raise AudioError("command_failed", f"exit {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
         return proc.stdout
+    with open_audio_file(path) as f:
+        return f.read()
+
+
+def open_audio_file(path: str):
+    """The file opened for reading, or an AudioError saying why it cannot be."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise AudioError("missing_file", f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise AudioError("missing_file", f"is a directory, not audio: {path}") from None
+        return open(path, "rb")
     except OSError as e:
-        raise AudioError("unreadable_file", f"{path}: {e.strerror}") from None
+        raise _path_error(path, e) from None
 
 
-def decode(data: bytes, offset: float = 0.0, duration: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode audio bytes to float32 mono; ``offset``/``duration`` in seconds cut a segment."""
-    if len(data) == 0:
-        raise AudioError("empty_audio", "file has zero bytes")
+def check_audio_path(path: str) -> str:
+    """The path of an existing, non-empty file, or an AudioError saying what is wrong with it."""
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            sr = f.samplerate
-            short = _SHORT_CHUNK.search(f.extra_info)
-            if short and int(short.group(1)) not in _STREAMING_SIZES and int(short.group(1)) > int(short.group(2)):
-                raise AudioError(
-                    "truncated_audio", f"the file ends early: {short.group(2)} of {short.group(1)} audio bytes present"
-                )
-            start = int(round(offset * sr))
-            if start:
-                if start >= f.frames:
-                    raise AudioError("bad_segment", f"offset {offset}s is past the end ({f.frames / sr:.2f}s)")
-                f.seek(start)
-            frames = -1 if duration is None else int(round(duration * sr))
-            audio = f.read(frames, dtype="float32", always_2d=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise _path_error(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioError("missing_file", f"not a regular file: {path}")
+    if st.st_size == 0:
+        raise AudioError("empty_audio", "file has zero bytes")
+    return path
+
+
+def _path_error(path: str, e: OSError) -> AudioError:
+    if isinstance(e, FileNotFoundError):
+        return AudioError("missing_file", f"no such file: {path}")
+    if isinstance(e, IsADirectoryError):
+        return AudioError("missing_file", f"is a directory, not audio: {path}")
+    return AudioError("unreadable_file", f"{path}: {e.strerror}")
+
+
+# Subtypes where every byte pattern is valid audio: reading the samples cannot find damage that the
+# header checks miss, so checking them costs a header read only
+_PCM_SUBTYPES = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ULAW", "ALAW"}
+_PCM_CONTAINERS = {"WAV", "WAVEX", "AIFF", "RF64", "W64", "AU", "CAF"}
+
+
+def _open(source) -> sf.SoundFile:
+    """A SoundFile over bytes or a path (libsndfile's own I/O), with truncated WAV data refused."""
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise AudioError("empty_audio", "file has zero bytes")
+        source = io.BytesIO(source)
+    else:
+        check_audio_path(source)
+    try:
+        f = sf.SoundFile(source)
+    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
+        raise AudioError("corrupt_audio", str(e).strip() or type(e).__name__) from None
+    short = _SHORT_CHUNK.search(f.extra_info)
+    if short and int(short.group(1)) not in _STREAMING_SIZES and int(short.group(1)) > int(short.group(2)):
+        f.close()
+        raise AudioError("truncated_audio", f"the file ends early: {short.group(2)} of {short.group(1)} audio bytes present")
+    return f
+
+
+def _segment(f: sf.SoundFile, offset: float, duration: float | None) -> tuple[int, int]:
+    """(first frame, number of frames) of the wanted segment, checked against the file's length."""
+    sr = f.samplerate
+    start = int(round(offset * sr))
+    if start and start >= f.frames:
+        raise AudioError("bad_segment", f"offset {offset}s is past the end ({f.frames / sr:.2f}s)")
+    available = f.frames - start
+    if duration is None:
+        return start, available
+    want = int(round(duration * sr))
+    # segment ends are often rounded (Kaldi: 10 ms); a shortfall beyond 20 ms means a wrong segment
+    if available < int(round((duration - 0.02) * sr)):
+        raise AudioError("bad_segment", f"segment of {duration}s at {offset}s ends past the audio ({f.frames / sr:.2f}s)")
+    return start, min(want, available)
+
+
+def _check_complete(f: sf.SoundFile, got: int, frames: int) -> None:
+    # an MP3 header's length is an estimate (exact only with a Xing/Info frame): allow 2 % there
+    slack = int(0.02 * frames) if f.format == "MP3" else 0
+    if got < frames - slack:
+        raise AudioError("truncated_audio", f"{got} of the {frames} frames the header announces")
+
+
+def decode(source, offset: float = 0.0, duration: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode audio (bytes or a path) to float32 mono; ``offset``/``duration`` in
+    seconds cut a segment."""
+    f = _open(source)
+    try:
+        sr = f.samplerate
+        start, frames = _segment(f, offset, duration)
+        if start:
+            f.seek(start)
+        audio = f.read(frames, dtype="float32", always_2d=True)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
         raise AudioError("corrupt_audio", str(e).strip() or type(e).__name__) from None
-    # segment ends are often rounded (Kaldi: 10 ms); a shortfall beyond 20 ms means a wrong segment
-    if duration is not None and audio.shape[0] < int(round((duration - 0.02) * sr)):
-        raise AudioError(
-            "bad_segment", f"segment of {duration}s at {offset}s ends past the audio ({audio.shape[0] / sr:.2f}s read)"
-        )
+    finally:
+        f.close()
     if audio.shape[0] == 0:
         raise AudioError("empty_audio", "no samples")
+    _check_complete(f, audio.shape[0], frames)
     mono = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
     if not np.isfinite(mono).all():
         raise AudioError("corrupt_audio", "samples are NaN or infinite")
     return np.ascontiguousarray(mono, dtype=np.float32), sr
+
+
+def probe(source, offset: float = 0.0, duration: float | None = None) -> tuple[int, int]:
+    """(frames, sample rate) of the audio or segment, checking it as far as decoding would: a
+    compressed file is decoded in blocks (and dropped), a PCM file needs only its header."""
+    f = _open(source)
+    try:
+        start, frames = _segment(f, offset, duration)
+        if frames <= 0:
+            raise AudioError("empty_audio", "no samples")
+        if f.format in _PCM_CONTAINERS and f.subtype in _PCM_SUBTYPES and f.subtype not in ("FLOAT", "DOUBLE"):
+            return frames, f.samplerate
+        if start:
+            f.seek(start)
+        got = 0
+        for block in f.blocks(blocksize=1 << 16, frames=frames, dtype="float32", always_2d=True):
+            if not np.isfinite(block).all():
+                raise AudioError("corrupt_audio", "samples are NaN or infinite")
+            got += block.shape[0]
+        _check_complete(f, got, frames)
+        return got, f.samplerate
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
+        raise AudioError("corrupt_audio", str(e).strip() or type(e).__name__) from None
+    finally:
+        f.close()
 
 
 def to_16k(audio: np.ndarray, sr: int) -> np.ndarray:

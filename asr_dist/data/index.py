@@ -36,6 +36,29 @@ class ShardError(Exception):
     """A shard that cannot be read; the message names the shard and the last good sample."""
 
 
+def tar_member_bytes(key: str, files: dict[str, bytes]) -> bytes:
+    """One sample as the tar blocks that tarfile would write: a header (fixed mtime, owner and mode,
+    so the same sample always gives the same bytes) and the data padded to 512 bytes, per file.
+    Shards are concatenations of these plus ``tar_end``; workers can encode samples in parallel."""
+    parts = []
+    for ext in sorted(files):
+        data = files[ext]
+        ti = tarfile.TarInfo(f"{key}.{ext}")
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o444, "asr-dist", "asr-dist"
+        parts.append(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        parts.append(data)
+        if len(data) % tarfile.BLOCKSIZE:
+            parts.append(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+    return b"".join(parts)
+
+
+def tar_end(size: int) -> bytes:
+    """The end-of-archive marker after ``size`` bytes of members: two zero blocks, then zeros up
+    to a whole record, as tarfile writes it."""
+    size += 2 * tarfile.BLOCKSIZE
+    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-size) % tarfile.RECORDSIZE)
+
+
 def histogram_add(hist: dict[str, int], duration: float) -> None:
     """Count a duration into 1-second bins, keyed by the bin's lower edge ("0", "1", …)."""
     b = str(int(math.floor(duration / HIST_BIN_SECONDS)))
@@ -59,15 +82,7 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
             key, files = None, {}
             for m in tar:
                 name = m.name
-                if not m.isreg():
-                    raise ShardError(f"{path}: member {name!r} is not a regular file (links and devices are refused)")
-                if name.startswith("/") or ".." in name.split("/") or "/" in name:
-                    raise ShardError(f"{path}: member {name!r} has an unsafe or nested path")
-                if m.size > MAX_MEMBER_BYTES:
-                    raise ShardError(f"{path}: member {name!r} is {m.size} bytes, over the {MAX_MEMBER_BYTES} limit")
-                k, dot, ext = name.partition(".")
-                if not dot:
-                    raise ShardError(f"{path}: member {name!r} has no extension")
+                k, ext = _check_member(path, m)
                 data = tar.extractfile(m).read()
                 if len(data) != m.size:
                     raise ShardError(f"{path}: member {name!r} is truncated")
@@ -81,6 +96,41 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
                 yield key, files
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{path}: unreadable after sample {last}: {e}") from None
+
+
+def _check_member(path: Path, m: tarfile.TarInfo) -> tuple[str, str]:
+    name = m.name
+    if not m.isreg():
+        raise ShardError(f"{path}: member {name!r} is not a regular file (links and devices are refused)")
+    if name.startswith("/") or ".." in name.split("/") or "/" in name:
+        raise ShardError(f"{path}: member {name!r} has an unsafe or nested path")
+    if m.size > MAX_MEMBER_BYTES:
+        raise ShardError(f"{path}: member {name!r} is {m.size} bytes, over the {MAX_MEMBER_BYTES} limit")
+    key, dot, ext = name.partition(".")
+    if not dot:
+        raise ShardError(f"{path}: member {name!r} has no extension")
+    return key, ext
+
+
+def list_shard(path: str | os.PathLike) -> list[tuple[str, int, int, bytes]]:
+    """(key, first byte, end byte, JSON bytes) of each sample: the byte range holds the sample's
+    tar blocks (headers and padded data of all its files), ready to be copied into another shard."""
+    path = Path(path)
+    out: list[tuple[str, int, int, bytes]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                key, ext = _check_member(path, m)
+                end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if out and out[-1][0] == key:
+                    out[-1] = (key, out[-1][1], end, out[-1][3])
+                else:
+                    out.append((key, m.offset, end, b""))
+                if ext == "json":
+                    out[-1] = out[-1][:3] + (tar.extractfile(m).read(),)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{path}: unreadable: {e}") from None
+    return out
 
 
 def read_index(directory: str | os.PathLike) -> dict:

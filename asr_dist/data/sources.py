@@ -404,8 +404,15 @@ def read_input(spec: InputSpec, text_column: str | None = None, audio_column: st
 _DATASETS: dict = {}
 
 
-def load_item_audio(item: Item) -> bytes:
-    """The raw bytes of an item's audio (a file, a Kaldi command's output, or a datasets row)."""
+def item_audio(item: Item) -> str | bytes:
+    """An item's audio for soundfile: the path of a plain file (libsndfile reads what it needs),
+    or the bytes of a Kaldi command's output or a datasets row."""
+    if item.dataset is None and not item.audio_path.rstrip().endswith("|"):
+        return item.audio_path
+    return _item_audio_bytes(item)
+
+
+def _item_audio_bytes(item: Item) -> bytes:
     from ..audio import AudioError, read_source_bytes
 
     if item.dataset is None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import heapq
-import io
 import json
 import logging
 import multiprocessing
@@ -29,11 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import webdataset as wds
 from tqdm import tqdm
 
 from .. import __version__
-from ..audio import SAMPLE_RATE, AudioError, decode, encode, num_ctc_frames, to_16k
+from ..audio import SAMPLE_RATE, AudioError, decode, encode, num_ctc_frames, probe, to_16k
 from ..text import (
     Normalizer,
     TextReject,
@@ -45,7 +42,7 @@ from ..text import (
     vocab_json_bytes,
 )
 from . import index as fmt
-from .sources import InputError, Item, Reject, load_item_audio, read_input, resolve_input
+from .sources import InputError, Item, Reject, item_audio, read_input, resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +194,7 @@ def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None) 
     return items, rejects
 
 
-# ───────────────────────────── per-item work (in pool workers) ─────────────────────────────
+# ───────────────────────────── pass 1: check every item (pool workers) ─────────────────────────────
 
 _WORK: dict = {}
 
@@ -207,26 +204,80 @@ def _init_worker(work: dict) -> None:
     _WORK.update(work)
 
 
-def process_item(item: Item):
-    """("ok", audio bytes, meta) or ("reject", reason, detail) for one item."""
+def _num_samples_16k(n: int, sr: int) -> int:
+    """Length of soxr's output for ``n`` samples at ``sr`` (it rounds half up)."""
+    return n if sr == SAMPLE_RATE else (2 * n * SAMPLE_RATE + sr) // (2 * sr)
+
+
+def check_item(item: Item):
+    """("ok", seconds, None) or ("reject", reason, detail): read and decode, apply the filters."""
     w = _WORK
     try:
-        audio, sr = decode(load_item_audio(item), item.offset, item.duration)
-        seconds = len(audio) / sr
-        if seconds < w["min_duration"]:
-            return "reject", "too_short", f"{seconds:.2f} s < --min-duration {w['min_duration']}"
-        if seconds > w["max_duration"]:
-            return "reject", "too_long", f"{seconds:.2f} s > --max-duration {w['max_duration']}"
-        audio = to_16k(audio, sr)
-        frames = num_ctc_frames(len(audio))
-        need = ctc_min_frames(item.text)
-        if need > frames:
-            return "reject", "text_too_long", f"{need} CTC labels need more than the {frames} frames of {seconds:.2f} s"
-        data = encode(audio, w["audio_format"])
+        frames, sr = probe(item_audio(item), item.offset, item.duration)
     except AudioError as e:
         return "reject", e.reason, e.detail
-    except Exception as e:  # a bug or an exotic file: reject it with the cause rather than lose the build
+    except Exception as e:  # an exotic file or a bug: reject it with the cause rather than lose the build
         return "reject", "error", f"{type(e).__name__}: {e}"
+    seconds = frames / sr
+    if seconds < w["min_duration"]:
+        return "reject", "too_short", f"{seconds:.2f} s < --min-duration {w['min_duration']}"
+    if seconds > w["max_duration"]:
+        return "reject", "too_long", f"{seconds:.2f} s > --max-duration {w['max_duration']}"
+    frames = num_ctc_frames(_num_samples_16k(frames, sr))
+    need = ctc_min_frames(item.text)
+    if need > frames:
+        return "reject", "text_too_long", f"{need} CTC labels need more than the {frames} frames of {seconds:.2f} s"
+    return "ok", seconds, None
+
+
+def _map(fn, tasks: list, work: dict, workers: int, ordered: bool = True, chunksize: int = 16) -> Iterator:
+    """fn over tasks in ``workers`` processes (inline when 1); in order unless ``ordered`` is False."""
+    if workers == 1 or len(tasks) < 2:
+        _init_worker(work)
+        yield from map(fn, tasks)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(work,)) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks, chunksize=chunksize)
+
+
+# ───────────────────────────── pass 2: each worker writes whole shards ─────────────────────────────
+
+
+class BuildError(Exception):
+    """The build cannot go on; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class TarSlice:
+    """A sample already encoded in another shard (merging): its tar blocks and its JSON."""
+
+    key: str
+    path: str
+    start: int
+    end: int
+    meta: dict
+
+
+@dataclasses.dataclass
+class ShardTask:
+    out: str
+    name: str
+    sources: list  # Items to process (build) or TarSlices to copy (merge), in shard order
+    audio_format: str
+    sort_in_shard: bool
+
+
+def _encode_item(item: Item, audio_format: str) -> tuple[str, bytes, dict]:
+    try:
+        audio, sr = decode(item_audio(item), item.offset, item.duration)
+    except AudioError as e:
+        raise BuildError(
+            f"{item.input} {item.item}: read fine in the first pass but not now ({e}); did the input change "
+            f"during the build? Re-run the same command to continue"
+        ) from None
+    audio = to_16k(audio, sr)
+    data = encode(audio, audio_format)
     meta = {
         "text": item.text,
         "text_raw": item.text_raw,
@@ -238,154 +289,60 @@ def process_item(item: Item):
     }
     if item.speaker is not None:
         meta["speaker"] = item.speaker
-    return "ok", data, meta
+    return item.key, fmt.tar_member_bytes(item.key, {audio_format: data, "json": _meta_bytes(meta)}), meta
 
 
-def probe_item(item: Item):
-    """Dry run: duration from the header only, no decoding of samples."""
-    import soundfile as sf
-
+def _samples(task: ShardTask) -> Iterator[tuple[str, bytes, dict]]:
+    handles: dict[str, int] = {}
     try:
-        data = load_item_audio(item)
-        if not data:
-            return "reject", "empty_audio", "file has zero bytes"
-        info = sf.info(io.BytesIO(data))
-        seconds = info.frames / info.samplerate - item.offset
-        if item.duration is not None:
-            seconds = min(seconds, item.duration)
-    except AudioError as e:
-        return "reject", e.reason, e.detail
-    except Exception as e:
-        return "reject", "corrupt_audio", str(e).strip() or type(e).__name__
-    if seconds <= 0:
-        return "reject", "empty_audio", "no samples"
-    if seconds < _WORK["min_duration"]:
-        return "reject", "too_short", f"{seconds:.2f} s"
-    if seconds > _WORK["max_duration"]:
-        return "reject", "too_long", f"{seconds:.2f} s"
-    return "ok", None, {"duration": seconds}
+        for src in task.sources:
+            if isinstance(src, TarSlice):
+                fd = handles.get(src.path)
+                if fd is None:
+                    fd = handles[src.path] = os.open(src.path, os.O_RDONLY)
+                yield src.key, os.pread(fd, src.end - src.start, src.start), src.meta
+            else:
+                yield _encode_item(src, task.audio_format)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
 
 
-def _map(fn, items: list[Item], work: dict, workers: int) -> Iterator:
-    """fn over items in order, in ``workers`` processes (inline when 1)."""
-    if workers == 1 or len(items) < 2:
-        _init_worker(work)
-        yield from map(fn, items)
-        return
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(work,)) as pool:
-        yield from pool.imap(fn, items, chunksize=8)
-
-
-# ───────────────────────────── writing shards ─────────────────────────────
-
-
-class ShardSetWriter:
-    """Equal-count shards written atomically, progress recorded after each shard.
-
-    ``add`` takes samples in their final order; ``position`` counts the stream elements consumed
-    so far (items for a build, samples for a merge), so a restart knows where to continue.
-    """
-
-    def __init__(self, out: Path, fingerprint: dict, shard_size: int, sort_in_shard: bool):
-        self.out = out
-        self.fingerprint = fingerprint
-        self.shard_size = shard_size
-        self.sort_in_shard = sort_in_shard
-        self.shards: list[dict] = []
-        self.position = 0
-        self.buffer: list[tuple[str, dict[str, bytes], dict]] = []
-        rejects_bytes = 0
-        state_path = out / fmt.STATE_NAME
-        if state_path.exists():
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            if state.get("fingerprint") == fingerprint:
-                rejects_bytes = self._restore(state)
-        partial = out / fmt.REJECTS_PARTIAL
-        self.rejects = open(partial, "r+b" if partial.exists() else "w+b")
-        self.rejects.truncate(rejects_bytes)
-        self.rejects.seek(rejects_bytes)
-
-    def _restore(self, state: dict) -> int:
-        """Keep the prefix of finished shards whose checksums still match; return the rejects offset."""
-        kept: list[dict] = []
-        for entry in state["shards"]:
-            p = self.out / entry["name"]
-            if not p.exists() or p.stat().st_size != entry["bytes"] or _sha256_file(p) != entry["sha256"]:
-                log.warning("%s is missing or damaged; rebuilding from there", p)
-                break
-            kept.append(entry)
-        self.shards = kept
-        if kept:
-            self.position = kept[-1]["position_after"]
-            log.info("resuming: %d finished shards kept, continuing at item %d", len(kept), self.position)
-            return kept[-1]["rejects_bytes_after"]
-        return 0
-
-    def reject(self, r: Reject) -> None:
-        self.rejects.write(r.tsv_row().encode("utf-8"))
-
-    def add(self, key: str, files: dict[str, bytes], meta: dict) -> None:
-        self.buffer.append((key, files, meta))
-
-    def advance(self, position: int) -> None:
-        """Mark the stream consumed up to ``position``; writes a shard when the buffer is full."""
-        self.position = position
-        if len(self.buffer) >= self.shard_size:
-            self._write_shard()
-
-    def finish(self) -> list[dict]:
-        if self.buffer:
-            self._write_shard()
-        self.rejects.flush()
-        return self.shards
-
-    def rejects_text(self) -> str:
-        self.rejects.flush()
-        self.rejects.seek(0)
-        text = self.rejects.read().decode("utf-8")
-        self.rejects.seek(0, os.SEEK_END)
-        return text
-
-    def close(self, remove_progress: bool) -> None:
-        self.rejects.close()
-        if remove_progress:
-            for name in (fmt.STATE_NAME, fmt.REJECTS_PARTIAL):
-                (self.out / name).unlink(missing_ok=True)
-
-    def _write_shard(self) -> None:
-        samples = self.buffer
-        self.buffer = []
-        if self.sort_in_shard:
-            samples.sort(key=lambda s: (s[2]["duration"], s[0]))
-        buf = io.BytesIO()
-        hist: dict[str, int] = {}
-        chars: Counter = Counter()
-        seconds = 0.0
-        # fixed mtime, owner and mode: the same samples give the same bytes
-        with wds.TarWriter(buf, encoder=False, mtime=0, user="asr-dist", group="asr-dist", format="PAX_FORMAT") as tw:
-            for key, files, meta in samples:
-                tw.write({"__key__": key, **files, "json": _meta_bytes(meta)})
-                seconds += meta["duration"]
-                fmt.histogram_add(hist, meta["duration"])
-                chars.update(meta["text"])
-        data = buf.getvalue()
-        name = fmt.SHARD_PATTERN.format(len(self.shards))
-        fmt.write_bytes_atomic(self.out / name, data)
-        self.rejects.flush()
-        os.fsync(self.rejects.fileno())
-        self.shards.append({
-            "name": name,
-            "num_samples": len(samples),
-            "audio_seconds": round(seconds, 3),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "histogram": hist,
-            "characters": dict(sorted(chars.items())),
-            "position_after": self.position,
-            "rejects_bytes_after": self.rejects.tell(),
-        })
-        fmt.write_json_atomic(self.out / fmt.STATE_NAME, {"fingerprint": self.fingerprint, "shards": self.shards})
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard under a temporary name, fsync, rename; return its index entry."""
+    samples: Iterable = _samples(task)
+    if task.sort_in_shard:
+        samples = sorted(samples, key=lambda s: (s[2]["num_samples"], s[0]))
+    path = Path(task.out) / task.name
+    tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
+    hist: dict[str, int] = {}
+    chars: Counter = Counter()
+    seconds, size, count = 0.0, 0, 0
+    with open(tmp, "wb") as f:
+        for _, blob, meta in samples:
+            f.write(blob)
+            digest.update(blob)
+            size += len(blob)
+            count += 1
+            seconds += meta["duration"]
+            fmt.histogram_add(hist, meta["duration"])
+            chars.update(meta["text"])
+        end = fmt.tar_end(size)
+        f.write(end)
+        digest.update(end)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {
+        "name": task.name,
+        "num_samples": count,
+        "audio_seconds": round(seconds, 3),
+        "bytes": size + len(end),
+        "sha256": digest.hexdigest(),
+        "histogram": hist,
+        "characters": dict(sorted(chars.items())),
+    }
 
 
 def _meta_bytes(meta: dict) -> bytes:
@@ -400,30 +357,65 @@ def _sha256_file(p: Path) -> str:
     return h.hexdigest()
 
 
-def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
-    """The existing index when this exact set is already complete; otherwise make ``out`` ready."""
+def _our_files(out: Path) -> list[Path]:
+    names = (fmt.INDEX_NAME, fmt.VOCAB_NAME, fmt.REJECTS_NAME, fmt.STATE_NAME)
+    return [p for p in out.iterdir() if fmt.SHARD_RE.match(p.name) or p.name in names or p.name.endswith(".tmp")]
+
+
+def _prepare_output(out: Path, fingerprint: dict, overwrite: bool) -> tuple[dict | None, dict]:
+    """(the existing index when this exact set is already complete, finished shards to keep)."""
     index_path = out / fmt.INDEX_NAME
     state_path = out / fmt.STATE_NAME
-    if index_path.exists():
+    if index_path.exists() and not overwrite:
         existing = json.loads(index_path.read_text(encoding="utf-8"))
-        if existing.get("fingerprint") == fingerprint and not overwrite:
-            return existing
-    ours = [p for p in out.iterdir() if fmt.SHARD_RE.match(p.name) or p.name in (
-        fmt.INDEX_NAME, fmt.VOCAB_NAME, fmt.REJECTS_NAME, fmt.STATE_NAME, fmt.REJECTS_PARTIAL)
-        or p.name.endswith(".tmp")] if out.exists() else []
-    if ours:
-        same_run = state_path.exists() and json.loads(state_path.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-        if overwrite:
-            log.warning("--overwrite: removing the shard set in %s", out)
-            for p in ours:
-                p.unlink()
-        elif not same_run:
-            what = "a different shard set" if index_path.exists() else "shards from another, unfinished build"
-            raise InputError(
-                f"{out} already holds {what}; pass --overwrite to replace it, or choose another --output"
-            )
+        if existing.get("fingerprint") == fingerprint:
+            return existing, {}
+    ours = _our_files(out) if out.exists() else []
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
+    same_run = state.get("fingerprint") == fingerprint and not index_path.exists()
+    if ours and overwrite:
+        log.warning("--overwrite: removing the shard set in %s", out)
+        for p in ours:
+            p.unlink()
+        state = {}
+    elif ours and not same_run:
+        what = "a different shard set" if index_path.exists() else "shards from another, unfinished build"
+        raise InputError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    for p in out.glob("*.tmp"):
+        p.unlink()  # a write cut off by the interruption
+    finished = {}
+    for name, entry in (state.get("shards") or {}).items():
+        p = out / name
+        if p.exists() and p.stat().st_size == entry["bytes"] and _sha256_file(p) == entry["sha256"]:
+            finished[name] = entry
+        else:
+            log.warning("%s is missing or damaged; writing it again", p)
+    if finished:
+        log.info("resuming: %d finished shards kept", len(finished))
+    return None, finished
+
+
+def _write_shards(out: Path, tasks: list[ShardTask], finished: dict, fingerprint: dict, workers: int,
+                  progress: bool, desc: str) -> list[dict]:
+    """Write the shards not finished yet, recording each in the progress file as it lands."""
+    todo = [t for t in tasks if t.name not in finished]
+    total = sum(len(t.sources) for t in tasks)
+    done = dict(finished)
+    with tqdm(desc=desc, total=total, initial=total - sum(len(t.sources) for t in todo), unit="utt",
+              disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
+        for entry in _map(write_shard, todo, {}, workers, ordered=False, chunksize=1):
+            done[entry["name"]] = entry
+            fmt.write_json_atomic(out / fmt.STATE_NAME, {"fingerprint": fingerprint, "shards": done})
+            bar.update(entry["num_samples"])
+    return [done[t.name] for t in tasks]
+
+
+def _plan(out: Path, sources: list, shard_size: int, audio_format: str, sort_in_shard: bool) -> list[ShardTask]:
+    return [
+        ShardTask(str(out), fmt.SHARD_PATTERN.format(i // shard_size), sources[i:i + shard_size], audio_format, sort_in_shard)
+        for i in range(0, len(sources), shard_size)
+    ]
 
 
 def _fingerprint(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None) -> dict:
@@ -444,8 +436,8 @@ def _fingerprint(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict 
     }
 
 
-def _finalize(out: Path, writer: ShardSetWriter, shards: list[dict], fingerprint: dict, vocab: dict | None,
-              rejects_head: Iterable[str], builder: dict, extra: dict) -> dict:
+def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | None, rejects_rows: Iterable[str],
+              builder: dict) -> dict:
     """vocab.json, rejects.tsv and, last, index.json: from then on the set is complete."""
     chars = Counter()
     for s in shards:
@@ -453,8 +445,8 @@ def _finalize(out: Path, writer: ShardSetWriter, shards: list[dict], fingerprint
     if vocab is None:
         vocab = build_vocab(chars)
     fmt.write_bytes_atomic(out / fmt.VOCAB_NAME, vocab_json_bytes(vocab))
-    rejects = fmt.REJECTS_HEADER + "".join(rejects_head) + writer.rejects_text()
-    fmt.write_bytes_atomic(out / fmt.REJECTS_NAME, rejects.encode("utf-8"))
+    rows = list(rejects_rows)
+    fmt.write_bytes_atomic(out / fmt.REJECTS_NAME, (fmt.REJECTS_HEADER + "".join(rows)).encode("utf-8"))
     total_seconds = sum(s["audio_seconds"] for s in shards)
     index = {
         "format_version": fmt.FORMAT_VERSION,
@@ -471,17 +463,16 @@ def _finalize(out: Path, writer: ShardSetWriter, shards: list[dict], fingerprint
         "characters": dict(sorted(chars.items())),
         "text_normalizer": fingerprint["normalizer"],
         "vocab_sha256": vocab_hash(vocab),
-        "num_rejected": rejects.count("\n") - 1,
+        "num_rejected": len(rows),
         "seed": fingerprint["seed"],
         "sorted_in_shard": fingerprint["sort_in_shard"] and fingerprint["part"] is None,
         "part": fingerprint["part"],
         "builder": builder,
         "inputs": fingerprint["inputs"],
         "fingerprint": fingerprint,
-        **extra,
     }
     fmt.write_json_atomic(out / fmt.INDEX_NAME, index, indent=1)
-    writer.close(remove_progress=True)
+    (out / fmt.STATE_NAME).unlink(missing_ok=True)
     return index
 
 
@@ -502,61 +493,48 @@ def build(opts: BuildOptions) -> BuildSummary:
     normalizer = Normalizer(opts.normalizer, **opts.normalizer_settings)
     vocab = load_vocab(opts.vocab) if opts.vocab else None
     specs = [resolve_input(p, opts.input_format) for p in opts.inputs]
-    items, scan_rejects = scan(opts, specs, normalizer, vocab)
-    log.info("scanned %d inputs: %d items, %d rejected by text or key", len(specs), len(items), len(scan_rejects))
-    work = {"min_duration": opts.min_duration, "max_duration": opts.max_duration, "audio_format": opts.audio_format}
-    summary = BuildSummary(output=opts.output, num_items=len(items) + len(scan_rejects),
-                           max_reject_fraction=opts.max_reject_fraction, dry_run=opts.dry_run)
-    summary.rejects.update(r.reason for r in scan_rejects)
-    bar = dict(total=len(items), unit="utt", disable=not opts.progress, mininterval=1.0, dynamic_ncols=True)
+    items, rejects = scan(opts, specs, normalizer, vocab)
+    log.info("scanned %d inputs: %d items, %d rejected by text or key", len(specs), len(items), len(rejects))
+    out = Path(opts.output)
+    fingerprint = _fingerprint(opts, specs, normalizer, vocab)
+    if not opts.dry_run:
+        existing, finished = _prepare_output(out, fingerprint, opts.overwrite)
+        if existing is not None:
+            s = _summary_from_index(existing, opts.output, opts.max_reject_fraction)
+            s.already_complete = True
+            return s
 
+    work = {"min_duration": opts.min_duration, "max_duration": opts.max_duration}
+    kept: list[Item] = []
+    seconds = 0.0
+    with tqdm(desc="reading audio", total=len(items), unit="utt", disable=not opts.progress, mininterval=1.0,
+              dynamic_ncols=True) as bar:
+        for it, (status, a, b) in zip(items, _map(check_item, items, work, opts.workers)):
+            if status == "ok":
+                kept.append(it)
+                seconds += a
+                bar.set_postfix(hours=f"{seconds / 3600:.2f}", refresh=False)
+            else:
+                rejects.append(Reject(it.input, it.item, a, b))
+            bar.update()
+    summary = BuildSummary(output=opts.output, num_items=len(kept) + len(rejects),
+                           num_kept=len(kept), audio_seconds=seconds, max_reject_fraction=opts.max_reject_fraction,
+                           dry_run=opts.dry_run)
+    summary.rejects.update(r.reason for r in rejects)
     if opts.dry_run:
-        with tqdm(desc="probing", **bar) as pbar:
-            for status, reason, info in _map(probe_item, items, work, opts.workers):
-                pbar.update()
-                if status == "ok":
-                    summary.num_kept += 1
-                    summary.audio_seconds += info["duration"]
-                else:
-                    summary.rejects[reason] += 1
         summary.elapsed = time.time() - t0
         return summary
 
-    out = Path(opts.output)
-    fingerprint = _fingerprint(opts, specs, normalizer, vocab)
-    existing = _prepare_output(out, fingerprint, opts.overwrite)
-    if existing is not None:
-        s = _summary_from_index(existing, opts.output, opts.max_reject_fraction)
-        s.already_complete = True
-        return s
-
     # parts are written unsorted: the merge restores the global order and sorts then
-    writer = ShardSetWriter(out, fingerprint, opts.shard_size, opts.sort_in_shard and opts.part is None)
-    start = writer.position
-    todo = items[start:]
-    processed_seconds = 0.0
-    try:
-        with tqdm(desc="building shards", initial=start, **bar) as pbar:
-            for pos, (it, (status, a, b)) in enumerate(zip(todo, _map(process_item, todo, work, opts.workers)), start + 1):
-                if status == "ok":
-                    writer.add(it.key, {opts.audio_format: a}, b)
-                    processed_seconds += b["duration"]
-                    pbar.set_postfix(hours=f"{processed_seconds / 3600:.2f}", refresh=False)
-                else:
-                    writer.reject(Reject(it.input, it.item, a, b))
-                writer.advance(pos)
-                pbar.update()
-        shards = writer.finish()
-    except BaseException:
-        writer.close(remove_progress=False)
-        raise
+    tasks = _plan(out, kept, opts.shard_size, opts.audio_format, opts.sort_in_shard and opts.part is None)
+    shards = _write_shards(out, tasks, finished, fingerprint, opts.workers, opts.progress, "writing shards")
     builder = {"name": "asr-dist", "version": __version__, "arguments": _public_args(opts)}
-    index = _finalize(out, writer, shards, fingerprint, vocab, [r.tsv_row() for r in scan_rejects], builder, {})
-    s = _summary_from_index(index, opts.output, opts.max_reject_fraction)
-    s.num_items = summary.num_items
-    s.elapsed = time.time() - t0
-    s.processed_seconds = processed_seconds
-    return s
+    _finalize(out, shards, fingerprint, vocab, (r.tsv_row() for r in rejects), builder)
+    summary.num_shards = len(shards)
+    summary.audio_seconds = sum(s["audio_seconds"] for s in shards)
+    summary.elapsed = time.time() - t0
+    summary.processed_seconds = sum(s["audio_seconds"] for s in shards if s["name"] not in finished)
+    return summary
 
 
 def _public_args(opts: BuildOptions) -> dict:
@@ -570,21 +548,10 @@ def _public_args(opts: BuildOptions) -> dict:
 # ───────────────────────────── merging parts ─────────────────────────────
 
 
-def _part_stream(directory: Path, seed: int) -> Iterator[tuple[bytes, str, dict[str, bytes], dict]]:
-    index = fmt.read_index(directory)
-    for shard in index["shards"]:
-        for key, files in fmt.iter_shard(directory / shard["name"]):
-            meta = json.loads(files.pop("json"))
-            yield order_key(seed, key), key, files, meta
-
-
-def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool = True) -> BuildSummary:
-    """Join the shard sets of ``--part 0/N … N-1/N`` builds into one set, equal to a single build."""
-    t0 = time.time()
-    dirs = [Path(p) for p in parts]
+def _check_parts(dirs: list[Path]) -> tuple[list[dict], dict]:
     indexes = [fmt.read_index(d) for d in dirs]
     base = {k: v for k, v in indexes[0]["fingerprint"].items() if k != "part"}
-    seen_parts = {}
+    seen: dict[int, Path] = {}
     for d, idx in zip(dirs, indexes):
         fp = idx["fingerprint"]
         if fp.get("part") is None:
@@ -592,47 +559,50 @@ def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool
         other = {k: v for k, v in fp.items() if k != "part"}
         if other != base:
             diff = sorted(k for k in base if base[k] != other.get(k))
-            raise InputError(f"{d} was built with other arguments than {dirs[0]} (differ: {', '.join(diff)}); parts must share all but --part")
+            raise InputError(f"{d} was built with other arguments than {dirs[0]} (differ: {', '.join(diff)}); "
+                             f"parts must share all but --part")
         i, n = fp["part"]
-        if i in seen_parts:
-            raise InputError(f"{d} and {seen_parts[i]} are both part {i}/{n}")
-        seen_parts[i] = d
+        if i in seen:
+            raise InputError(f"{d} and {seen[i]} are both part {i}/{n}")
+        seen[i] = d
     n = indexes[0]["fingerprint"]["part"][1]
-    missing = sorted(set(range(n)) - set(seen_parts))
+    missing = sorted(set(range(n)) - set(seen))
     if missing:
         raise InputError(f"parts {missing} of {n} are missing; give every part directory to merge")
+    return indexes, base
+
+
+def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool = True, workers: int = 1) -> BuildSummary:
+    """Join the shard sets of ``--part 0/N … N-1/N`` builds into one set, equal to a single build.
+
+    Samples are copied as the tar blocks they are (no decoding); the global order and the shard
+    boundaries are recomputed exactly as one build of the whole corpus would have made them."""
+    t0 = time.time()
+    dirs = [Path(p) for p in parts]
+    indexes, base = _check_parts(dirs)
     fingerprint = dict(base, part=None)
     out = Path(output)
-    existing = _prepare_output(out, fingerprint, overwrite)
+    existing, finished = _prepare_output(out, fingerprint, overwrite)
     if existing is not None:
         s = _summary_from_index(existing, output, 1.0)
         s.already_complete = True
         return s
-    writer = ShardSetWriter(out, fingerprint, base["shard_size"], base["sort_in_shard"])
-    skip = writer.position
-    total = sum(idx["num_samples"] for idx in indexes)
-    stream = heapq.merge(*(_part_stream(d, base["seed"]) for d in dirs), key=lambda s: s[0])
-    try:
-        with tqdm(desc="merging", total=total, initial=skip, unit="utt", disable=not progress, mininterval=1.0) as pbar:
-            for pos, (_, key, files, meta) in enumerate(stream, 1):
-                if pos <= skip:
-                    continue
-                writer.add(key, files, meta)
-                writer.advance(pos)
-                pbar.update()
-        shards = writer.finish()
-    except BaseException:
-        writer.close(remove_progress=False)
-        raise
+    slices: list[TarSlice] = []
+    for d, idx in zip(dirs, indexes):
+        for shard in idx["shards"]:
+            path = d / shard["name"]
+            for key, start, end, meta_bytes in fmt.list_shard(path):
+                slices.append(TarSlice(key, str(path), start, end, json.loads(meta_bytes)))
+    slices.sort(key=lambda s: order_key(base["seed"], s.key))
+    tasks = _plan(out, slices, base["shard_size"], base["audio_format"], base["sort_in_shard"])
+    shards = _write_shards(out, tasks, finished, fingerprint, workers, progress, "merging")
     rejects = []
     for d in dirs:
         rejects.extend(line + "\n" for line in (d / fmt.REJECTS_NAME).read_text(encoding="utf-8").splitlines()[1:])
-    vocab = None
-    if base["given_vocab_sha256"] is not None:
-        vocab = load_vocab(dirs[0] / fmt.VOCAB_NAME)
+    vocab = load_vocab(dirs[0] / fmt.VOCAB_NAME) if base["given_vocab_sha256"] is not None else None
     builder = {"name": "asr-dist", "version": __version__, "merged_from": [str(d) for d in dirs],
                "arguments": dict(indexes[0]["builder"]["arguments"], part=None)}
-    index = _finalize(out, writer, shards, fingerprint, vocab, rejects, builder, {})
+    index = _finalize(out, shards, fingerprint, vocab, rejects, builder)
     s = _summary_from_index(index, output, 1.0)
     s.elapsed = time.time() - t0
     return s

@@ -105,9 +105,10 @@ def cmd_shards_build(args) -> int:
 def cmd_shards_merge(args) -> int:
     from .data.writer import merge
 
-    summary = merge(args.parts, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = merge(args.parts, args.output, overwrite=args.overwrite, progress=not args.no_progress,
+                    workers=args.workers, max_reject_fraction=args.max_reject_fraction)
     print(summary.render())
-    return EXIT_OK
+    return EXIT_FAILED if summary.failed else EXIT_OK
 
 
 def cmd_shards_verify(args) -> int:
@@ -150,10 +151,16 @@ def make_parser() -> argparse.ArgumentParser:
                                     "arguments keeps the finished shards and does the rest.")
     add_build_arguments(p)
     p.set_defaults(func=cmd_shards_build)
-    p = ssub.add_parser("merge", help="join the parts of a --part I/N build into one shard set")
-    p.add_argument("parts", nargs="+", metavar="PART_DIR")
+    p = ssub.add_parser("merge", help="join the parts of a --part I/N build into one shard set",
+                        description="Join the shard sets of `shards build --part 0/N` … `--part N-1/N` into one set, "
+                                    "byte-identical to a single build with the same arguments. Samples are copied, "
+                                    "not decoded again.")
+    p.add_argument("parts", nargs="+", metavar="PART_DIR", help="every part's output directory")
     p.add_argument("--output", "-o", required=True, metavar="DIR")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a different shard set already in --output")
+    p.add_argument("--workers", "-j", type=int, default=_default_workers(), help="processes (default: CPUs available)")
+    p.add_argument("--max-reject-fraction", type=float, default=0.05,
+                   help="exit 1 when more than this fraction of all parts' items was rejected (default: 0.05)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_shards_merge)
     p = ssub.add_parser("verify", help="decode every sample and check it against index.json; exit 1 on any damage")

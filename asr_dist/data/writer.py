@@ -572,7 +572,8 @@ def _check_parts(dirs: list[Path]) -> tuple[list[dict], dict]:
     return indexes, base
 
 
-def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool = True, workers: int = 1) -> BuildSummary:
+def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool = True, workers: int = 1,
+          max_reject_fraction: float = 1.0) -> BuildSummary:
     """Join the shard sets of ``--part 0/N … N-1/N`` builds into one set, equal to a single build.
 
     Samples are copied as the tar blocks they are (no decoding); the global order and the shard
@@ -584,7 +585,7 @@ def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool
     out = Path(output)
     existing, finished = _prepare_output(out, fingerprint, overwrite)
     if existing is not None:
-        s = _summary_from_index(existing, output, 1.0)
+        s = _summary_from_index(existing, output, max_reject_fraction)
         s.already_complete = True
         return s
     slices: list[TarSlice] = []
@@ -603,6 +604,6 @@ def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool
     builder = {"name": "asr-dist", "version": __version__, "merged_from": [str(d) for d in dirs],
                "arguments": dict(indexes[0]["builder"]["arguments"], part=None)}
     index = _finalize(out, shards, fingerprint, vocab, rejects, builder)
-    s = _summary_from_index(index, output, 1.0)
+    s = _summary_from_index(index, output, max_reject_fraction)
     s.elapsed = time.time() - t0
     return s

@@ -311,3 +311,11 @@ def test_parts_merged_equal_a_single_build(corpus, tmp_path):
 def test_entry_script_and_help():
     out = subprocess.run([sys.executable, str(REPO / "shards" / "build.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--max-reject-fraction" in out.stdout and "--part I/N" in out.stdout
+
+
+def test_duplicate_keys_across_inputs(corpus, tmp_path):
+    a = corpus("commonvoice", num=5)
+    b = corpus("commonvoice", num=5)  # the same clip names in a second corpus
+    s = build(opts([a, b], tmp_path / "out", max_reject_fraction=1))
+    assert s.num_kept == 5 and s.rejects == {"duplicate_key": 5}
+    assert all(r["input"] == b and f"already used by {a}" in r["detail"] for r in rejects(tmp_path / "out"))

@@ -8,6 +8,7 @@ and a safe reader for our tar shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -112,22 +113,43 @@ def _check_member(path: Path, m: tarfile.TarInfo) -> tuple[str, str]:
     return key, ext
 
 
-def list_shard(path: str | os.PathLike) -> list[tuple[str, int, int, bytes]]:
-    """(key, first byte, end byte, JSON bytes) of each sample: the byte range holds the sample's
-    tar blocks (headers and padded data of all its files), ready to be copied into another shard."""
+@dataclasses.dataclass
+class SampleLocation:
+    """Where one sample lies in a shard: ``start``/``end`` bound its tar blocks (headers and padded
+    data of all its files, ready to copy into another shard); ``members`` maps an extension to the
+    (offset, size) of that file's bytes."""
+
+    key: str
+    shard: str
+    start: int
+    end: int
+    members: dict[str, tuple[int, int]]
+    meta: bytes = b""  # the JSON member's bytes
+
+    def read(self, fd: int, ext: str) -> bytes:
+        offset, size = self.members[ext]
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ShardError(f"{self.shard}: sample {self.key} is cut short ({len(data)} of {size} bytes of .{ext})")
+        return data
+
+
+def list_shard(path: str | os.PathLike) -> list[SampleLocation]:
+    """Every sample of a shard, located without reading its audio (tar headers and JSON only)."""
     path = Path(path)
-    out: list[tuple[str, int, int, bytes]] = []
+    out: list[SampleLocation] = []
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in tar:
                 key, ext = _check_member(path, m)
                 end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if out and out[-1][0] == key:
-                    out[-1] = (key, out[-1][1], end, out[-1][3])
+                if out and out[-1].key == key:
+                    out[-1].end = end
                 else:
-                    out.append((key, m.offset, end, b""))
+                    out.append(SampleLocation(key, str(path), m.offset, end, {}))
+                out[-1].members[ext] = (m.offset_data, m.size)
                 if ext == "json":
-                    out[-1] = out[-1][:3] + (tar.extractfile(m).read(),)
+                    out[-1].meta = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{path}: unreadable: {e}") from None
     return out

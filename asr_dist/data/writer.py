@@ -592,8 +592,8 @@ def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool
     for d, idx in zip(dirs, indexes):
         for shard in idx["shards"]:
             path = d / shard["name"]
-            for key, start, end, meta_bytes in fmt.list_shard(path):
-                slices.append(TarSlice(key, str(path), start, end, json.loads(meta_bytes)))
+            for loc in fmt.list_shard(path):
+                slices.append(TarSlice(loc.key, str(path), loc.start, loc.end, json.loads(loc.meta)))
     slices.sort(key=lambda s: order_key(base["seed"], s.key))
     tasks = _plan(out, slices, base["shard_size"], base["audio_format"], base["sort_in_shard"])
     shards = _write_shards(out, tasks, finished, fingerprint, workers, progress, "merging")

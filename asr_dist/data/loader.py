@@ -1,0 +1,509 @@
+"""Loaders over shard sets: the training stream and the evaluation stream.
+
+Training, per rank (R ranks, W workers per rank, S streams = R x W):
+
+  index.json shards ──split into units (a shard, or a 1/k slice of one when shards < S)──>
+  ──shuffled by (seed, epoch)──> stream s takes units[s::S], then borrows the others in turn
+  ──per stream: buffer of bucket_batches x micro utterances (compressed bytes + JSON)──>
+  ──sort by length, cut into micro-batches, shuffle them (seed, epoch, rank, worker, buffer)──>
+  ──decode FLAC/WAV, normalise, encode labels, pad──> micro-batch (B, T) in the worker
+  ──DataLoader (batch_size=None)──> reordered into the canonical order g -> (worker g % W, g // W)
+
+Every rank yields exactly steps_per_epoch x accumulation micro-batches per epoch, where
+steps_per_epoch = utterances in index.json // global batch: unequal counts hang NCCL collectives.
+
+Each micro-batch carries its stream's position after it (buffer start, buffer number, batches
+taken from the buffer), so ``state_dict`` after any batch lets a new loader reproduce the rest of
+the epoch exactly: it re-reads the buffer from its start (at most about one shard per worker),
+redoes the same sort and shuffle, and skips what was already delivered.
+
+Evaluation, per rank: all samples sorted by (length, key), cut into micro-batches, batch b to rank
+b % R; ranks with fewer batches get filler batches whose ``valid`` mask is all False, so every rank
+runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
+
+Batch keys: ``input_values`` (B, T) float32, ``attention_mask`` (B, T) int64, ``labels`` (B, L)
+int64 padded with -100, ``keys`` list[str], ``texts`` list[str], ``durations`` (B,) float32,
+``valid`` (B,) bool (evaluation only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ..audio import SAMPLE_RATE
+from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER, load_vocab
+from . import index as fmt
+
+log = logging.getLogger(__name__)
+
+
+class LoaderError(Exception):
+    """A configuration or data problem that stops loading; the message says what to change."""
+
+
+# ───────────────────────────── shard sets, labels, collation ─────────────────────────────
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    num_samples: int
+    audio_seconds: float
+
+
+@dataclasses.dataclass
+class ShardSet:
+    """One or more shard directories read as one set (they must share vocab and audio format)."""
+
+    dirs: list[str]
+    shards: list[ShardInfo]
+    vocab: dict[str, int]
+    audio_format: str
+    text_normalizer: dict
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(s.audio_seconds for s in self.shards)
+
+    @classmethod
+    def open(cls, dirs: str | os.PathLike | list) -> "ShardSet":
+        dirs = [str(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
+        if not dirs:
+            raise LoaderError("no shard directory given")
+        shards, first = [], None
+        for d in dirs:
+            index = fmt.read_index(d)
+            vocab = load_vocab(Path(d) / fmt.VOCAB_NAME)
+            if first is None:
+                first = (index, vocab)
+            elif index["vocab_sha256"] != first[0]["vocab_sha256"] or index["audio_format"] != first[0]["audio_format"]:
+                raise LoaderError(f"{d} has another vocab.json or audio format than {dirs[0]}; build them with the same --vocab")
+            shards += [ShardInfo(str(Path(d) / s["name"]), s["num_samples"], s["audio_seconds"]) for s in index["shards"]]
+        return cls(dirs, shards, first[1], first[0]["audio_format"], first[0]["text_normalizer"])
+
+
+class LabelEncoder:
+    """Transcript characters to CTC label ids (space -> "|", unknown -> [UNK]), as
+    Wav2Vec2CTCTokenizer encodes them for this vocab."""
+
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+        self.unk = vocab[UNK_TOKEN]
+        self.pad = vocab[PAD_TOKEN]
+        self.table = {c: i for c, i in vocab.items() if len(c) == 1}
+        self.table[" "] = vocab[WORD_DELIMITER]
+
+    def __call__(self, text: str) -> list[int]:
+        return [self.table.get(c, self.unk) for c in text]
+
+
+def normalize(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per utterance, as Wav2Vec2FeatureExtractor(do_normalize=True)."""
+    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+
+
+def decode_audio(data: bytes, where: str) -> np.ndarray:
+    try:
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32")
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise fmt.ShardError(f"{where}: audio does not decode ({e})") from None
+    if sr != SAMPLE_RATE or audio.ndim != 1:
+        raise fmt.ShardError(f"{where}: {sr} Hz, {audio.ndim}-d audio; shards hold 16 kHz mono")
+    return audio
+
+
+def collate(samples: list[tuple[str, np.ndarray, list[int], str]], pad_to_multiple_of: int = 1) -> dict:
+    """(key, normalised audio (T,), label ids, text) per utterance -> a padded micro-batch."""
+    n = len(samples)
+    t_max = max(len(a) for _, a, _, _ in samples)
+    t_max = -(-t_max // pad_to_multiple_of) * pad_to_multiple_of
+    l_max = max(1, max(len(lab) for _, _, lab, _ in samples))
+    input_values = torch.zeros(n, t_max, dtype=torch.float32)
+    attention_mask = torch.zeros(n, t_max, dtype=torch.long)
+    labels = torch.full((n, l_max), -100, dtype=torch.long)
+    for i, (_, audio, lab, _) in enumerate(samples):
+        input_values[i, : len(audio)] = torch.from_numpy(audio)
+        attention_mask[i, : len(audio)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    return {
+        "input_values": input_values,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "keys": [k for k, _, _, _ in samples],
+        "texts": [t for _, _, _, t in samples],
+        "durations": torch.tensor([len(a) / SAMPLE_RATE for _, a, _, _ in samples], dtype=torch.float32),
+    }
+
+
+def padding_fraction(batch: dict) -> float:
+    """Share of the batch's audio positions that are padding."""
+    mask = batch["attention_mask"]
+    return 1.0 - float(mask.sum()) / mask.numel()
+
+
+# ───────────────────────────── the training stream ─────────────────────────────
+
+
+def check_batch_sizes(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation steps; a clear error when the sizes do not divide."""
+    per_step = micro_batch_size * world_size
+    if micro_batch_size < 1 or global_batch_size % per_step:
+        good = [m for m in range(1, global_batch_size + 1) if global_batch_size % (m * world_size) == 0]
+        raise LoaderError(
+            f"global batch {global_batch_size} is not a multiple of micro batch {micro_batch_size} x world size "
+            f"{world_size}; micro batch sizes that divide it on {world_size} rank(s): {good or 'none'} "
+            f"(or change data.global_batch_size)"
+        )
+    return global_batch_size // per_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLayout:
+    """Everything that fixes the micro-batch sequence of one stream (a rank's worker)."""
+
+    shards: tuple[ShardInfo, ...]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int  # streams per rank (1 when the DataLoader has no workers)
+    micro_batch_size: int
+    num_batches: int  # this stream's quota for the epoch
+    bucket_batches: int
+    tag: str = ""  # set when an epoch continues under another world size or worker count
+
+
+def _units(layout: StreamLayout) -> list[tuple[int, int, int]]:
+    """This stream's read order for the epoch: (shard, slice, slices) units, its own first, then
+    the other streams' as a reserve, so a stream never runs dry."""
+    num_streams = layout.world_size * layout.num_workers
+    k = max(1, math.ceil(num_streams / len(layout.shards)))  # split shards when there are too few
+    units = [(s, i, k) for s in range(len(layout.shards)) for i in range(k)]
+    random.Random(f"units-{layout.seed}-{layout.epoch}{layout.tag}").shuffle(units)
+    stream = layout.rank * layout.num_workers + layout.worker
+    own = units[stream::num_streams]
+    others = [u for j, u in enumerate(units) if j % num_streams != stream]
+    shift = (stream * len(others)) // num_streams if others else 0
+    return own + others[shift:] + others[:shift]
+
+
+def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int], skip: int, on_corrupt: str,
+                  counters: dict) -> Iterator[tuple[str, dict]]:
+    shard = layout.shards[unit[0]]
+    j = 0
+    try:
+        for n, (key, files) in enumerate(fmt.iter_shard(shard.path)):
+            if n % unit[2] != unit[1]:
+                continue
+            j += 1
+            if j <= skip:
+                continue
+            yield key, files
+    except fmt.ShardError as e:
+        if on_corrupt == "stop":
+            raise
+        counters["skipped_shards"] = counters.get("skipped_shards", 0) + 1
+        log.warning("skipping the rest of a damaged shard: %s", e)
+
+
+@dataclasses.dataclass
+class StreamState:
+    """Position of a stream after its last delivered micro-batch."""
+
+    cursor: tuple[int, int] = (0, 0)  # (unit position, samples of that unit already taken) at the buffer's start
+    buffer_index: int = 0
+    taken_from_buffer: int = 0
+    delivered: int = 0
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The micro-batches of one rank for one epoch, split over its DataLoader workers."""
+
+    def __init__(self, layouts: list[StreamLayout], states: list[StreamState], vocab: dict[str, int],
+                 audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1):
+        self.layouts, self.states = layouts, states
+        self.vocab, self.audio_format = vocab, audio_format
+        self.on_corrupt, self.pad_to_multiple_of = on_corrupt, pad_to_multiple_of
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        return self.iter_stream(w)
+
+    def iter_stream(self, w: int) -> Iterator[dict]:
+        layout, state = self.layouts[w], dataclasses.replace(self.states[w])
+        encode = LabelEncoder(self.vocab)
+        units = _units(layout)
+        counters: dict = {}
+        buffer_size = layout.bucket_batches * layout.micro_batch_size
+        pos, taken = state.cursor  # unit position, samples taken from that unit
+        reader = None
+        while state.delivered < layout.num_batches:
+            start = (pos, taken)
+            buffer: list[tuple[str, bytes, dict]] = []
+            while len(buffer) < buffer_size:
+                if reader is None:  # opened once per unit; skipping only happens after a restore
+                    reader = _unit_samples(layout, units[pos % len(units)], taken, self.on_corrupt, counters)
+                item = next(reader, None)
+                if item is None:
+                    reader, pos, taken = None, pos + 1, 0
+                    continue
+                taken += 1
+                key, files = item
+                try:
+                    buffer.append((key, files[self.audio_format], json.loads(files["json"])))
+                except (KeyError, ValueError) as e:
+                    self._bad(layout, pos, units, key, f"no .{self.audio_format} or unreadable JSON ({e})", counters)
+            # similar lengths together: the padding of a micro-batch is what its longest utterance adds
+            buffer.sort(key=lambda s: (s[2]["num_samples"], s[0]))
+            batches = [buffer[i:i + layout.micro_batch_size] for i in range(0, buffer_size, layout.micro_batch_size)]
+            rng = random.Random(f"batches-{layout.seed}-{layout.epoch}-{layout.rank}-{w}-{state.buffer_index}{layout.tag}")
+            rng.shuffle(batches)
+            for b in range(state.taken_from_buffer, len(batches)):
+                if state.delivered == layout.num_batches:
+                    break
+                samples = []
+                for key, data, meta in batches[b]:
+                    try:
+                        audio = decode_audio(data, key)
+                    except fmt.ShardError as e:
+                        self._bad(layout, pos, units, key, str(e), counters)
+                        continue
+                    samples.append((key, normalize(audio), encode(meta["text"]), meta["text"]))
+                state.taken_from_buffer = b + 1
+                if not samples:
+                    continue  # every utterance of it was damaged and skipped: the next batch stands in
+                batch = collate(samples, self.pad_to_multiple_of)
+                state.delivered += 1
+                batch["stream"] = (w, state.delivered - 1)
+                batch["state"] = dataclasses.asdict(dataclasses.replace(state, cursor=start))
+                batch["skipped_samples"] = counters.get("skipped_samples", 0)
+                yield batch
+            state.buffer_index += 1
+            state.taken_from_buffer = 0
+
+    def _bad(self, layout, pos, units, key, why, counters):
+        shard = layout.shards[units[pos % len(units)][0]].path
+        if self.on_corrupt == "stop":
+            raise fmt.ShardError(f"{shard} sample {key}: {why} (data.on_corrupt=skip skips such samples)")
+        counters["skipped_samples"] = counters.get("skipped_samples", 0) + 1
+        log.warning("skipping %s sample %s: %s", shard, key, why)
+
+
+class TrainLoader:
+    """Equal, length-bucketed micro-batches on every rank, with exact resume.
+
+    ``rank`` and ``world_size`` are passed in (asr_dist.distributed reads the environment);
+    iterate once per epoch after ``set_epoch``."""
+
+    def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
+                 global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int = 32,
+                 on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
+                 prefetch_factor: int = 4):
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+        if on_corrupt not in ("stop", "skip"):
+            raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.accumulation = check_batch_sizes(global_batch_size, micro_batch_size, world_size)
+        self.steps_per_epoch = self.shards.num_samples // global_batch_size
+        if self.steps_per_epoch == 0:
+            raise LoaderError(
+                f"{self.shards.num_samples} utterances in {', '.join(self.shards.dirs)} are fewer than one global "
+                f"batch of {global_batch_size}; lower data.global_batch_size or add data"
+            )
+        self.num_workers, self.seed, self.bucket_batches = num_workers, seed, bucket_batches
+        self.on_corrupt, self.pin_memory, self.pad_to_multiple_of = on_corrupt, pin_memory, pad_to_multiple_of
+        self.prefetch_factor = prefetch_factor
+        streams = max(1, num_workers) * world_size
+        if len(self.shards.shards) < streams:
+            log.warning(
+                "%d shards for %d ranks x %d workers = %d readers: shards are split so that every reader gets "
+                "its share, but each reader scans whole shards; build with a smaller --shard-size for at least "
+                "%d shards", len(self.shards.shards), world_size, max(1, num_workers), streams, streams)
+        self.epoch = 0
+        self._consumed = 0  # micro-batches of this epoch delivered to the caller
+        self._states: dict[int, dict] = {}
+        self._tag = ""
+        self._quota_steps = self.steps_per_epoch
+        self.skipped_samples = 0
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accumulation
+
+    def __len__(self) -> int:
+        """Micro-batches left to deliver in the current epoch."""
+        return self._quota_steps * self.accumulation - self._offset_consumed()
+
+    def _offset_consumed(self) -> int:
+        return self._consumed - (self.steps_per_epoch - self._quota_steps) * self.accumulation
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._consumed, self._states, self._tag = epoch, 0, {}, ""
+            self._quota_steps = self.steps_per_epoch
+
+    def _layouts(self) -> tuple[list[StreamLayout], list[StreamState]]:
+        w_count = max(1, self.num_workers)
+        total = self._quota_steps * self.accumulation
+        layouts, states = [], []
+        for w in range(w_count):
+            quota = total // w_count + (1 if w < total % w_count else 0)
+            layouts.append(StreamLayout(tuple(self.shards.shards), self.seed, self.epoch, self.rank, self.world_size,
+                                        w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag))
+            s = self._states.get(w)
+            states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"])
+                          if s else StreamState())
+        return layouts, states
+
+    def __iter__(self) -> Iterator[dict]:
+        layouts, states = self._layouts()
+        ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
+                         self.pad_to_multiple_of)
+        w_count = len(layouts)
+        if self.num_workers > 0:
+            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                             prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            source = iter(dl)
+        else:
+            source = ds.iter_stream(0)
+        # DataLoader takes workers in turn; after a restore the turn may start elsewhere, so put the
+        # batches in the canonical order: g -> (worker g % W, its batch g // W)
+        pending: dict[tuple[int, int], dict] = {}
+        offset = self._offset_consumed()
+        for g in range(offset, self._quota_steps * self.accumulation):
+            want = (g % w_count, g // w_count)
+            while want not in pending:
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    raise LoaderError(f"rank {self.rank}: the data ran out at micro-batch {g}; this is a bug") from None
+                pending[tuple(batch["stream"])] = batch
+            batch = pending.pop(want)
+            self._states[want[0]] = batch.pop("state")
+            batch.pop("stream")
+            self.skipped_samples = max(self.skipped_samples, batch.pop("skipped_samples"))
+            self._consumed += 1
+            yield batch
+        self.epoch += 1
+        self._consumed, self._states, self._tag = 0, {}, ""
+        self._quota_steps = self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed": self._consumed,
+            "world_size": self.world_size,
+            "num_workers": max(1, self.num_workers),
+            "micro_batch_size": self.micro_batch_size,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_samples": self.shards.num_samples,
+            "quota_steps": self._quota_steps,
+            "tag": self._tag,
+            "streams": {str(k): v for k, v in self._states.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch = sd["epoch"]
+        layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples")
+        mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
+                self.shards.num_samples)
+        same = tuple(sd[k] for k in layout) == mine
+        if same:
+            self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]
+            self._states = {int(k): v for k, v in sd["streams"].items()}
+            return
+        # another layout: finish the epoch's remaining optimizer steps in a new deterministic order
+        # consumed counts micro-batches of the saved layout since the epoch began; a partial step is redone
+        steps_done = min(self.steps_per_epoch, sd["consumed"] // (sd["global_batch_size"] // (sd["micro_batch_size"] * sd["world_size"])))
+        log.warning(
+            "resuming with world size %d x %d workers x micro batch %d (saved: %d x %d x %d): the rest of epoch %d "
+            "(%d of %d steps) continues in a new deterministic order; utterances may repeat within this epoch",
+            self.world_size, max(1, self.num_workers), self.micro_batch_size, sd["world_size"], sd["num_workers"],
+            sd["micro_batch_size"], self.epoch, self.steps_per_epoch - steps_done, self.steps_per_epoch)
+        self._quota_steps = self.steps_per_epoch - steps_done
+        self._consumed = steps_done * self.accumulation
+        self._tag = f"-resumed{steps_done}"
+        self._states = {}
+
+
+# ───────────────────────────── the evaluation stream ─────────────────────────────
+
+
+class EvalBatches(torch.utils.data.Dataset):
+    """Map-style: item i is this rank's i-th micro-batch (a filler when i is past its share)."""
+
+    def __init__(self, batches: list[list[fmt.SampleLocation]], filler: list[fmt.SampleLocation], num_fillers: int,
+                 vocab: dict[str, int], audio_format: str):
+        self.batches, self.filler, self.num_fillers = batches, filler, num_fillers
+        self.vocab, self.audio_format = vocab, audio_format
+        self._fds: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.batches) + self.num_fillers
+
+    def __getitem__(self, i: int) -> dict:
+        real = i < len(self.batches)
+        locs = self.batches[i] if real else self.filler
+        encode = LabelEncoder(self.vocab)
+        samples = []
+        for loc in locs:
+            fd = self._fds.get(loc.shard)
+            if fd is None:
+                fd = self._fds[loc.shard] = os.open(loc.shard, os.O_RDONLY)
+            text = json.loads(loc.meta)["text"]
+            audio = decode_audio(loc.read(fd, self.audio_format), f"{loc.shard} sample {loc.key}")
+            samples.append((loc.key, normalize(audio), encode(text), text))
+        batch = collate(samples)
+        batch["valid"] = torch.full((len(samples),), real, dtype=torch.bool)
+        return batch
+
+
+class EvalLoader:
+    """Every evaluation utterance exactly once across ranks, sorted by length, keys carried along."""
+
+    def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
+                 num_workers: int = 2, pin_memory: bool = False):
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+        self.rank, self.world_size, self.num_workers, self.pin_memory = rank, world_size, num_workers, pin_memory
+        locs = [loc for s in self.shards.shards for loc in fmt.list_shard(s.path)]
+        if len(locs) != self.shards.num_samples:
+            raise LoaderError(f"{self.shards.dirs}: {len(locs)} samples in the shards, index.json says "
+                              f"{self.shards.num_samples}; run `asr-dist shards verify`")
+        locs.sort(key=lambda loc: (json.loads(loc.meta)["num_samples"], loc.key))
+        batches = [locs[i:i + micro_batch_size] for i in range(0, len(locs), micro_batch_size)]
+        self.num_batches_per_rank = -(-len(batches) // world_size)
+        self.mine = batches[rank::world_size]
+        self.num_utterances = sum(len(b) for b in self.mine)
+        self.total_utterances = len(locs)
+        self.dataset = EvalBatches(self.mine, locs[:1], self.num_batches_per_rank - len(self.mine),
+                                   self.shards.vocab, self.shards.audio_format)
+
+    def __len__(self) -> int:
+        return self.num_batches_per_rank
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers == 0:
+            return (self.dataset[i] for i in range(len(self.dataset)))
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, shuffle=False,
+                                                num_workers=min(self.num_workers, max(1, len(self.dataset))),
+                                                pin_memory=self.pin_memory))

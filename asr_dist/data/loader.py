@@ -21,7 +21,7 @@ Evaluation, per rank: all samples sorted by (length, key), cut into micro-batche
 b % R; ranks with fewer batches get filler batches whose ``valid`` mask is all False, so every rank
 runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
 
-Batch keys: ``input_values`` (B, T) float32, ``attention_mask`` (B, T) int64, ``labels`` (B, L)
+Batch keys: ``input_values`` (B, T) float32, ``attention_mask`` (B, T) bool, ``labels`` (B, L)
 int64 padded with -100, ``keys`` list[str], ``texts`` list[str], ``durations`` (B,) float32,
 ``valid`` (B,) bool (evaluation only).
 """
@@ -135,11 +135,11 @@ def collate(samples: list[tuple[str, np.ndarray, list[int], str]], pad_to_multip
     t_max = -(-t_max // pad_to_multiple_of) * pad_to_multiple_of
     l_max = max(1, max(len(lab) for _, _, lab, _ in samples))
     input_values = torch.zeros(n, t_max, dtype=torch.float32)
-    attention_mask = torch.zeros(n, t_max, dtype=torch.long)
+    attention_mask = torch.zeros(n, t_max, dtype=torch.bool)  # 1 byte per sample crossing from the workers
     labels = torch.full((n, l_max), -100, dtype=torch.long)
     for i, (_, audio, lab, _) in enumerate(samples):
         input_values[i, : len(audio)] = torch.from_numpy(audio)
-        attention_mask[i, : len(audio)] = 1
+        attention_mask[i, : len(audio)] = True
         labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
     return {
         "input_values": input_values,

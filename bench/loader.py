@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Training-loader throughput and padding.
+
+Per audio format (FLAC, WAV): audio seconds delivered per second by one loader stream (read from the
+tar, decode, normalise, encode labels, pad into micro-batches of 16), with the bare soundfile decode
+of the same bytes in the same run as the baseline (the bound). Then the padding fraction of
+micro-batches with and without length bucketing on a log-normal duration mix of 1.5 to 15 s.
+
+  python bench/loader.py [--utterances 400] [--workers 2]   -> one JSON object on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+from asr_dist.data import index as fmt  # noqa: E402
+from asr_dist.data.loader import TrainLoader  # noqa: E402
+from asr_dist.data.writer import BuildOptions, build  # noqa: E402
+
+
+def make_corpus(d: Path, n: int, seed: int = 0) -> str:
+    """Speech-like noise (amplitude-modulated, band-limited) of log-normal durations, 16 kHz."""
+    rng = np.random.default_rng(seed)
+    (d / "audio").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.5, 15.0))
+        t = int(seconds * 16000)
+        x = np.convolve(rng.standard_normal(t), np.ones(8) / 8, mode="same")
+        x *= 0.2 * (1 + np.sin(np.arange(t) * 2 * np.pi * 4 / 16000))
+        sf.write(d / "audio" / f"u{i}.wav", x.astype(np.float32), 16000, subtype="PCM_16")
+        lines.append(json.dumps({"audio_filepath": f"audio/u{i}.wav", "text": "det regner i københavn i dag"}))
+    (d / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return str(d / "m.jsonl")
+
+
+def bare_decode(shards: str, ext: str) -> float:
+    """Audio seconds per second of soundfile alone on the shards' audio bytes."""
+    blobs = [f[ext] for s in sorted(Path(shards).glob("shard-*.tar")) for _, f in fmt.iter_shard(s)]
+    t0 = time.perf_counter()
+    seconds = 0.0
+    for b in blobs:
+        a, sr = sf.read(io.BytesIO(b), dtype="float32")
+        seconds += len(a) / sr
+    return seconds / (time.perf_counter() - t0)
+
+
+def loader_speed(shards: str, workers: int, epochs: int = 2) -> dict:
+    loader = TrainLoader(shards, rank=0, world_size=1, micro_batch_size=16, global_batch_size=32,
+                         num_workers=workers)
+    seconds, wall = 0.0, 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        for b in loader:
+            seconds += float(b["attention_mask"].sum()) / 16000
+        wall += time.perf_counter() - t0
+    return {"audio_seconds_per_second": round(seconds / wall, 1),
+            "per_worker": round(seconds / wall / max(1, workers), 1)}
+
+
+def padding(shards: str, bucket_batches: int) -> float:
+    loader = TrainLoader(shards, rank=0, world_size=1, micro_batch_size=16, global_batch_size=32, num_workers=0,
+                         bucket_batches=bucket_batches)
+    real = total = 0
+    for b in loader:
+        real += int(b["attention_mask"].sum())
+        total += b["attention_mask"].numel()
+    return round(1 - real / total, 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--utterances", type=int, default=400)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = {"benchmark": "loader", "utterances": args.utterances, "micro_batch_size": 16}
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = make_corpus(Path(tmp) / "corpus", args.utterances)
+        for ext in ("flac", "wav"):
+            shards = str(Path(tmp) / ext)
+            build(BuildOptions(inputs=[manifest], output=shards, audio_format=ext, shard_size=50, progress=False,
+                               max_duration=16))
+            bound = bare_decode(shards, ext)
+            one = loader_speed(shards, 0)
+            many = loader_speed(shards, args.workers)
+            out[ext] = {
+                "baseline_soundfile_decode_x_real_time": round(bound, 1),
+                "loader_1_stream": one,
+                f"loader_{args.workers}_workers": many,
+                "ratio_1_stream_vs_bare_decode": round(one["audio_seconds_per_second"] / bound, 3),
+            }
+        shards = str(Path(tmp) / "flac")
+        out["padding_fraction"] = {f"bucket_batches_{n}" + (" (no bucketing)" if n == 1 else ""): padding(shards, n)
+                                   for n in (1, 8, 32, 64)}
+        out["padding_fraction"]["default"] = TrainLoader.__init__.__kwdefaults__["bucket_batches"]
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The loaders on real shards, with real processes (gloo) for the per-rank invariants."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from asr_dist.data import index as fmt
+from asr_dist.data.loader import EvalLoader, LabelEncoder, LoaderError, TrainLoader
+from asr_dist.data.writer import BuildOptions, build
+from asr_dist.synth import write_corpus
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    src = write_corpus(root / "corpus", "commonvoice", 96, seed=5)
+    build(BuildOptions(inputs=[src], output=str(root / "shards"), shard_size=8, progress=False))
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    src = write_corpus(root / "corpus", "nemo", 25, seed=6)
+    build(BuildOptions(inputs=[src], output=str(root / "shards"), shard_size=4, progress=False))
+    return str(root / "shards")
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _train_ranks(rank, world, port, shards, out):
+    _init(rank, world, port)
+    result = {}
+    for workers in (0, 2):
+        loader = TrainLoader(shards, rank=rank, world_size=world, micro_batch_size=2,
+                             global_batch_size=2 * world * 2, num_workers=workers, bucket_batches=4)
+        per_epoch = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            per_epoch.append([b["keys"] for b in loader])
+        gathered = [None] * world
+        dist.all_gather_object(gathered, per_epoch)
+        result[workers] = {"batches": gathered, "expected": loader.micro_batches_per_epoch}
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _eval_ranks(rank, world, port, shards, out):
+    _init(rank, world, port)
+    loader = EvalLoader(shards, rank=rank, world_size=world, micro_batch_size=3, num_workers=2)
+    batches = [(b["keys"], b["valid"].tolist(), b["input_values"].shape[0]) for b in loader]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, batches)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world, *args):
+    port = 29500 + os.getpid() % 1000 + world
+    mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_gets_the_same_number_of_batches_and_no_repeats(train_set, tmp_path, world):
+    out = tmp_path / "result.json"
+    _spawn(_train_ranks, world, train_set, str(out))
+    result = json.loads(out.read_text())
+    for workers, r in result.items():
+        per_rank = r["batches"]  # [rank][epoch][batch] -> keys
+        for epoch in range(2):
+            counts = [len(rank_batches[epoch]) for rank_batches in per_rank]
+            assert counts == [r["expected"]] * world, (workers, epoch, counts)
+            keys = [k for rank_batches in per_rank for b in rank_batches[epoch] for k in b]
+            assert all(len(b) == 2 for rank_batches in per_rank for b in rank_batches[epoch])
+            # 96 utterances, 12 shards: every reader owns whole shards, so nothing repeats in an epoch
+            assert len(keys) == len(set(keys)) == 96, (workers, epoch)
+        assert per_rank[0][0] != per_rank[0][1]  # a new order every epoch
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_sees_every_utterance_once(eval_set, tmp_path, world):
+    out = tmp_path / "eval.json"
+    _spawn(_eval_ranks, world, eval_set, str(out))
+    gathered = json.loads(out.read_text())
+    assert len({len(batches) for batches in gathered}) == 1  # the same number of forward passes everywhere
+    counted = collections.Counter(k for batches in gathered for keys, valid, _ in batches for k, v in zip(keys, valid) if v)
+    expected = {loc.key for s in sorted(Path(eval_set).glob("shard-*.tar")) for loc in fmt.list_shard(s)}
+    assert set(counted) == expected and set(counted.values()) == {1} and len(expected) == 25
+    fillers = [b for batches in gathered for b in batches if not any(b[1])]
+    assert len(fillers) == world * -(-9 // world) - 9  # 25 utterances / 3 = 9 batches
+
+
+def test_evaluation_is_sorted_by_length(eval_set):
+    loader = EvalLoader(eval_set, rank=0, world_size=1, micro_batch_size=4, num_workers=0)
+    durations = [d for b in loader for d in b["durations"].tolist()]
+    assert durations == sorted(durations) and len(durations) == 25
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_identical_sequence(train_set, workers):
+    kw = dict(rank=1, world_size=2, micro_batch_size=2, global_batch_size=8, num_workers=workers, bucket_batches=3)
+    whole = TrainLoader(train_set, **kw)
+    whole.set_epoch(3)
+    expected = [b["keys"] for b in whole]
+    for stop in (0, 5, 11, len(expected) - 1):
+        first = TrainLoader(train_set, **kw)
+        first.set_epoch(3)
+        got = []
+        for i, b in enumerate(first):
+            got.append(b["keys"])
+            if i == stop:
+                break
+        state = json.loads(json.dumps(first.state_dict()))  # as saved in a checkpoint
+        second = TrainLoader(train_set, **kw)
+        second.load_state_dict(state)
+        assert len(second) == len(expected) - stop - 1
+        got += [b["keys"] for b in second]
+        assert got == expected, stop
+        assert second.epoch == 4  # the epoch ended; the next iteration starts epoch 4
+    # at an epoch boundary the state points at the next epoch's start
+    sd = whole.state_dict()
+    again = TrainLoader(train_set, **kw)
+    again.load_state_dict(sd)
+    nxt = TrainLoader(train_set, **kw)
+    nxt.set_epoch(4)
+    assert [b["keys"] for b in again] == [b["keys"] for b in nxt]
+
+
+def test_resume_with_another_layout_finishes_the_epoch(train_set, caplog):
+    first = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0)
+    for i, _ in enumerate(first):
+        if i == 8 * 4 // 2 - 1:  # 4 optimizer steps of 4 micro-batches
+            break
+    state = first.state_dict()
+    second = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=4, global_batch_size=8, num_workers=2)
+    with caplog.at_level(logging.WARNING):
+        second.load_state_dict(state)
+    assert "new deterministic order" in caplog.text
+    rest = list(second)
+    assert len(rest) == (12 - 4) * 2 and all(len(b["keys"]) == 4 for b in rest)
+
+
+def test_batch_sizes_that_do_not_divide_say_which_would(train_set):
+    with pytest.raises(LoaderError, match=r"micro batch sizes that divide it on 3 rank\(s\): \[1, 2, 4, 8\]"):
+        TrainLoader(train_set, rank=0, world_size=3, micro_batch_size=5, global_batch_size=24)
+    with pytest.raises(LoaderError, match="fewer than one global batch"):
+        TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=4, global_batch_size=128)
+
+
+def test_too_few_shards_warns_and_still_splits_fairly(eval_set, caplog):
+    with caplog.at_level(logging.WARNING):
+        loaders = [TrainLoader(eval_set, rank=r, world_size=4, micro_batch_size=1, global_batch_size=4, num_workers=2)
+                   for r in range(4)]
+    assert "7 shards for 4 ranks x 2 workers = 8 readers" in caplog.text
+    counts = [sum(1 for _ in loader) for loader in loaders]
+    assert counts == [6] * 4
+
+
+def test_batches_match_what_transformers_would_feed(train_set, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.Wav2Vec2CTCTokenizer(str(Path(train_set) / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
+                                            word_delimiter_token="|")
+    fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    loader = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=4, global_batch_size=8, num_workers=0)
+    batch = next(iter(loader))
+    texts = batch["texts"]
+    ref = tok(texts, padding=True, return_tensors="pt")
+    labels = ref.input_ids.masked_fill(ref.attention_mask == 0, -100)
+    assert torch.equal(batch["labels"], labels)
+    assert LabelEncoder(json.loads((Path(train_set) / "vocab.json").read_text()))("ab x") == tok("ab x").input_ids
+    # audio: per-utterance normalisation as the feature extractor does it
+    key = batch["keys"][0]
+    shard_files = {k: f for s in Path(train_set).glob("shard-*.tar") for k, f in fmt.iter_shard(s)}
+    audio, _ = sf.read(__import__("io").BytesIO(shard_files[key]["flac"]), dtype="float32")
+    expected = fe(audio, sampling_rate=16000, return_tensors="np").input_values[0]
+    n = int(batch["attention_mask"][0].sum())
+    assert n == len(audio)
+    np.testing.assert_allclose(batch["input_values"][0, :n].numpy(), expected, atol=1e-4)
+    assert float(batch["input_values"][0, n:].abs().sum()) == 0.0
+
+
+def test_bucketing_cuts_padding(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mix"
+    (d / "audio").mkdir(parents=True)
+    lines = []
+    for i in range(256):  # log-normal durations between 1.5 and 15 s, as real corpora have
+        seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.5, 15.0))
+        sf.write(d / "audio" / f"u{i}.flac", (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000)
+        lines.append(json.dumps({"audio_filepath": f"audio/u{i}.flac", "text": "hej med dig"}))
+    (d / "m.jsonl").write_text("\n".join(lines) + "\n")
+    build(BuildOptions(inputs=[str(d / "m.jsonl")], output=str(tmp_path / "s"), shard_size=64, progress=False))
+
+    def padding(bucket_batches):
+        loader = TrainLoader(str(tmp_path / "s"), rank=0, world_size=1, micro_batch_size=8, global_batch_size=32,
+                             num_workers=0, bucket_batches=bucket_batches)
+        masks = [b["attention_mask"] for b in loader]
+        return 1 - sum(float(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    unbucketed, bucketed = padding(1), padding(32)
+    assert unbucketed > 0.3 and bucketed < 0.05, (unbucketed, bucketed)
+
+
+def test_damaged_shards_by_policy(train_set, tmp_path):
+    d = tmp_path / "s"
+    shutil.copytree(train_set, d)
+    shard = d / "shard-000003.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated: the rest of the shard is lost
+    stop = TrainLoader(str(d), rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0)
+    with pytest.raises(fmt.ShardError, match="shard-000003.tar"):
+        list(stop)
+    skip = TrainLoader(str(d), rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0,
+                       on_corrupt="skip")
+    batches = list(skip)
+    assert len(batches) == skip.micro_batches_per_epoch  # the count holds: other shards stand in

@@ -9,6 +9,7 @@ files, no FFmpeg.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -123,36 +124,39 @@ def _check_complete(f: sf.SoundFile, got: int, frames: int) -> None:
         raise AudioError("truncated_audio", f"{got} of the {frames} frames the header announces")
 
 
-def decode(source, offset: float = 0.0, duration: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode audio (bytes or a path) to float32 mono; ``offset``/``duration`` in
-    seconds cut a segment."""
+@contextlib.contextmanager
+def _reading(source):
+    """An open SoundFile; libsndfile's errors while reading become ``corrupt_audio``."""
     f = _open(source)
     try:
-        sr = f.samplerate
-        start, frames = _segment(f, offset, duration)
-        if start:
-            f.seek(start)
-        audio = f.read(frames, dtype="float32", always_2d=True)
-    except AudioError:
-        raise
+        yield f
     except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
         raise AudioError("corrupt_audio", str(e).strip() or type(e).__name__) from None
     finally:
         f.close()
-    if audio.shape[0] == 0:
-        raise AudioError("empty_audio", "no samples")
-    _check_complete(f, audio.shape[0], frames)
+
+
+def decode(source, offset: float = 0.0, duration: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode audio (bytes or a path) to float32 mono; ``offset``/``duration`` in
+    seconds cut a segment."""
+    with _reading(source) as f:
+        start, frames = _segment(f, offset, duration)
+        if start:
+            f.seek(start)
+        audio = f.read(frames, dtype="float32", always_2d=True)
+        if audio.shape[0] == 0:
+            raise AudioError("empty_audio", "no samples")
+        _check_complete(f, audio.shape[0], frames)
     mono = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
     if not np.isfinite(mono).all():
         raise AudioError("corrupt_audio", "samples are NaN or infinite")
-    return np.ascontiguousarray(mono, dtype=np.float32), sr
+    return np.ascontiguousarray(mono, dtype=np.float32), f.samplerate
 
 
 def probe(source, offset: float = 0.0, duration: float | None = None) -> tuple[int, int]:
     """(frames, sample rate) of the audio or segment, checking it as far as decoding would: a
     compressed file is decoded in blocks (and dropped), a PCM file needs only its header."""
-    f = _open(source)
-    try:
+    with _reading(source) as f:
         start, frames = _segment(f, offset, duration)
         if frames <= 0:
             raise AudioError("empty_audio", "no samples")
@@ -167,12 +171,6 @@ def probe(source, offset: float = 0.0, duration: float | None = None) -> tuple[i
             got += block.shape[0]
         _check_complete(f, got, frames)
         return got, f.samplerate
-    except AudioError:
-        raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
-        raise AudioError("corrupt_audio", str(e).strip() or type(e).__name__) from None
-    finally:
-        f.close()
 
 
 def to_16k(audio: np.ndarray, sr: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The `asr-dist` command: one entry point, subcommands per task.
 
   asr-dist shards build|verify|info|merge    shard sets (asr_dist.data)
+  asr-dist train                             fine-tune with DeepSpeed (asr_dist.engine)
   asr-dist demo                              synthesised Danish corpus, end to end
 """
 
@@ -131,6 +132,41 @@ def cmd_shards_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    import json
+
+    from .config import load_config, to_yaml
+    from .distributed import configure_accelerator, get_env
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return EXIT_OK
+    configure_accelerator()
+    if args.dry_run:
+        from .data.loader import ShardSet, TrainLoader
+        from .engine import deepspeed_config
+
+        world = args.world_size or get_env().world_size
+        shards = ShardSet.open(cfg.data.train_shards)
+        loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=cfg.data.micro_batch_size,
+                             global_batch_size=cfg.data.global_batch_size, num_workers=0)
+        total = cfg.train.max_steps or cfg.train.num_epochs * loader.steps_per_epoch
+        print(json.dumps(deepspeed_config(cfg, world, total), indent=1))
+        print(f"world size {world}: {shards.num_samples} utterances, {shards.audio_seconds / 3600:.2f} h of audio; "
+              f"{loader.steps_per_epoch} steps per epoch (global batch {cfg.data.global_batch_size} = micro "
+              f"{cfg.data.micro_batch_size} x accumulation {loader.accumulation} x {world} ranks); {total} steps in all")
+        return EXIT_OK
+    from .engine import TrainingError, train
+
+    try:
+        train(cfg)
+    except TrainingError as e:
+        print(f"asr-dist: training stopped: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -171,6 +207,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=cmd_shards_info)
 
+    p = sub.add_parser("train", help="fine-tune Wav2Vec2ForCTC with DeepSpeed (one process here; see launch/train.py)",
+                       description="Train from an experiment YAML. Overrides are dotted keys: train.max_steps=100 "
+                                   "optim.lr=3e-4. Under deepspeed, torchrun or srun, every rank runs this.")
+    p.add_argument("--config", "-c", required=True, metavar="YAML", help="experiment config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the DeepSpeed JSON, steps and hours; touch no GPU and build no model")
+    p.add_argument("--world-size", type=int, help="with --dry-run: the number of ranks to plan for")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="synthesise a small Danish corpus and run the pipeline on it, no download")
     p.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="where everything goes (default: ./demo-output)")
     p.add_argument("--num-utterances", type=int, default=400, help="synthetic utterances (default: 400)")
@@ -184,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose)
+    from .data.loader import LoaderError
     from .data.sources import InputError
 
     try:
         return args.func(args)
-    except (UserError, InputError, FileNotFoundError, ValueError) as e:
+    except (UserError, InputError, LoaderError, FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
         print(f"asr-dist: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -13,3 +13,55 @@ def setup_logging(rank: int = 0, world_size: int = 1, verbose: bool = False) -> 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class MetricWriter:
+    """Rank 0's TensorBoard events ({out}/tensorboard/) and JSON lines ({out}/metrics.jsonl); a no-op
+    on other ranks."""
+
+    def __init__(self, out_dir, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        self.jsonl = None
+        if enabled:
+            import json  # noqa: F401
+            from pathlib import Path
+
+            from torch.utils.tensorboard import SummaryWriter
+
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        import json
+        import time
+
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        self.jsonl.flush()
+        self.tb.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and text:
+            self.tb.add_text(tag, text, step)
+
+    def hparams(self, config: dict, ds_config: dict) -> None:
+        if not self.enabled:
+            return
+        import json
+
+        self.tb.add_text("config/experiment", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+        self.tb.add_text("config/deepspeed", "```\n" + json.dumps(ds_config, indent=1) + "\n```", 0)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None

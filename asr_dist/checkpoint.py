@@ -1,0 +1,57 @@
+"""Checkpoint directories: which are complete, which is latest, which to prune.
+
+  {output_dir}/checkpoints/step-00000500/   DeepSpeed's files for that step (every rank writes its part)
+                           step-00000500/COMPLETE   written by rank 0 after all ranks finished saving
+A directory without COMPLETE (a save cut off by a kill or a full disk) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step-(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if _TAG.match(p.name) and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    done = complete_checkpoints(ckpt_dir)
+    partial = [p for p in ckpt_dir.iterdir() if _TAG.match(p.name) and p not in done] if ckpt_dir.is_dir() else []
+    for p in partial:
+        log.warning("ignoring incomplete checkpoint %s (the save was cut off)", p)
+    return done[-1] if done else None
+
+
+def mark_complete(path: Path, info: dict) -> None:
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    tmp.replace(path / MARKER)
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints, and incomplete ones older than them."""
+    done = complete_checkpoints(ckpt_dir)
+    for p in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    if done:
+        newest = int(_TAG.match(done[-1].name).group(1))
+        for p in ckpt_dir.iterdir():
+            m = _TAG.match(p.name)
+            if m and not (p / MARKER).exists() and int(m.group(1)) < newest:
+                shutil.rmtree(p, ignore_errors=True)

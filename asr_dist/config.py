@@ -1,0 +1,250 @@
+"""The experiment config: typed dataclasses, YAML, dotted overrides; one truth for everything.
+
+  defaults (these dataclasses) < experiment YAML < `key.sub=value` overrides on the command line
+  ──OmegaConf structured merge (unknown keys are errors, with the closest valid key)──> Config
+  ──validate (cross-field checks, messages that say what to change)──> Config
+  ──asr_dist.engine.deepspeed_config(cfg, world_size)──> the DeepSpeed JSON
+
+Every field is documented where it is declared; `docs/config.md` is generated from these
+docstrings and comments (``python -m asr_dist.config --markdown``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the key and what to change."""
+
+
+@dataclass
+class DataArgs:
+    train_shards: list = field(default_factory=list)  # one or more shard-set directories (asr-dist shards build)
+    eval_shards: dict = field(default_factory=dict)  # named evaluation sets: {name: shard-set directory}
+    global_batch_size: int = 32  # utterances per optimizer step, over all ranks and accumulation
+    micro_batch_size: int = 16  # utterances per forward pass on one rank
+    eval_micro_batch_size: int = 16  # utterances per evaluation forward pass
+    num_workers: int = 2  # DataLoader worker processes per rank
+    bucket_batches: int = 32  # length bucketing buffer, in micro-batches (1 = no bucketing)
+    on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
+
+
+@dataclass
+class ModelArgs:
+    pretrained: Optional[str] = None  # local directory of a pretrained wav2vec2 / XLS-R checkpoint (no downloads)
+    preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m
+    freeze_feature_encoder: bool = True  # the convolutional front end is not trained
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
+    layerdrop: float = 0.0  # probability of skipping a transformer layer per step (see README on ZeRO)
+    mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
+    mask_time_length: int = 10  # SpecAugment: frames per time mask
+    mask_feature_prob: float = 0.0  # SpecAugment: share of feature channels masked
+    mask_feature_length: int = 64  # SpecAugment: channels per feature mask
+    hidden_dropout: float = 0.0  # dropout in the transformer's hidden states
+    attention_dropout: float = 0.0  # dropout on attention probabilities
+    activation_dropout: float = 0.0  # dropout inside the feed-forward blocks
+    feat_proj_dropout: float = 0.0  # dropout after the feature projection
+    final_dropout: float = 0.0  # dropout before the CTC head
+
+
+@dataclass
+class OptimArgs:
+    name: str = "adamw"  # adam or adamw (decoupled weight decay)
+    lr: float = 1e-4  # peak learning rate, reached after warmup
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # weight decay
+    warmup_steps: int = 2000  # linear warmup from 0, then linear decay to 0 at the last step
+    grad_clip: float = 1.0  # gradient norm clipping (0 disables it)
+    torch_adam: bool = False  # torch's Adam instead of DeepSpeed's fused one (which compiles at first use)
+
+
+@dataclass
+class DistributedArgs:
+    precision: str = "fp16"  # fp16 (dynamic loss scaling), bf16, or fp32
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    overlap_comm: bool = True  # overlap gradient reduction with backward
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
+    reduce_bucket_size: int = 200_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 200_000_000  # elements per parameter all-gather bucket
+    initial_scale_power: int = 16  # fp16: start the loss scale at 2**this
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the scale grows
+    hysteresis: int = 2  # fp16: overflows tolerated before the scale shrinks
+    min_loss_scale: float = 1.0  # fp16: the scale never goes below this
+    max_skipped_steps: int = 50  # fp16: consecutive overflow-skipped steps that stop the run with a diagnosis
+    timeout_minutes: int = 30  # collective timeout: a lost rank stops the others within this
+    deepspeed_config: Optional[str] = None  # your own DeepSpeed JSON, merged in; contradictions are errors
+
+
+@dataclass
+class TrainArgs:
+    max_steps: Optional[int] = None  # optimizer steps to train (or give num_epochs)
+    num_epochs: Optional[int] = None  # epochs to train, counted in optimizer steps per epoch
+    log_every: int = 10  # steps between console/TensorBoard/JSONL training logs
+    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    resume: str = "auto"  # auto: from the latest checkpoint in output_dir; never; or a checkpoint path
+
+
+@dataclass
+class EvalArgs:
+    every_steps: int = 500  # steps between evaluations on every data.eval_shards set (0: only at the end)
+    num_examples: int = 5  # (reference, hypothesis) pairs shown in TensorBoard per evaluation
+
+
+@dataclass
+class Config:
+    output_dir: str = MISSING  # everything the run writes: tensorboard/, metrics.jsonl, checkpoints/, model/
+    seed: int = 0  # seeds model init, data order and SpecAugment
+    data: DataArgs = field(default_factory=DataArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+
+PRESETS = ("tiny", "base", "xlsr-300m")
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += _all_keys(type(default), name + ".")
+    return keys
+
+
+def _unknown_key_error(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or str(e)
+    close = difflib.get_close_matches(str(key), _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults < YAML at ``path`` < ``key=value`` overrides; validated."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path:
+        if not Path(path).exists():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not key=value (e.g. train.max_steps=100)")
+    try:
+        cfg = OmegaConf.merge(*layers)
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        except (ConfigAttributeError, ConfigKeyError) as e:
+            raise _unknown_key_error(e, "command line") from None
+        obj: Config = OmegaConf.to_object(cfg)
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        raise _unknown_key_error(e, path or "config") from None
+    except OmegaConfBaseException as e:
+        msg = str(e).split("\n")[0]
+        raise ConfigError(f"{path or 'config'}: {msg} (key {getattr(e, 'full_key', '?')})") from None
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, once, at load time."""
+    if not cfg.output_dir or cfg.output_dir == MISSING:
+        raise ConfigError("output_dir is required: where the run writes logs, checkpoints and the model")
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards is required: one or more shard directories from `asr-dist shards build`")
+    if isinstance(cfg.data.train_shards, str):
+        cfg.data.train_shards = [cfg.data.train_shards]
+    if (cfg.model.pretrained is None) == (cfg.model.preset is None):
+        raise ConfigError("give exactly one of model.pretrained (a local checkpoint directory) or model.preset "
+                          f"({', '.join(PRESETS)})")
+    if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(PRESETS)}")
+    if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained}: no config.json there; point it at a local "
+                          f"checkpoint directory (save_pretrained layout); nothing is downloaded")
+    if (cfg.train.max_steps is None) == (cfg.train.num_epochs is None):
+        raise ConfigError("give exactly one of train.max_steps or train.num_epochs")
+    for name, value in (("train.max_steps", cfg.train.max_steps), ("train.num_epochs", cfg.train.num_epochs)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    choices = {
+        "distributed.precision": (cfg.distributed.precision, ("fp16", "bf16", "fp32")),
+        "optim.name": (cfg.optim.name, ("adam", "adamw")),
+        "data.on_corrupt": (cfg.data.on_corrupt, ("stop", "skip")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
+    if cfg.distributed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage={cfg.distributed.zero_stage}; choose 0, 1, 2 or 3")
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).exists():
+        raise ConfigError(f"train.resume={cfg.train.resume}: no such checkpoint; use auto, never or a checkpoint path")
+    if not 0.0 <= cfg.model.layerdrop < 1.0:
+        raise ConfigError("model.layerdrop must be in [0, 1)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
+    if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
+        raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def reference_markdown() -> str:
+    """The configuration reference: every key, its default and what it does, from the source."""
+    import inspect
+    import re
+
+    lines = ["# Configuration reference", "",
+             "Generated from `asr_dist/config.py` by `python -m asr_dist.config --markdown`; a test fails when it is stale.",
+             "Set keys in the experiment YAML or on the command line as `section.key=value`.", ""]
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            src = inspect.getsource(type(default))
+            lines += [f"## `{f.name}`", "", "| key | default | meaning |", "|---|---|---|"]
+            for sub in dataclasses.fields(default):
+                m = re.search(rf"^\s+{sub.name}:.*?#\s*(.*)$", src, re.M)
+                value = getattr(default, sub.name)
+                lines.append(f"| `{f.name}.{sub.name}` | `{json.dumps(value)}` | {m.group(1) if m else ''} |")
+            lines.append("")
+    src = inspect.getsource(Config)
+    top = ["## top level", "", "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        if f.default_factory is dataclasses.MISSING:
+            m = re.search(rf"^\s+{f.name}:.*?#\s*(.*)$", src, re.M)
+            d = "required" if f.default is MISSING else json.dumps(f.default)
+            top.append(f"| `{f.name}` | {d} | {m.group(1) if m else ''} |")
+    return "\n".join(lines[:5] + top + [""] + lines[5:])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--markdown"]:
+        print(reference_markdown())
+    else:
+        print(to_yaml(load_config(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:])))

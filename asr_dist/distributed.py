@@ -1,0 +1,80 @@
+"""Where this process sits in the job: the only module that reads the launcher's environment.
+
+  deepspeed / torchrun : RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (deepspeed also --local_rank)
+  srun (one task a GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; master = first host of the
+                         job's node list (scontrol show hostnames), port derived from the job id
+  plain python         : rank 0 of 1, on a free local port
+
+Everything else receives ``rank`` and ``world_size`` as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import subprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun (also deepspeed), slurm, single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def get_env(environ=None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                       _slurm_master(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), 20000 + job % 20000, "slurm")
+    return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
+    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.update(RANK=str(denv.rank), LOCAL_RANK=str(denv.local_rank), WORLD_SIZE=str(denv.world_size),
+                      MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
+                               rank=denv.rank, world_size=denv.world_size)
+
+
+def configure_accelerator() -> str:
+    """DeepSpeed's accelerator: CUDA when a GPU is visible, else its CPU accelerator (gloo). Must run
+    before deepspeed is imported; an explicit DS_ACCELERATOR wins."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return os.environ["DS_ACCELERATOR"]

@@ -1,0 +1,432 @@
+"""The training engine: config -> DeepSpeed -> steps, evaluation, checkpoints, export.
+
+  Config ──deepspeed_config──> DeepSpeed JSON (micro x accumulation x world = global batch)
+  TrainLoader (equal micro-batches per rank) ──> engine(input_values (B, T), attention_mask, labels (B, L))
+      .backward(loss) .step()  ── every optimizer step: preemption agreement (one tiny all-reduce)
+      every log_every:         mean loss over ranks, lr, grad norm, loss scale, throughput -> TensorBoard + JSONL
+      every eval.every_steps:  exact distributed loss / WER / CER per eval set
+      every checkpoint_every:  DeepSpeed checkpoint + client state (step, loader state and RNG of every rank)
+  end ──> final evaluation, checkpoint, Hugging Face export (model + processor + model card)
+
+Training is counted in optimizer steps. Only rank 0 writes logs and exports; every rank takes
+part in saves and in the collectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import __version__
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, to_dict
+from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
+from .distributed import DistEnv, get_env, init_process_group
+from .logging import MetricWriter, setup_logging
+from .metrics import ErrorCounts, GreedyDecoder
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # the job was asked to stop, saved, and can be requeued
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a diagnosis, not a traceback)."""
+
+
+# ───────────────────────────── the DeepSpeed config ─────────────────────────────
+
+
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
+    """The DeepSpeed JSON this config means on ``world_size`` ranks."""
+    try:
+        accumulation = check_batch_sizes(cfg.data.global_batch_size, cfg.data.micro_batch_size, world_size)
+    except LoaderError as e:
+        raise ConfigError(str(e)) from None
+    d, o = cfg.distributed, cfg.optim
+    ds = {
+        "train_batch_size": cfg.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {
+            "type": "AdamW" if o.name == "adamw" else "Adam",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": o.torch_adam, "adam_w_mode": o.name == "adamw"},
+        },
+        # DeepSpeed warms up logarithmically unless told otherwise
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
+                       "warmup_num_steps": min(o.warmup_steps, total_steps), "warmup_type": "linear"},
+        },
+        "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0, "initial_scale_power": d.initial_scale_power,
+                 "loss_scale_window": d.loss_scale_window, "hysteresis": d.hysteresis,
+                 "min_loss_scale": d.min_loss_scale},
+        "bf16": {"enabled": d.precision == "bf16"},
+        "zero_optimization": {"stage": d.zero_stage, "overlap_comm": d.overlap_comm,
+                              "contiguous_gradients": d.contiguous_gradients,
+                              "reduce_bucket_size": d.reduce_bucket_size,
+                              "allgather_bucket_size": d.allgather_bucket_size},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if d.zero_stage == 3:
+        del ds["zero_optimization"]["allgather_bucket_size"]
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if d.deepspeed_config:
+        merge_user_config(ds, d.deepspeed_config)
+    return ds
+
+
+def merge_user_config(ds: dict, path: str) -> None:
+    """Add a user's DeepSpeed JSON to the generated one; any value that contradicts it is an error."""
+    try:
+        user = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"distributed.deepspeed_config={path}: {e}") from None
+    clashes = []
+
+    def walk(gen: dict, usr: dict, prefix: str) -> None:
+        for k, v in usr.items():
+            if k not in gen:
+                gen[k] = v
+            elif isinstance(gen[k], dict) and isinstance(v, dict):
+                walk(gen[k], v, f"{prefix}{k}.")
+            elif v != "auto" and v != gen[k]:
+                clashes.append(f"{prefix}{k} is {v!r} there but {gen[k]!r} from the experiment config")
+
+    walk(ds, user, "")
+    if clashes:
+        raise ConfigError(f"{path} contradicts the experiment config: " + "; ".join(clashes)
+                          + ". Set these in the YAML (data.*, optim.*, distributed.*) and drop them from the JSON")
+
+
+# ───────────────────────────── state that travels with a checkpoint ─────────────────────────────
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np_state[1].tolist(), "numpy_pos": int(np_state[2]),
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ───────────────────────────── the run ─────────────────────────────
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at every step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        log.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)
+        self.requested = True
+
+    def agreed(self, device, world_size: int) -> bool:
+        if world_size == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, denv: DistEnv):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg, self.denv = cfg, denv
+        self.out = Path(cfg.output_dir)
+        self.rank, self.world = denv.rank, denv.world_size
+        # everything that can fail on the config or the data fails here, before any model work
+        self.shards = ShardSet.open(cfg.data.train_shards)
+        self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
+                                  micro_batch_size=cfg.data.micro_batch_size,
+                                  global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
+                                  seed=cfg.seed, bucket_batches=cfg.data.bucket_batches, on_corrupt=cfg.data.on_corrupt,
+                                  pin_memory=torch.cuda.is_available())
+        self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
+        self.ds_config = deepspeed_config(cfg, self.world, self.total_steps)
+        eval_sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
+        for name, s in eval_sets.items():
+            if s.vocab != self.shards.vocab:
+                raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
+
+        init_process_group(denv, cfg.distributed.timeout_minutes)
+        acc = get_accelerator()
+        self.device = torch.device(acc.device_name(denv.local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        seed_everything(cfg.seed)
+        from .model import build_model
+
+        model = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
+        self._check_layerdrop()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
+        self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
+                                       micro_batch_size=cfg.data.eval_micro_batch_size,
+                                       num_workers=cfg.data.num_workers) for name, s in eval_sets.items()}
+        self.decoder = GreedyDecoder(self.shards.vocab)
+        self.writer = MetricWriter(self.out, enabled=denv.is_main)
+        self.history: list[dict] = []  # one row per evaluation: the model card's results table
+        self.best: dict = {}
+        self.last_train_loss: float | None = None
+        self.ckpt_dir = self.out / "checkpoints"
+        self.preemption = Preemption()
+
+    def _check_layerdrop(self) -> None:
+        if self.cfg.model.layerdrop > 0 and self.world > 1:
+            # ranks that skip different layers leave some parameters without gradients on some ranks;
+            # tests/test_engine.py::test_layerdrop_gradients_reduce checks DeepSpeed averages them right
+            log.info("LayerDrop %.3f with %d ranks under ZeRO %d", self.cfg.model.layerdrop, self.world,
+                     self.cfg.distributed.zero_stage)
+
+    # ── resume, save ──
+
+    def resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return
+        path = Path(mode) if mode != "auto" else ckpt.latest(self.ckpt_dir)
+        if path is None:
+            return
+        if not (path / ckpt.MARKER).exists():
+            raise TrainingError(f"{path} is not a complete checkpoint (no {ckpt.MARKER}); give another train.resume")
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if client is None:
+            raise TrainingError(f"DeepSpeed could not load {path}")
+        same_world = client["world_size"] == self.world
+        self.loader.load_state_dict(client["loader"][self.rank if same_world else 0])
+        if same_world:
+            set_rng_state(client["rng"][self.rank])
+        self.history = client.get("history", [])
+        self.best = client.get("best", {})
+        log.info("resumed from %s at step %d (epoch %d)", path, self.engine.global_steps, self.loader.epoch)
+
+    def save(self, step: int) -> Path:
+        tag = ckpt.tag_for(step)
+        client = {
+            "step": step, "epoch": self.loader.epoch, "world_size": self.world,
+            "loader": _gather(self.loader.state_dict(), self.world),
+            "rng": _gather(rng_state(), self.world),
+            "config": to_dict(self.cfg), "history": self.history, "best": self.best, "asr_dist_version": __version__,
+        }
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        self._barrier()
+        path = self.ckpt_dir / tag
+        if self.denv.is_main:
+            ckpt.mark_complete(path, {"step": step, "world_size": self.world})
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        self._barrier()
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # ── evaluation ──
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        results = {}
+        model = self.engine.module
+        self.engine.eval()
+        for name, loader in self.evals.items():
+            loss_sum, counts, examples = 0.0, ErrorCounts(), []
+            for batch in loader:
+                inputs = batch["input_values"].to(self.device, self.input_dtype)
+                mask = batch["attention_mask"].to(self.device)
+                logits = self.engine(input_values=inputs, attention_mask=mask).logits.float()
+                frames = model._get_feat_extract_output_lengths(mask.sum(-1)).to(torch.long)
+                valid = batch["valid"].to(self.device)
+                labels = batch["labels"].to(self.device)
+                target_lengths = (labels >= 0).sum(-1)
+                log_probs = F.log_softmax(logits, dim=-1).transpose(0, 1)
+                per_utt = F.ctc_loss(log_probs, labels.clamp(min=0), frames, target_lengths,
+                                     blank=model.config.pad_token_id, reduction="none", zero_infinity=True)
+                loss_sum += float((per_utt / target_lengths.clamp(min=1))[valid].sum())
+                hyps = self.decoder(logits, frames)
+                keep = batch["valid"].tolist()
+                refs = [t for t, k in zip(batch["texts"], keep) if k]
+                hyps = [h for h, k in zip(hyps, keep) if k]
+                counts.add(refs, hyps)
+                examples += list(zip(refs, hyps))[: max(0, self.cfg.eval.num_examples - len(examples))]
+            total = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), counts.as_tensor()]).to(self.device)
+            if self.world > 1:
+                dist.all_reduce(total)
+            counts = ErrorCounts.from_tensor(total[1:].cpu())
+            res = {"loss": float(total[0]) / max(1, counts.utterances), "wer": counts.wer, "cer": counts.cer,
+                   "utterances": counts.utterances, "words": counts.ref_words}
+            results[name] = res
+            self.writer.scalars(step, {f"eval/{name}/{k}": v for k, v in res.items() if k in ("loss", "wer", "cer")})
+            self.writer.text(f"eval/{name}/examples", "\n\n".join(f"REF: {r}  \nHYP: {h}" for r, h in examples), step)
+            log.info("step %d eval %s: loss %.4f WER %.4f CER %.4f (%d utterances)", step, name, res["loss"],
+                     res["wer"], res["cer"], res["utterances"])
+        self.engine.train()
+        return results
+
+    # ── the loop ──
+
+    def run(self) -> dict:
+        self.resume()
+        engine, cfg = self.engine, self.cfg
+        step = engine.global_steps
+        if step >= self.total_steps:
+            log.info("already trained %d of %d steps", step, self.total_steps)
+        if self.denv.is_main:
+            self.writer.hparams(to_dict(cfg), self.ds_config)
+            log.info("training %d steps (%d per epoch, accumulation %d, %d ranks) into %s", self.total_steps,
+                     self.loader.steps_per_epoch, self.loader.accumulation, self.world, self.out)
+        engine.train()
+        window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "micro": 0, "audio": 0.0,
+                  "wait": 0.0, "t0": time.time(), "steps": 0}
+        skipped_run, last_skipped = 0, engine.skipped_steps
+        start_time, start_step = time.time(), step
+        while step < self.total_steps:
+            batches = iter(self.loader)
+            while step < self.total_steps:
+                t = time.time()
+                batch = next(batches, None)
+                window["wait"] += time.time() - t
+                if batch is None:
+                    break  # the epoch ended
+                inputs = batch["input_values"].to(self.device, self.input_dtype, non_blocking=True)
+                out = engine(input_values=inputs, attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
+                             labels=batch["labels"].to(self.device, non_blocking=True))
+                engine.backward(out.loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
+                window["loss"] += out.loss.detach().to(torch.float64)
+                window["micro"] += 1
+                window["audio"] += float(batch["durations"].sum())
+                if not boundary:
+                    continue
+                step = engine.global_steps
+                window["steps"] += 1
+                if engine.skipped_steps > last_skipped:
+                    skipped_run += engine.skipped_steps - last_skipped
+                else:
+                    skipped_run = 0
+                last_skipped = engine.skipped_steps
+                if cfg.distributed.precision == "fp16" and skipped_run >= cfg.distributed.max_skipped_steps:
+                    self._overflow_storm(step, batch)
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    self._log(step, window, start_time, start_step)
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
+                    self._record(step, self.evaluate(step))
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < self.total_steps:
+                    self.save(step)
+                if self.preemption.agreed(self.device, self.world):
+                    self.save(step)
+                    log.warning("preempted at step %d: checkpoint saved; exiting with code %d", step, EXIT_PREEMPTED)
+                    raise SystemExit(EXIT_PREEMPTED)
+        results = self.evaluate(step) if self.evals else {}
+        self._record(step, results)
+        if not (ckpt.latest(self.ckpt_dir) and ckpt.latest(self.ckpt_dir).name == ckpt.tag_for(step)):
+            self.save(step)
+        from .export import export
+
+        export(self, self.out / "model")
+        self.writer.close()
+        return {"step": step, "eval": results, "history": self.history}
+
+    def _record(self, step: int, results: dict) -> None:
+        row = {"step": step, "train_loss": self.last_train_loss}
+        for name, r in results.items():
+            row.update({f"{name}_loss": r["loss"], f"{name}_wer": r["wer"], f"{name}_cer": r["cer"]})
+            if not self.best or r["wer"] < self.best.get("wer", math.inf):
+                self.best = {"step": step, "set": name, "wer": r["wer"]}
+        if results:
+            self.history.append(row)
+
+    def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
+        engine = self.engine
+        totals = torch.stack([window["loss"], torch.tensor(float(window["micro"]), dtype=torch.float64, device=self.device),
+                              torch.tensor(window["audio"], dtype=torch.float64, device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(totals)  # sums over ranks: mean loss, and the audio of all ranks
+        elapsed = time.time() - window["t0"]
+        loss = float(totals[0] / totals[1]) if float(totals[1]) else float("nan")
+        metrics = {
+            "train/loss": loss, "train/lr": engine.get_lr()[0],
+            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "train/skipped_steps": engine.skipped_steps,
+            "train/skipped_samples": self.loader.skipped_samples,
+            "perf/audio_seconds_per_second": float(totals[2]) / elapsed if elapsed > 0 else 0.0,
+            "perf/data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
+        }
+        if self.cfg.distributed.precision == "fp16":
+            metrics["train/loss_scale"] = float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 0)))
+        if self.device.type == "cuda":
+            metrics["perf/gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.writer.scalars(step, metrics)
+        rate = (step - start_step) / max(1e-9, time.time() - start_time)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        log.info("step %d/%d loss %.4f lr %.2e %.0f audio s/s ETA %s", step, self.total_steps, loss, metrics["train/lr"],
+                 metrics["perf/audio_seconds_per_second"], time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
+        self.last_train_loss = loss
+        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), micro=0, audio=0.0, wait=0.0,
+                      t0=time.time(), steps=0)
+
+    def _overflow_storm(self, step: int, batch: dict) -> None:
+        self.save(step)
+        raise TrainingError(
+            f"fp16 overflow storm: {self.cfg.distributed.max_skipped_steps} optimizer steps in a row were skipped "
+            f"(loss scale {getattr(self.engine.optimizer, 'cur_scale', '?')}); last batch keys "
+            f"{batch['keys'][:8]}. A checkpoint was saved at step {step}. Try distributed.precision=bf16, a lower "
+            f"optim.lr, or a lower distributed.initial_scale_power")
+
+
+def train(cfg: Config, denv: DistEnv | None = None) -> dict:
+    """Run (or resume) the training that ``cfg`` describes, on every rank of the job."""
+    denv = denv or get_env()
+    setup_logging(denv.rank, denv.world_size)
+    trainer = Trainer(cfg, denv)
+    try:
+        return trainer.run()
+    finally:
+        trainer.writer.close()

@@ -1,0 +1,121 @@
+"""Export: a Hugging Face model directory that `transformers.pipeline("automatic-speech-recognition")`
+loads unchanged: the model (fp32 safetensors, consolidated under ZeRO-3), a Wav2Vec2Processor
+(feature extractor + CTC tokenizer over the shard set's vocab.json), a model card, and
+asr_dist.json with the text normaliser that made the training transcripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import __version__
+from .audio import SAMPLE_RATE
+from .data import index as fmt
+from .text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER
+
+log = logging.getLogger(__name__)
+
+
+def make_processor(vocab_path: Path) -> transformers.Wav2Vec2Processor:
+    tokenizer = transformers.Wav2Vec2CTCTokenizer(str(vocab_path), unk_token=UNK_TOKEN, pad_token=PAD_TOKEN,
+                                                  word_delimiter_token=WORD_DELIMITER)
+    feature_extractor = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE,
+                                                              padding_value=0.0, do_normalize=True,
+                                                              return_attention_mask=True)
+    return transformers.Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+
+
+def export(trainer, out: Path) -> None:
+    """Every rank calls this (ZeRO-3 gathers the weights collectively); rank 0 writes ``out``."""
+    engine = trainer.engine
+    if trainer.cfg.distributed.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if not trainer.denv.is_main:
+        return
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out.parent))
+    model = engine.module
+    model.config.dtype = "float32"
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME).save_pretrained(str(tmp))
+    (tmp / "asr_dist.json").write_text(json.dumps({
+        "asr_dist_version": __version__, "text_normalizer": trainer.shards.text_normalizer,
+        "train_shards": trainer.cfg.data.train_shards, "steps": engine.global_steps,
+    }, indent=1) + "\n")
+    (tmp / "README.md").write_text(model_card(trainer))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the export appears whole or not at all
+    log.info("exported the model to %s", out)
+
+
+def model_card(trainer) -> str:
+    cfg = trainer.cfg
+    hp = [
+        ("learning_rate", cfg.optim.lr), ("train_batch_size (per device)", cfg.data.micro_batch_size),
+        ("gradient_accumulation_steps", trainer.loader.accumulation), ("num_devices", trainer.world),
+        ("total_train_batch_size", cfg.data.global_batch_size), ("seed", cfg.seed),
+        ("optimizer", f"{cfg.optim.name} with betas={tuple(cfg.optim.betas)} and epsilon={cfg.optim.eps}"),
+        ("lr_scheduler_type", "linear"), ("lr_scheduler_warmup_steps", cfg.optim.warmup_steps),
+        ("training_steps", trainer.total_steps), ("mixed_precision_training", cfg.distributed.precision),
+        ("zero_stage", cfg.distributed.zero_stage),
+    ]
+    rows = ["| Step | Training Loss | " + " | ".join(f"{n} Loss | {n} WER | {n} CER" for n in trainer.evals) + " |",
+            "|---|---|" + "---|---|---|" * len(trainer.evals)]
+    for r in trainer.history:
+        cells = [str(r["step"]), "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"]
+        for n in trainer.evals:
+            cells += [f"{r.get(f'{n}_loss', float('nan')):.4f}", f"{r.get(f'{n}_wer', float('nan')):.4f}",
+                      f"{r.get(f'{n}_cer', float('nan')):.4f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    final = trainer.history[-1] if trainer.history else {}
+    summary = ", ".join(f"{k.replace('_', ' ')}: {v:.4f}" for k, v in final.items() if k != "step" and v is not None)
+    import deepspeed
+
+    return f"""---
+language: da
+tags: [automatic-speech-recognition, wav2vec2, asr-dist]
+library_name: transformers
+pipeline_tag: automatic-speech-recognition
+---
+
+# {Path(cfg.output_dir).name}
+
+This model was fine-tuned with asr-dist from
+{cfg.model.pretrained or f'a randomly initialised `{cfg.model.preset}` wav2vec2'} on the shard set(s)
+{', '.join(f'`{d}`' for d in cfg.data.train_shards)} ({trainer.shards.audio_seconds / 3600:.2f} hours).
+
+It achieves the following results on the evaluation set(s): {summary or 'no evaluation set was given'}.
+
+Transcripts were normalised with the `{trainer.shards.text_normalizer['name']}` normaliser
+({json.dumps(trainer.shards.text_normalizer['settings'])}); normalise references the same way when you
+compare (`asr_dist.json` records it).
+
+## Training hyperparameters
+
+| hyperparameter | value |
+|---|---|
+""" + "\n".join(f"| {k} | {v} |" for k, v in hp) + """
+
+## Training results
+
+""" + "\n".join(rows) + f"""
+
+## Framework versions
+
+- asr-dist {__version__}
+- Transformers {transformers.__version__}
+- PyTorch {torch.__version__}
+- DeepSpeed {deepspeed.__version__}
+- Python {platform.python_version()}
+"""

@@ -1,0 +1,59 @@
+"""The model: a transformers Wav2Vec2ForCTC, from a local checkpoint or a size preset.
+
+It knows nothing of ranks or DeepSpeed (the engine wraps it). The CTC head is sized from the shard
+set's vocab.json; [PAD] is the CTC blank. Hugging Face computes the CTC loss in fp32
+(log_softmax(dtype=float32)) with mean reduction; ctc_zero_infinity drops impossible alignments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers
+
+from .config import ModelArgs
+from .text import PAD_TOKEN
+
+log = logging.getLogger(__name__)
+
+# from-scratch sizes; "tiny" keeps a small conv front end because it dominates CPU time
+PRESETS = {
+    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
+                 conv_dim=(48,) * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
+                 feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 conv_dim=(512,) * 7, feat_extract_norm="group", do_stable_layer_norm=False),
+    "xlsr-300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
+}
+
+
+def model_overrides(args: ModelArgs, vocab: dict[str, int]) -> dict:
+    return dict(
+        vocab_size=len(vocab), pad_token_id=vocab[PAD_TOKEN], ctc_loss_reduction="mean", ctc_zero_infinity=True,
+        layerdrop=args.layerdrop, mask_time_prob=args.mask_time_prob, mask_time_length=args.mask_time_length,
+        mask_feature_prob=args.mask_feature_prob, mask_feature_length=args.mask_feature_length,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        activation_dropout=args.activation_dropout, feat_proj_dropout=args.feat_proj_dropout,
+        final_dropout=args.final_dropout,
+    )
+
+
+def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transformers.Wav2Vec2ForCTC:
+    """A Wav2Vec2ForCTC with its feature encoder frozen (when asked), ready for DeepSpeed."""
+    torch.manual_seed(seed)
+    overrides = model_overrides(args, vocab)
+    if args.pretrained:
+        model = transformers.Wav2Vec2ForCTC.from_pretrained(args.pretrained, local_files_only=True,
+                                                            ignore_mismatched_sizes=True, **overrides)
+    else:
+        model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS[args.preset], **overrides))
+    if args.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("Wav2Vec2ForCTC %s: %.1f M parameters, %.1f M trainable", args.pretrained or args.preset,
+             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
+    return model

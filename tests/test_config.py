@@ -1,0 +1,125 @@
+"""Config loading, validation and the DeepSpeed JSON it generates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asr_dist.config import ConfigError, load_config, reference_markdown
+from asr_dist.engine import deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: out\ndata:\n  train_shards: [s]\nmodel:\n  preset: tiny\ntrain:\n  max_steps: 100\n")
+    return str(p)
+
+
+def test_defaults_yaml_overrides(yaml):
+    cfg = load_config(yaml, ["optim.lr=3e-4", "data.micro_batch_size=4", "data.eval_shards.dev=/x"])
+    assert cfg.optim.lr == 3e-4 and cfg.data.micro_batch_size == 4 and cfg.data.eval_shards == {"dev": "/x"}
+    assert cfg.data.global_batch_size == 32 and cfg.train.max_steps == 100 and cfg.distributed.precision == "fp16"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
+    (["data.micro_batch_size=abc"], "could not be converted to Integer"),
+    (["distributed.precision=fp8"], "choose one of fp16, bf16, fp32"),
+    (["model.pretrained=/nowhere"], "exactly one of model.pretrained"),
+    (["model.preset=null", "model.pretrained=/nowhere"], "no config.json there"),
+    (["train.num_epochs=3"], "exactly one of train.max_steps or train.num_epochs"),
+    (["lr"], "is not key=value"),
+])
+def test_mistakes_say_what_to_change(yaml, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(yaml, overrides)
+
+
+def test_typo_in_yaml(yaml):
+    Path(yaml).write_text(Path(yaml).read_text() + "trian:\n  log_every: 5\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trian'; did you mean 'train'"):
+        load_config(yaml)
+
+
+@pytest.mark.parametrize("world, micro, accumulation", [(1, 16, 2), (2, 16, 1), (2, 8, 2), (8, 4, 1), (8, 2, 2)])
+def test_generated_deepspeed_config(yaml, world, micro, accumulation):
+    cfg = load_config(yaml, [f"data.micro_batch_size={micro}"])
+    ds = deepspeed_config(cfg, world, 1000)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == micro
+    assert ds["gradient_accumulation_steps"] == accumulation and micro * accumulation * world == 32
+    assert ds["scheduler"]["params"] == {"total_num_steps": 1000, "warmup_min_lr": 0.0, "warmup_max_lr": 1e-4,
+                                         "warmup_num_steps": 1000, "warmup_type": "linear"}
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("world, micro, global_batch, hint", [
+    (3, 16, 32, "on 3 rank(s): none"), (2, 5, 32, "on 2 rank(s): [1, 2, 4, 8, 16]"),
+    (3, 4, 30, "on 3 rank(s): [1, 2, 5, 10]"),
+])
+def test_batch_sizes_that_do_not_divide(yaml, world, micro, global_batch, hint):
+    cfg = load_config(yaml, [f"data.micro_batch_size={micro}", f"data.global_batch_size={global_batch}"])
+    with pytest.raises(ConfigError, match="micro batch sizes that divide it") as e:
+        deepspeed_config(cfg, world, 10)
+    assert hint in str(e.value)
+
+
+def test_precision_blocks(yaml):
+    bf16 = deepspeed_config(load_config(yaml, ["distributed.precision=bf16", "distributed.zero_stage=3"]), 1, 10)
+    assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
+    assert bf16["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    fp16 = deepspeed_config(load_config(yaml, ["distributed.initial_scale_power=12", "distributed.hysteresis=4"]), 1, 10)
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 1000,
+                            "hysteresis": 4, "min_loss_scale": 1.0}
+
+
+def test_user_deepspeed_json_merges_and_contradictions_fail(yaml, tmp_path):
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"zero_optimization": {"round_robin_gradients": True}, "train_batch_size": "auto",
+                              "flops_profiler": {"enabled": False}}))
+    ds = deepspeed_config(load_config(yaml, [f"distributed.deepspeed_config={ok}"]), 2, 10)
+    assert ds["zero_optimization"]["round_robin_gradients"] and ds["train_batch_size"] == 32 and "flops_profiler" in ds
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4 there but 16") as e:
+        deepspeed_config(load_config(yaml, [f"distributed.deepspeed_config={bad}"]), 2, 10)
+    assert "bf16.enabled is True there but False" in str(e.value)
+
+
+def test_shipped_configs_load(tmp_path):
+    cfg = load_config(str(REPO / "configs" / "test.yaml"))
+    assert cfg.model.preset == "tiny" and cfg.train.max_steps == 50 and cfg.eval.every_steps == 25
+    (tmp_path / "xlsr").mkdir()
+    (tmp_path / "xlsr" / "config.json").write_text("{}")
+    seed = load_config(str(REPO / "configs" / "xlsr300m-danish.yaml"), [f"model.pretrained={tmp_path / 'xlsr'}"])
+    ds = deepspeed_config(seed, 1, 15 * 1000)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2)
+    assert ds["optimizer"]["type"] == "Adam" and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 2000 and ds["fp16"]["enabled"]
+
+
+def test_config_reference_is_current():
+    assert (REPO / "docs" / "config.md").read_text() == reference_markdown() + "\n", \
+        "docs/config.md is stale: python -m asr_dist.config --markdown > docs/config.md"
+
+
+def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
+    from asr_dist.data.writer import BuildOptions, build
+
+    build(BuildOptions(inputs=[corpus_cache("commonvoice", num=40)], output=str(tmp_path / "s"), progress=False))
+    out = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
+                          f"data.train_shards=[{tmp_path / 's'}]", "--dry-run", "--world-size", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '"gradient_accumulation_steps": 1' in out.stdout and "2 steps per epoch" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
+                          f"data.train_shards=[{tmp_path / 's'}]", "data.micro_batch_size=3", "--dry-run"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "micro batch sizes that divide it" in bad.stderr and "Traceback" not in bad.stderr

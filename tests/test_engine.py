@@ -1,0 +1,143 @@
+"""The engine for real: DeepSpeed on CPU (gloo), two processes, synthesised shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from asr_dist.data.writer import BuildOptions, build
+from asr_dist.synth import danish_sentences, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/audio_seconds_per_second",
+        "perf/data_wait_fraction", "eval/dev/loss", "eval/dev/wer", "eval/dev/cer"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    sentences = danish_sentences()
+    train = write_corpus(root / "train", "commonvoice", 96, seed=11, sentences=sentences[:-10])
+    dev = write_corpus(root / "dev", "commonvoice", 10, seed=12, sentences=sentences[-10:], prefix="dev")
+    build(BuildOptions(inputs=[train], output=str(root / "s-train"), shard_size=8, progress=False))
+    build(BuildOptions(inputs=[dev], output=str(root / "s-dev"), shard_size=8, progress=False,
+                       vocab=str(root / "s-train" / "vocab.json"), max_reject_fraction=1))
+    return root
+
+
+def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [f"output_dir={out}", f"data.train_shards=[{shards / 's-train'}]", f"data.eval_shards.dev={shards / 's-dev'}",
+            "data.global_batch_size=8", "data.micro_batch_size=2", "data.num_workers=1", "data.bucket_batches=4",
+            "train.log_every=1", "optim.warmup_steps=4", *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def launch(launcher: str, args: list[str], timeout: int = 400, **kw) -> subprocess.CompletedProcess:
+    cmd = {
+        "python": [sys.executable, str(REPO / "launch" / "train.py")],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                     str(29400 + os.getpid() % 500), str(REPO / "launch" / "train.py")],
+        "deepspeed": [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port",
+                      str(29900 + os.getpid() % 90), str(REPO / "launch" / "train.py")],
+    }[launcher]
+    return subprocess.run(cmd + ["--config", str(REPO / "configs" / "test.yaml"), *args], env=env(),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (2, "torchrun")])
+def test_two_ranks_train_log_checkpoint_export(shards, tmp_path, stage, launcher):
+    out = tmp_path / "run"
+    r = launch(launcher, overrides(shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
+                                   "eval.every_steps=6", "train.checkpoint_every=6"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 13))
+    assert sum(list(curve.values())[-3:]) < sum(list(curve.values())[:3]), curve  # the loss falls
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000006", "step-00000012"] and all((out / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
+    assert "[rank 1/2]" in r.stderr  # every rank logs with its prefix; only rank 0 writes files
+    if stage != 2:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert set(TAGS) <= set(tags), set(TAGS) - set(tags)
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 13))
+    lr = [e.value for e in ea.Scalars("train/lr")]
+    assert max(lr) == pytest.approx(1e-3, rel=1e-6) and lr[-1] < lr[4]  # linear warmup, then decay
+    wer = [e.value for e in ea.Scalars("eval/dev/wer")]
+    assert len(wer) == 2 and all(0 <= w <= 1.5 for w in wer)
+    assert all(e.value > 0 for e in ea.Scalars("perf/audio_seconds_per_second"))
+    # the export loads in a transformers pipeline, unchanged
+    import numpy as np
+    import transformers
+
+    asr = transformers.pipeline("automatic-speech-recognition", model=str(out / "model"), device="cpu")
+    text = asr({"raw": np.zeros(16000, np.float32), "sampling_rate": 16000})["text"]
+    assert isinstance(text, str)
+    card = (out / "model" / "README.md").read_text()
+    assert "| 6 |" in card and "| 12 |" in card and "dev WER" in card
+    assert json.loads((out / "model" / "asr_dist.json").read_text())["text_normalizer"]["name"] == "danish"
+
+
+def test_preempted_run_resumes_to_identical_losses(shards, tmp_path):
+    args = ["train.max_steps=16", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}"]
+    whole = tmp_path / "whole"
+    r = launch("torchrun", overrides(shards, whole, *args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"
+    cmd_args = overrides(shards, cut, *args)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(29700 + os.getpid() % 100), str(REPO / "launch" / "train.py"), "--config",
+                             str(REPO / "configs" / "test.yaml"), *cmd_args], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    ranks = psutil.Process(proc.pid).children(recursive=False)  # the ranks; their data workers are below them
+    assert len(ranks) == 2
+    ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: they must agree and stop together
+    stdout, stderr = proc.communicate(timeout=300)
+    first = losses(cut)
+    assert proc.returncode != 0 and "exiting with code 75" in stderr, stderr[-3000:]
+    assert len(first) < 16, "the run ended before the signal arrived"
+    r = launch("torchrun", overrides(shards, cut, *args))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert losses(cut) == losses(whole)  # identical at every step, fp32 on CPU
+
+
+def test_single_process_skips_an_incomplete_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["train.max_steps=6", "train.checkpoint_every=3", "eval.every_steps=0", "data.eval_shards={}",
+            "distributed.zero_stage=1"]
+    r = launch("python", overrides(shards, out, *args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # a save cut off by a kill or a full disk: files there, no COMPLETE marker
+    last = out / "checkpoints" / "step-00000006"
+    (last / "COMPLETE").unlink()
+    for f in last.glob("*.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    r = launch("python", overrides(shards, out, *args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ignoring incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
+    assert "step-00000003 at step 3" in r.stderr

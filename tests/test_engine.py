@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +48,7 @@ def launch(launcher: str, args: list[str], timeout: int = 400, **kw) -> subproce
         "python": [sys.executable, str(REPO / "launch" / "train.py")],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                      str(29400 + os.getpid() % 500), str(REPO / "launch" / "train.py")],
-        "deepspeed": [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port",
+        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
                       str(29900 + os.getpid() % 90), str(REPO / "launch" / "train.py")],
     }[launcher]
     return subprocess.run(cmd + ["--config", str(REPO / "configs" / "test.yaml"), *args], env=env(),

@@ -150,10 +150,16 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.max_steps=100)")
     try:
         cfg = OmegaConf.merge(*layers)
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
-        except (ConfigAttributeError, ConfigKeyError) as e:
-            raise _unknown_key_error(e, "command line") from None
+        for o in overrides or []:
+            key = o.split("=", 1)[0]
+            value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            try:
+                # replace, not merge: `data.eval_shards={}` empties the map rather than keeping the YAML's sets
+                OmegaConf.update(cfg, key, value, merge=False)
+            except (ConfigAttributeError, ConfigKeyError) as e:
+                raise _unknown_key_error(e, "command line") from None
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"command line: {o}: {str(e).splitlines()[0]}") from None
         obj: Config = OmegaConf.to_object(cfg)
     except (ConfigAttributeError, ConfigKeyError) as e:
         raise _unknown_key_error(e, path or "config") from None

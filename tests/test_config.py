@@ -123,3 +123,12 @@ def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
                           f"data.train_shards=[{tmp_path / 's'}]", "data.micro_batch_size=3", "--dry-run"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "micro batch sizes that divide it" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_layerdrop_is_refused_on_several_ranks(yaml):
+    from asr_dist.engine import check_layerdrop
+
+    cfg = load_config(yaml, ["model.layerdrop=0.041"])
+    check_layerdrop(cfg, 1)
+    with pytest.raises(ConfigError, match="ranks skip different layers"):
+        check_layerdrop(cfg, 2)

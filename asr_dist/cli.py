@@ -167,6 +167,38 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .decode import evaluate_model
+
+    r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
+                       micro_batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress)
+    if r["world_size"] == 1 or get_rank_zero():
+        print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
+                                            "insertions", "audio_hours", "real_time_factor")}, indent=1))
+    return EXIT_OK
+
+
+def get_rank_zero() -> bool:
+    from .distributed import get_env
+
+    return get_env().is_main
+
+
+def cmd_transcribe(args) -> int:
+    import json
+
+    from .decode import transcribe
+
+    failed = 0
+    for r in transcribe(args.model, args.audio, chunk_length_s=args.chunk_length, stride_length_s=args.stride,
+                        batch_size=args.batch_size):
+        failed += "error" in r
+        print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['audio']}\t{r.get('text', 'ERROR ' + r.get('error', ''))}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -218,6 +250,28 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="with --dry-run: the number of ranks to plan for")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="exact WER/CER of a trained model on a shard set or any corpus",
+                       description="Evaluate a model directory exported by training. SHARDS is a shard set, or a "
+                                   "corpus in any layout `shards build` reads (normalised with the model's normaliser). "
+                                   "Runs on one process, or on many under torchrun: the result is the same.")
+    p.add_argument("--model", required=True, metavar="DIR", help="{output_dir}/model or {output_dir}/best")
+    p.add_argument("--shards", required=True, metavar="DIR_OR_CORPUS")
+    p.add_argument("--report", metavar="FILE.json", help="write wer, cer, counts, hours and real-time factor here")
+    p.add_argument("--predictions", metavar="FILE.tsv", help="write key, reference, hypothesis, word errors per utterance")
+    p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass (default: 16)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files with a trained model")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="files in any format and sample rate")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of path<TAB>text")
+    p.add_argument("--chunk-length", type=float, default=20.0, help="seconds per chunk for long audio (default: 20)")
+    p.add_argument("--stride", type=float, default=4.0, help="seconds of overlap on each side of a chunk (default: 4)")
+    p.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default: 8)")
+    p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("demo", help="synthesise a small Danish corpus and run the pipeline on it, no download")
     p.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="where everything goes (default: ./demo-output)")

@@ -14,12 +14,9 @@ part in saves and in the collectives.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
-import os
-import platform
 import random
 import signal
 import time
@@ -28,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import __version__
 from . import checkpoint as ckpt
@@ -36,7 +32,8 @@ from .config import Config, ConfigError, to_dict
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
 from .distributed import DistEnv, get_env, init_process_group
 from .logging import MetricWriter, setup_logging
-from .metrics import ErrorCounts, GreedyDecoder
+from .evaluation import evaluate_set
+from .metrics import GreedyDecoder
 
 log = logging.getLogger(__name__)
 
@@ -280,42 +277,20 @@ class Trainer:
 
     # ── evaluation ──
 
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         results = {}
         model = self.engine.module
         self.engine.eval()
         for name, loader in self.evals.items():
-            loss_sum, counts, examples = 0.0, ErrorCounts(), []
-            for batch in loader:
-                inputs = batch["input_values"].to(self.device, self.input_dtype)
-                mask = batch["attention_mask"].to(self.device)
-                logits = self.engine(input_values=inputs, attention_mask=mask).logits.float()
-                frames = model._get_feat_extract_output_lengths(mask.sum(-1)).to(torch.long)
-                valid = batch["valid"].to(self.device)
-                labels = batch["labels"].to(self.device)
-                target_lengths = (labels >= 0).sum(-1)
-                log_probs = F.log_softmax(logits, dim=-1).transpose(0, 1)
-                per_utt = F.ctc_loss(log_probs, labels.clamp(min=0), frames, target_lengths,
-                                     blank=model.config.pad_token_id, reduction="none", zero_infinity=True)
-                loss_sum += float((per_utt / target_lengths.clamp(min=1))[valid].sum())
-                hyps = self.decoder(logits, frames)
-                keep = batch["valid"].tolist()
-                refs = [t for t, k in zip(batch["texts"], keep) if k]
-                hyps = [h for h, k in zip(hyps, keep) if k]
-                counts.add(refs, hyps)
-                examples += list(zip(refs, hyps))[: max(0, self.cfg.eval.num_examples - len(examples))]
-            total = torch.cat([torch.tensor([loss_sum], dtype=torch.float64), counts.as_tensor()]).to(self.device)
-            if self.world > 1:
-                dist.all_reduce(total)
-            counts = ErrorCounts.from_tensor(total[1:].cpu())
-            res = {"loss": float(total[0]) / max(1, counts.utterances), "wer": counts.wer, "cer": counts.cer,
-                   "utterances": counts.utterances, "words": counts.ref_words}
-            results[name] = res
-            self.writer.scalars(step, {f"eval/{name}/{k}": v for k, v in res.items() if k in ("loss", "wer", "cer")})
-            self.writer.text(f"eval/{name}/examples", "\n\n".join(f"REF: {r}  \nHYP: {h}" for r, h in examples), step)
-            log.info("step %d eval %s: loss %.4f WER %.4f CER %.4f (%d utterances)", step, name, res["loss"],
-                     res["wer"], res["cer"], res["utterances"])
+            r = evaluate_set(lambda x, m: self.engine(input_values=x, attention_mask=m).logits,
+                             model._get_feat_extract_output_lengths, loader, self.decoder, model.config.pad_token_id,
+                             self.device, self.input_dtype, self.world, self.cfg.eval.num_examples)
+            results[name] = {"loss": r["loss"], "wer": r["wer"], "cer": r["cer"], "utterances": r["counts"].utterances,
+                             "words": r["counts"].ref_words}
+            self.writer.scalars(step, {f"eval/{name}/{k}": r[k] for k in ("loss", "wer", "cer")})
+            self.writer.text(f"eval/{name}/examples", "\n\n".join(f"REF: {a}  \nHYP: {b}" for a, b in r["examples"]), step)
+            log.info("step %d eval %s: loss %.4f WER %.4f CER %.4f (%d utterances)", step, name, r["loss"], r["wer"],
+                     r["cer"], r["counts"].utterances)
         self.engine.train()
         return results
 
@@ -381,17 +356,27 @@ class Trainer:
         from .export import export
 
         export(self, self.out / "model")
+        if self.best:
+            log.info("best %s WER %.4f at step %d, exported to %s", self.best["set"], self.best["wer"],
+                     self.best["step"], self.out / "best")
         self.writer.close()
         return {"step": step, "eval": results, "history": self.history}
 
     def _record(self, step: int, results: dict) -> None:
+        """Add an evaluation to the history; export the model to {output_dir}/best/ when the first
+        set's WER is the best so far (every rank decides alike: the results are all-reduced)."""
+        if not results:
+            return
         row = {"step": step, "train_loss": self.last_train_loss}
         for name, r in results.items():
             row.update({f"{name}_loss": r["loss"], f"{name}_wer": r["wer"], f"{name}_cer": r["cer"]})
-            if not self.best or r["wer"] < self.best.get("wer", math.inf):
-                self.best = {"step": step, "set": name, "wer": r["wer"]}
-        if results:
-            self.history.append(row)
+        self.history.append(row)
+        name, first = next(iter(results.items()))
+        if first["wer"] < self.best.get("wer", math.inf):
+            self.best = {"step": step, "set": name, "wer": first["wer"], "cer": first["cer"]}
+            from .export import export
+
+            export(self, self.out / "best")
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
         engine = self.engine

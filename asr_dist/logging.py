@@ -24,7 +24,6 @@ class MetricWriter:
         self.tb = None
         self.jsonl = None
         if enabled:
-            import json  # noqa: F401
             from pathlib import Path
 
             from torch.utils.tensorboard import SummaryWriter

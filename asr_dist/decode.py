@@ -1,0 +1,144 @@
+"""Using a trained model: `asr-dist evaluate` (exact WER/CER on a shard set or any corpus the shard
+builder reads) and `asr-dist transcribe` (any audio, long recordings in overlapping chunks).
+
+A model directory is what training exports: transformers' Wav2Vec2ForCTC + Wav2Vec2Processor, and
+asr_dist.json naming the text normaliser of its training data, which evaluation applies to the
+references of a corpus given in another layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .data import index as fmt
+from .data.loader import EvalLoader, ShardSet
+from .distributed import DistEnv, get_env
+from .evaluation import evaluate_set
+from .metrics import GreedyDecoder
+from .text import load_vocab
+
+log = logging.getLogger(__name__)
+
+
+class ModelDirError(ValueError):
+    pass
+
+
+def load_model_dir(model_dir: str, device: torch.device):
+    import transformers
+
+    d = Path(model_dir)
+    if not (d / "config.json").exists():
+        raise ModelDirError(f"{d}: no config.json; give a model directory exported by training ({{output_dir}}/model "
+                            f"or {{output_dir}}/best)")
+    model = transformers.Wav2Vec2ForCTC.from_pretrained(str(d), local_files_only=True).to(device).eval()
+    vocab = load_vocab(d / "vocab.json")
+    meta = json.loads((d / "asr_dist.json").read_text()) if (d / "asr_dist.json").exists() else {}
+    return model, vocab, meta
+
+
+def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
+    """A shard set as is; any other corpus is built into a temporary one with the model's normaliser."""
+    if (Path(source) / fmt.INDEX_NAME).exists():
+        return source
+    from .data.writer import BuildOptions, build
+
+    norm = meta.get("text_normalizer", {"name": "danish", "settings": {}})
+    log.info("building evaluation shards from %s with the %s normaliser", source, norm["name"])
+    out = tmp / "shards"
+    s = build(BuildOptions(inputs=[source], output=str(out), normalizer=norm["name"],
+                           normalizer_settings=norm.get("settings", {}), vocab=str(vocab_path), progress=False,
+                           max_reject_fraction=1.0, max_duration=3600))
+    if s.num_rejected:
+        log.warning("%d utterances of %s could not be evaluated; see %s", s.num_rejected, source, out / fmt.REJECTS_NAME)
+    return str(out)
+
+
+def evaluate_model(model_dir: str, source: str, report: str | None = None, predictions: str | None = None,
+                   micro_batch_size: int = 16, num_workers: int = 2, denv: DistEnv | None = None,
+                   progress: bool = True) -> dict:
+    """WER, CER and error counts of ``model_dir`` on ``source``, on every rank of the job."""
+    denv = denv or get_env()
+    device = torch.device(f"cuda:{denv.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if denv.world_size > 1 and not dist.is_initialized():
+        import datetime
+        import os
+
+        os.environ.update(MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=denv.rank,
+                                world_size=denv.world_size, timeout=datetime.timedelta(minutes=30))
+    model, vocab, meta = load_model_dir(model_dir, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards_dir = _as_shards(source, Path(model_dir) / "vocab.json", meta, Path(tmp)) if denv.is_main else None
+        if denv.world_size > 1:
+            box = [shards_dir]
+            dist.broadcast_object_list(box, src=0)  # ranks share the temporary set (one machine) or a shard set
+            shards_dir = box[0]
+        shards = ShardSet.open(shards_dir)
+        if shards.vocab != vocab:
+            raise ModelDirError(f"{shards_dir}: its vocab.json differs from the model's; build it with "
+                                f"--vocab {Path(model_dir) / 'vocab.json'} (or give the corpus itself)")
+        loader = EvalLoader(shards, rank=denv.rank, world_size=denv.world_size, micro_batch_size=micro_batch_size,
+                            num_workers=num_workers)
+        t0 = time.time()
+        with tqdm(total=len(loader), unit="batch", desc="evaluating", disable=not (progress and denv.is_main)) as bar:
+            r = evaluate_set(lambda x, m: model(input_values=x, attention_mask=m).logits,
+                             model._get_feat_extract_output_lengths, loader, GreedyDecoder(vocab),
+                             model.config.pad_token_id, device, torch.float32, denv.world_size,
+                             keep_predictions=predictions is not None, progress=bar)
+        elapsed = time.time() - t0
+        rows = r["predictions"]
+        if denv.world_size > 1 and predictions is not None:
+            gathered = [None] * denv.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+    c = r["counts"]
+    result = {
+        "model": str(model_dir), "data": str(source), "wer": c.wer, "cer": c.cer, "loss": r["loss"],
+        "num_utterances": c.utterances, "num_words": c.ref_words, "num_chars": c.ref_chars,
+        "substitutions": c.substitutions, "deletions": c.deletions, "insertions": c.insertions,
+        "word_edits": c.word_edits, "char_edits": c.char_edits, "audio_hours": r["audio_seconds"] / 3600,
+        "real_time_factor": elapsed / r["audio_seconds"] if r["audio_seconds"] else None,
+        "world_size": denv.world_size, "text_normalizer": meta.get("text_normalizer"),
+    }
+    if denv.is_main:
+        if report:
+            Path(report).write_text(json.dumps(result, indent=1) + "\n")
+        if predictions is not None:
+            with open(predictions, "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f, delimiter="\t", lineterminator="\n")
+                w.writerow(["key", "reference", "hypothesis", "word_errors"])
+                w.writerows(sorted(rows))
+    return result
+
+
+def transcribe(model_dir: str, audio: list[str], chunk_length_s: float = 20.0, stride_length_s: float = 4.0,
+               batch_size: int = 8) -> list[dict]:
+    """Transcripts of audio files of any format and rate; long ones in overlapping chunks (strided CTC)."""
+    import transformers
+
+    from .audio import AudioError, decode, to_16k
+
+    device = 0 if torch.cuda.is_available() else "cpu"
+    asr = transformers.pipeline("automatic-speech-recognition", model=model_dir, device=device)
+    out = []
+    for path in audio:
+        try:
+            samples, sr = decode(path)
+        except AudioError as e:
+            out.append({"audio": path, "error": f"{e.reason}: {e.detail}"})
+            continue
+        x = to_16k(samples, sr)
+        r = asr({"raw": x, "sampling_rate": 16000}, chunk_length_s=chunk_length_s, stride_length_s=stride_length_s,
+                batch_size=batch_size)
+        out.append({"audio": path, "text": r["text"], "duration": round(len(x) / 16000, 3)})
+    return out

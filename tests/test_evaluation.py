@@ -1,0 +1,102 @@
+"""Exact distributed WER/CER: 1, 2 and 3 ranks give identical counts, equal to jiwer on all pairs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import jiwer
+import pytest
+import torch
+import torch.multiprocessing as mp
+import transformers
+
+from asr_dist.cli import main
+from asr_dist.decode import evaluate_model
+from asr_dist.distributed import DistEnv
+from asr_dist.export import make_processor
+from asr_dist.data.writer import BuildOptions, build
+from asr_dist.metrics import ErrorCounts, GreedyDecoder
+from asr_dist.model import PRESETS
+from asr_dist.synth import write_corpus
+
+
+@pytest.fixture(scope="module")
+def model_and_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluation")
+    src = write_corpus(root / "corpus", "nemo", 25, seed=21)  # 25 does not divide 2 or 3
+    build(BuildOptions(inputs=[src], output=str(root / "shards"), shard_size=6, progress=False))
+    vocab = json.loads((root / "shards" / "vocab.json").read_text())
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab), pad_token_id=0)
+    model = transformers.Wav2Vec2ForCTC(cfg)
+    with torch.no_grad():  # a random model that emits characters (not only blanks), so every kind of edit occurs
+        model.lm_head.bias.copy_(torch.randn(len(vocab)) * 2)
+        model.lm_head.bias[0] = -5
+    model.save_pretrained(str(root / "model"))
+    make_processor(root / "shards" / "vocab.json").save_pretrained(str(root / "model"))
+    (root / "model" / "asr_dist.json").write_text(json.dumps({"text_normalizer": {"name": "danish", "settings": {}}}))
+    return root
+
+
+def _ranks(rank, world, port, root, out):
+    torch.set_num_threads(1)
+    denv = DistEnv(rank, rank, world, "127.0.0.1", port, "test")
+    evaluate_model(str(root / "model"), str(root / "shards"), report=str(out / "report.json"),
+                   predictions=str(out / "pred.tsv"), micro_batch_size=4, num_workers=1, denv=denv, progress=False)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_identical_on_any_world_size_and_equal_to_jiwer(model_and_set, tmp_path, world):
+    root = model_and_set
+    if world == 1:
+        _ranks(0, 1, 0, root, tmp_path)
+    else:
+        mp.spawn(_ranks, args=(world, 29300 + os.getpid() % 300 + world, root, tmp_path), nprocs=world, join=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "pred.tsv", encoding="utf-8"), delimiter="\t"))
+    assert len(rows) == 25 == report["num_utterances"] and len({r["key"] for r in rows}) == 25
+    refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] or "" for r in rows]
+    w, c = jiwer.process_words(refs, hyps), jiwer.process_characters(refs, hyps)
+    assert report["wer"] == pytest.approx(w.wer, abs=1e-12) and report["cer"] == pytest.approx(c.cer, abs=1e-12)
+    assert (report["substitutions"], report["deletions"], report["insertions"]) == (w.substitutions, w.deletions, w.insertions)
+    assert report["substitutions"] > 0 and report["insertions"] + report["deletions"] > 0
+    assert sum(int(r["word_errors"]) for r in rows) == report["word_edits"]
+    reference = tmp_path.parent / "reference.json"  # the 1-rank report, written by the first parameter
+    if world == 1:
+        reference.write_text(json.dumps(report))
+    elif reference.exists():
+        one = json.loads(reference.read_text())
+        for k in ("wer", "cer", "num_words", "substitutions", "deletions", "insertions", "word_edits", "char_edits"):
+            assert report[k] == one[k], k
+        assert report["loss"] == pytest.approx(one["loss"], rel=1e-9)
+
+
+def test_greedy_decoding():
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
+    ids = torch.tensor([[3, 3, 0, 3, 2, 2, 4, 0, 0, 4], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    logits = torch.nn.functional.one_hot(ids, 5).float()
+    assert GreedyDecoder(vocab)(logits, torch.tensor([10, 10])) == ["aa bb", ""]
+    assert GreedyDecoder(vocab)(logits, torch.tensor([4, 10])) == ["aa", ""]
+
+
+def test_counts_add_up():
+    c = ErrorCounts()
+    c.add(["a b c"], ["a x c d"])
+    assert (c.substitutions, c.insertions, c.deletions, c.ref_words, c.wer) == (1, 1, 0, 3, 2 / 3)
+    assert ErrorCounts.from_tensor(c.as_tensor()) == c
+
+
+def test_evaluate_a_corpus_and_transcribe(model_and_set, tmp_path, capsys):
+    root = model_and_set
+    manifest = next((root / "corpus").glob("*.jsonl"))
+    assert main(["evaluate", "--model", str(root / "model"), "--shards", str(manifest), "--report",
+                 str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["num_utterances"] == 25
+    wav = sorted((root / "corpus" / "audio").glob("*.wav"))[0]
+    assert main(["transcribe", "--model", str(root / "model"), str(wav), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["audio"] == str(wav) and isinstance(line["text"], str) and line["duration"] > 0
+    assert main(["evaluate", "--model", str(tmp_path), "--shards", str(root / "shards")]) == 2

@@ -3,16 +3,23 @@
   eSpeak NG Danish voices ──> three training corpora in three layouts and rates
     (Common Voice TSV at 22.05 kHz, NeMo manifest at 44.1 kHz stereo, audiofolder at 8 kHz)
     and an evaluation corpus of held-out sentences
-  ──> asr-dist shards build (train, eval with the training vocab) ──> shards verify ──> shards info
+  ──> asr-dist shards build (train, eval with the training vocab) ──> shards verify
+  ──> untrained model evaluated ──> tiny wav2vec2 trained with the real engine (DeepSpeed) for a
+      number of steps that fits --minutes on this machine ──> exported, evaluated, WER/CER printed
 
 Re-running reuses the corpora and the finished shard set unless ``rebuild`` is set.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +46,11 @@ def _corpus(d: Path, rebuild: bool, **spec) -> str:
 
 def synthesise_corpora(out: Path, num_utterances: int, rebuild: bool) -> tuple[list[str], str]:
     """(training inputs in three layouts, an evaluation input of held-out sentences)."""
-    from .synth import danish_sentences
+    from .synth import danish_sentences, recombine
 
     sentences = danish_sentences()
     train_sentences, eval_sentences = sentences[:-NUM_HELD_OUT], sentences[-NUM_HELD_OUT:]
+    train_sentences = train_sentences + recombine(train_sentences, 4 * len(train_sentences))
     per = max(1, num_utterances // len(DEMO_CORPORA))
     inputs = [_corpus(out / "corpus" / layout, rebuild, layout=layout, num=per, seed=n, sample_rate=rate,
                       channels=channels, sentences=train_sentences)
@@ -52,25 +60,111 @@ def synthesise_corpora(out: Path, num_utterances: int, rebuild: bool) -> tuple[l
     return inputs, held_out
 
 
-def run_demo(output: str = "demo-output", num_utterances: int = 400, workers: int = 1, rebuild: bool = False) -> int:
-    from .data.verify import info, verify
-    from .data.writer import BuildOptions, build
+def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -> float:
+    """Seconds one optimizer step of the demo's model takes on this machine (two timed steps)."""
+    from .model import build_model
 
+    model = build_model(cfg.model, vocab).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    n = cfg.data.global_batch_size
+    x = torch.randn(n, int(audio_seconds * 16000), device=device)
+    labels = torch.randint(3, len(vocab), (n, int(audio_seconds * 12)), device=device)
+    times = []
+    for _ in range(3):
+        t = time.time()
+        model(input_values=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t)
+    return min(times[1:])
+
+
+def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: int = 1, rebuild: bool = False,
+             minutes: float = 10.0, device: str = "auto") -> int:
+    from importlib import resources
+
+    from .config import load_config
+    from .data.loader import ShardSet
+    from .data.verify import verify
+    from .data.writer import BuildOptions, build
+    from .decode import evaluate_model
+    from .distributed import configure_accelerator
+    from .engine import train
+    from .export import make_processor
+    from .model import build_model
+
+    t_start = time.time()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    configure_accelerator()
     out = Path(output)
+    print(f"[1/5] synthesising Danish speech in {out / 'corpus'} (eSpeak NG; reused when present)", flush=True)
     inputs, held_out = synthesise_corpora(out, num_utterances, rebuild)
+    print("[2/5] building and verifying shards", flush=True)
     shards = out / "shards" / "train"
-    summary = build(BuildOptions(inputs=inputs, output=str(shards), workers=workers, shard_size=50, overwrite=rebuild))
+    summary = build(BuildOptions(inputs=inputs, output=str(shards), workers=workers, shard_size=100, overwrite=rebuild))
     print(summary.render())
     eval_summary = build(BuildOptions(inputs=[held_out], output=str(out / "shards" / "eval"), workers=workers,
-                                      shard_size=50, overwrite=rebuild, vocab=str(shards / "vocab.json"),
+                                      shard_size=100, overwrite=rebuild, vocab=str(shards / "vocab.json"),
                                       max_reject_fraction=0.5))
     print(eval_summary.render())
-    problems = verify(str(shards)) + verify(str(out / "shards" / "eval"))
-    for p in problems:
-        print(p)
-    print(info(str(shards)))
-    print(
-        f"\nnext:\n  asr-dist shards info {shards}\n  asr-dist shards verify {shards}\n"
-        f"  asr-dist shards build --input YOUR_CORPUS.tsv --output YOUR_SHARDS   # your own data"
-    )
-    return 1 if problems or summary.failed or eval_summary.failed else 0
+    problems = verify(str(shards), progress=False) + verify(str(out / "shards" / "eval"), progress=False)
+    if problems or summary.failed or eval_summary.failed:
+        print("\n".join(problems))
+        return 1
+
+    run = out / "run"
+    with resources.as_file(resources.files("asr_dist").joinpath("resources/demo.yaml")) as demo_yaml:
+        cfg = load_config(str(demo_yaml), [f"output_dir={run}", f"data.train_shards=[{shards}]",
+                                           f"data.eval_shards.dev={out / 'shards' / 'eval'}"])
+    if device == "cuda":
+        cfg.distributed.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    vocab = ShardSet.open(str(shards)).vocab
+    mean_seconds = summary.audio_seconds / max(1, summary.num_kept)
+    per_step = step_seconds(cfg, vocab, torch.device(device), mean_seconds)
+    budget = minutes * 60 - (time.time() - t_start) - 60  # start-up, evaluations and export
+    cfg.train.max_steps = int(max(20, min(20000, budget / (per_step * 1.2))))
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, cfg.train.max_steps // 5)
+    print(f"[3/5] evaluating the untrained model ({per_step:.2f} s per step of {cfg.data.global_batch_size} "
+          f"utterances here: {cfg.train.max_steps} steps fit in --minutes {minutes:g})", flush=True)
+    untrained = out / "untrained"
+    if untrained.exists():
+        shutil.rmtree(untrained)
+    build_model(cfg.model, vocab, seed=cfg.seed).save_pretrained(str(untrained))
+    make_processor(shards / "vocab.json").save_pretrained(str(untrained))
+    before = evaluate_model(str(untrained), str(out / "shards" / "eval"), progress=False, num_workers=0)
+
+    print(f"[4/5] training the tiny wav2vec2 on {device} with DeepSpeed; TensorBoard logs in {run / 'tensorboard'}",
+          flush=True)
+    if run.exists():
+        shutil.rmtree(run)
+    train(cfg)
+    print("[5/5] evaluating the trained model", flush=True)
+    after = evaluate_model(str(run / "model"), str(out / "shards" / "eval"), progress=False, num_workers=0,
+                           predictions=str(out / "predictions.tsv"), report=str(out / "report.json"))
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps({"untrained": {k: before[k] for k in ("wer", "cer")},
+                                        "trained": {k: after[k] for k in ("wer", "cer")},
+                                        "steps": cfg.train.max_steps, "minutes": (time.time() - t_start) / 60}, indent=1))
+    print(f"""
+held-out Danish sentences ({after['num_utterances']} utterances, {after['num_words']} words):
+                 WER      CER
+  untrained   {before['wer']:6.3f}   {before['cer']:6.3f}
+  trained     {after['wer']:6.3f}   {after['cer']:6.3f}
+
+done in {(time.time() - t_start) / 60:.1f} minutes. Next:
+  tensorboard --logdir {run / 'tensorboard'}
+  asr-dist transcribe --model {run / 'model'} {held_out_audio(held_out)}
+  asr-dist evaluate --model {run / 'model'} --shards {out / 'shards' / 'eval'} --predictions predictions.tsv
+  asr-dist shards build --input YOUR_CORPUS.tsv --output YOUR_SHARDS      # your own data
+  asr-dist train --config configs/xlsr300m-danish.yaml model.pretrained=/path/to/xls-r-300m …""")
+    return 0
+
+
+def held_out_audio(tsv: str) -> str:
+    first = Path(tsv).read_text(encoding="utf-8").splitlines()[1].split("\t")[1]
+    return str(Path(tsv).parent / "clips" / first)

@@ -146,3 +146,11 @@ def write_corpus(out_dir, layout: str, num: int, seed: int = 0, sample_rate: int
             txt.write(f"{utt} {text}\n")
             u2s.write(f"{utt} {spk}\n")
     return str(out)
+
+
+def recombine(sentences: list[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` new word sequences of 3 to 9 words drawn from ``sentences``' words: more varied
+    character contexts than the sentences themselves, so a small model learns spelling, not sentences."""
+    rng = random.Random(seed)
+    words = sorted({w for s in sentences for w in s.replace(",", " ").replace(".", " ").replace("?", " ").split()})
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]

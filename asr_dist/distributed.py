@@ -57,6 +57,23 @@ def get_env(environ=None) -> DistEnv:
     return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
 
 
+def _env_vars(denv: DistEnv) -> dict[str, str]:
+    return dict(RANK=str(denv.rank), LOCAL_RANK=str(denv.local_rank), WORLD_SIZE=str(denv.world_size),
+                MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
+
+
+def shutdown(denv: DistEnv) -> None:
+    """End the process group; a single-process run also takes back the variables it set, so that a
+    later run in this process (the demo, tests) or a child process does not mistake itself for a rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if denv.launcher == "single":
+        for k in _env_vars(denv):
+            os.environ.pop(k, None)
+
+
 def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
     """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU)."""
     import deepspeed
@@ -64,8 +81,7 @@ def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
-    os.environ.update(RANK=str(denv.rank), LOCAL_RANK=str(denv.local_rank), WORLD_SIZE=str(denv.world_size),
-                      MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
+    os.environ.update(_env_vars(denv))
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
                                rank=denv.rank, world_size=denv.world_size)
 

@@ -30,7 +30,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
-from .distributed import DistEnv, get_env, init_process_group
+from .distributed import DistEnv, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
@@ -420,8 +420,11 @@ def train(cfg: Config, denv: DistEnv | None = None) -> dict:
     """Run (or resume) the training that ``cfg`` describes, on every rank of the job."""
     denv = denv or get_env()
     setup_logging(denv.rank, denv.world_size)
-    trainer = Trainer(cfg, denv)
     try:
-        return trainer.run()
+        trainer = Trainer(cfg, denv)
+        try:
+            return trainer.run()
+        finally:
+            trainer.writer.close()
     finally:
-        trainer.writer.close()
+        shutdown(denv)

@@ -40,7 +40,9 @@ def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def launch(launcher: str, args: list[str], timeout: int = 400, **kw) -> subprocess.CompletedProcess:

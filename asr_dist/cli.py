@@ -126,9 +126,22 @@ def cmd_shards_verify(args) -> int:
 
 
 def cmd_shards_info(args) -> int:
+    from .data.index import read_index
     from .data.verify import info
 
     print(info(args.dir))
+    if args.plot:
+        from .plots import plot_durations
+
+        plot_durations(read_index(args.dir), args.plot)
+        print(f"duration histogram drawn in {args.plot}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from .plots import plot_run
+
+    print(f"training curves drawn in {plot_run(args.run_dir, args.output)}")
     return EXIT_OK
 
 
@@ -238,6 +251,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards_verify)
     p = ssub.add_parser("info", help="counts, hours, duration histogram and characters of a shard set")
     p.add_argument("dir", metavar="DIR")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the duration histogram into this PNG")
     p.set_defaults(func=cmd_shards_info)
 
     p = sub.add_parser("train", help="fine-tune Wav2Vec2ForCTC with DeepSpeed (one process here; see launch/train.py)",
@@ -273,6 +287,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=float, default=4.0, help="seconds of overlap on each side of a chunk (default: 4)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default: 8)")
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("report", help="draw a run's loss, learning rate and WER curves into a PNG")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training output_dir (reads its metrics.jsonl)")
+    p.add_argument("--output", "-o", metavar="FILE.png", help="default: RUN_DIR/report.png")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="synthesise Danish speech, build shards, train and evaluate a small model; no download",
                        description="The whole pipeline on a laptop: eSpeak NG Danish voices -> shards -> DeepSpeed "

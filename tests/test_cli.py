@@ -38,3 +38,20 @@ def test_demo_trains_end_to_end_on_a_reduced_setting(tmp_path, capsys):
     assert summary["trained"]["cer"] < 0.7 * summary["untrained"]["cer"], summary
     assert (out / "run" / "model" / "model.safetensors").exists()
     assert list((out / "run" / "tensorboard").iterdir())
+
+
+def test_pictures(tmp_path, corpus_cache, capsys):
+    import json
+
+    from asr_dist.data.writer import BuildOptions, build
+
+    build(BuildOptions(inputs=[corpus_cache("commonvoice", num=12)], output=str(tmp_path / "s"), progress=False))
+    assert main(["shards", "info", str(tmp_path / "s"), "--plot", str(tmp_path / "h.png")]) == 0
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "train/loss": 5.0 / s, "train/lr": 1e-3 * min(1, s / 3)} for s in range(1, 10)]
+    rows += [{"step": 5, "eval/dev/wer": 0.9, "eval/dev/cer": 0.5}, {"step": 9, "eval/dev/wer": 0.7, "eval/dev/cer": 0.3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"

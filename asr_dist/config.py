@@ -42,9 +42,9 @@ class DataArgs:
 class ModelArgs:
     pretrained: Optional[str] = None  # local directory of a pretrained wav2vec2 / XLS-R checkpoint (no downloads)
     preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m
-    freeze_feature_encoder: bool = True  # the convolutional front end is not trained
+    freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
-    layerdrop: float = 0.0  # probability of skipping a transformer layer per step (see README on ZeRO)
+    layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask
     mask_feature_prob: float = 0.0  # SpecAugment: share of feature channels masked

@@ -127,7 +127,8 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     mean_seconds = summary.audio_seconds / max(1, summary.num_kept)
     per_step = step_seconds(cfg, vocab, torch.device(device), mean_seconds)
     budget = minutes * 60 - (time.time() - t_start) - 60  # start-up, evaluations and export
-    cfg.train.max_steps = int(max(20, min(20000, budget / (per_step * 1.2))))
+    # data loading shares the cores and each epoch restarts its workers: 1.4x the bare step time
+    cfg.train.max_steps = int(max(20, min(20000, budget / (per_step * 1.4))))
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, cfg.train.max_steps // 5)
     print(f"[3/5] evaluating the untrained model ({per_step:.2f} s per step of {cfg.data.global_batch_size} "
           f"utterances here: {cfg.train.max_steps} steps fit in --minutes {minutes:g})", flush=True)

@@ -49,7 +49,8 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transf
                                                             ignore_mismatched_sizes=True, **overrides)
     else:
         model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS[args.preset], **overrides))
-    if args.freeze_feature_encoder:
+    freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
+    if freeze:  # a pretrained front end is kept; a random one (a preset) has to learn
         model.freeze_feature_encoder()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -30,12 +30,12 @@ def test_demo_trains_end_to_end_on_a_reduced_setting(tmp_path, capsys):
     import json
 
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--num-utterances", "240", "--minutes", "2.5", "-j", "2"]) == 0
+    assert main(["demo", "--output", str(out), "--num-utterances", "480", "--minutes", "5", "-j", "2"]) == 0
     text = capsys.readouterr().out
     assert "untrained" in text and "tensorboard --logdir" in text
     summary = json.loads((out / "summary.json").read_text())
-    # the trained model must clearly have learned: far fewer character errors than the random one
-    assert summary["trained"]["cer"] < 0.7 * summary["untrained"]["cer"], summary
+    # the trained model must clearly have learned to spell, not merely to stay silent (which scores CER 1.0)
+    assert summary["trained"]["cer"] < 0.75 and summary["trained"]["cer"] < 0.5 * summary["untrained"]["cer"], summary
     assert (out / "run" / "model" / "model.safetensors").exists()
     assert list((out / "run" / "tensorboard").iterdir())
 

@@ -62,7 +62,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-@pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (2, "torchrun")])
+@pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (2, "torchrun"), (3, "torchrun")])
 def test_two_ranks_train_log_checkpoint_export(shards, tmp_path, stage, launcher):
     out = tmp_path / "run"
     r = launch(launcher, overrides(shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
@@ -74,6 +74,11 @@ def test_two_ranks_train_log_checkpoint_export(shards, tmp_path, stage, launcher
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert ckpts == ["step-00000006", "step-00000012"] and all((out / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
     assert "[rank 1/2]" in r.stderr  # every rank logs with its prefix; only rank 0 writes files
+    if stage == 3:  # the export gathers the partitioned weights into one full model
+        import transformers
+
+        model = transformers.Wav2Vec2ForCTC.from_pretrained(str(out / "model"))
+        assert sum(p.numel() for p in model.parameters()) > 1_000_000 and float(model.lm_head.weight.abs().sum()) > 0
     if stage != 2:
         return
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -43,14 +43,9 @@ def read_source_bytes(path: str) -> bytes:
         if proc.returncode != 0:
             raise AudioError("command_failed", f"exit {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
         return proc.stdout
-    with open_audio_file(path) as f:
-        return f.read()
-
-
-def open_audio_file(path: str):
-    """The file opened for reading, or an AudioError saying why it cannot be."""
     try:
-        return open(path, "rb")
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         raise _path_error(path, e) from None
 

@@ -106,7 +106,7 @@ def main() -> None:
         shards = str(Path(tmp) / "flac")
         out["padding_fraction"] = {f"bucket_batches_{n}" + (" (no bucketing)" if n == 1 else ""): padding(shards, n)
                                    for n in (1, 8, 32, 64)}
-        out["padding_fraction"]["default"] = TrainLoader.__init__.__kwdefaults__["bucket_batches"]
+        out["default_bucket_batches"] = TrainLoader.__init__.__kwdefaults__["bucket_batches"]
     print(json.dumps(out, indent=1))
 
 

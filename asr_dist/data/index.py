@@ -23,7 +23,6 @@ INDEX_NAME = "index.json"
 VOCAB_NAME = "vocab.json"
 REJECTS_NAME = "rejects.tsv"
 STATE_NAME = ".build-state.json"
-REJECTS_PARTIAL = ".rejects.partial.tsv"
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 AUDIO_EXTS = ("flac", "wav")

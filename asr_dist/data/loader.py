@@ -151,12 +151,6 @@ def collate(samples: list[tuple[str, np.ndarray, list[int], str]], pad_to_multip
     }
 
 
-def padding_fraction(batch: dict) -> float:
-    """Share of the batch's audio positions that are padding."""
-    mask = batch["attention_mask"]
-    return 1.0 - float(mask.sum()) / mask.numel()
-
-
 # ───────────────────────────── the training stream ─────────────────────────────
 
 

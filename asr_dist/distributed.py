@@ -63,15 +63,16 @@ def _env_vars(denv: DistEnv) -> dict[str, str]:
 
 
 def shutdown(denv: DistEnv) -> None:
-    """End the process group; a single-process run also takes back the variables it set, so that a
-    later run in this process (the demo, tests) or a child process does not mistake itself for a rank."""
+    """After a run: a launched rank ends its process group; a single process keeps its (world size 1)
+    group for a later run in the same process (DeepSpeed caches groups built on it) but takes back the
+    variables it set, so that child processes do not mistake themselves for ranks of it."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     if denv.launcher == "single":
         for k in _env_vars(denv):
             os.environ.pop(k, None)
+    elif dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
@@ -79,9 +80,9 @@ def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    os.environ.update(_env_vars(denv))  # DeepSpeed reads LOCAL_RANK & co. from here
     if dist.is_available() and dist.is_initialized():
         return
-    os.environ.update(_env_vars(denv))
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
                                rank=denv.rank, world_size=denv.world_size)
 

@@ -20,30 +20,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from asr_dist.data import index as fmt  # noqa: E402
 from asr_dist.data.loader import TrainLoader  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
-
-
-def make_corpus(d: Path, n: int, seed: int = 0) -> str:
-    """Speech-like noise (amplitude-modulated, band-limited) of log-normal durations, 16 kHz."""
-    rng = np.random.default_rng(seed)
-    (d / "audio").mkdir(parents=True)
-    lines = []
-    for i in range(n):
-        seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.5, 15.0))
-        t = int(seconds * 16000)
-        x = np.convolve(rng.standard_normal(t), np.ones(8) / 8, mode="same")
-        x *= 0.2 * (1 + np.sin(np.arange(t) * 2 * np.pi * 4 / 16000))
-        sf.write(d / "audio" / f"u{i}.wav", x.astype(np.float32), 16000, subtype="PCM_16")
-        lines.append(json.dumps({"audio_filepath": f"audio/u{i}.wav", "text": "det regner i københavn i dag"}))
-    (d / "m.jsonl").write_text("\n".join(lines) + "\n")
-    return str(d / "m.jsonl")
+from synthetic import make_corpus  # noqa: E402
 
 
 def bare_decode(shards: str, ext: str) -> float:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
@@ -33,26 +34,11 @@ import torch  # noqa: E402
 
 from asr_dist.data.loader import LabelEncoder, ShardSet, collate, normalize  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
-
-WORDS = "det regner i københavn jeg drikker en kop kaffe hunden løber over marken vi skal spise middag".split()
-
+from synthetic import make_corpus  # noqa: E402
 
 def make_shards(root: Path, n: int, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    (root / "audio").mkdir(parents=True)
-    lines = []
-    for i in range(n):
-        seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.5, 15.0))
-        t = int(seconds * 16000)
-        x = np.convolve(rng.standard_normal(t), np.ones(8) / 8, mode="same") * 0.2
-        sf.write(root / "audio" / f"u{i}.wav", x.astype(np.float32), 16000, subtype="PCM_16")
-        words, text = list(WORDS), ""
-        while len(text) < 12 * seconds:
-            text += rng.choice(words) + " "
-        lines.append(json.dumps({"audio_filepath": f"audio/u{i}.wav", "text": text.strip()}))
-    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
-    build(BuildOptions(inputs=[str(root / "m.jsonl")], output=str(root / "shards"), shard_size=32, progress=False,
-                       max_duration=16))
+    manifest = make_corpus(root, n, seed)
+    build(BuildOptions(inputs=[manifest], output=str(root / "shards"), shard_size=32, progress=False, max_duration=16))
     return str(root / "shards")
 
 

@@ -9,6 +9,7 @@ and a safe reader for our tar shards.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -72,13 +73,15 @@ def histogram_merge(hists) -> dict[str, int]:
     return {k: total[k] for k in sorted(total, key=int)}
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) for each sample of a shard, refusing anything but plain
-    files with safe relative names (no "..", no absolute paths, no links or devices)."""
+def iter_shard(path: str | os.PathLike, data: bytes | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) for each sample of a shard (read from ``data`` when the
+    caller already holds its bytes), refusing anything but plain files with safe relative names
+    (no "..", no absolute paths, no links or devices)."""
     path = Path(path)
     last = "(start of shard)"
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        opened = tarfile.open(path, mode="r|") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r|")
+        with opened as tar:
             key, files = None, {}
             for m in tar:
                 name = m.name

@@ -40,12 +40,12 @@ def verify(directory: str, progress: bool = True) -> list[str]:
             if not path.exists():
                 problems.append(f"{shard['name']}: missing")
                 continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != shard["sha256"]:
+            data = path.read_bytes()  # read once: checksummed, then parsed from memory
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{shard['name']}: checksum differs from index.json (the file changed or is damaged)")
             count = 0
             try:
-                for key, files in fmt.iter_shard(path):
+                for key, files in fmt.iter_shard(path, data):
                     count += 1
                     bar.update()
                     where = f"{shard['name']} sample {key}"

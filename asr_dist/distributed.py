@@ -1,8 +1,9 @@
 """Where this process sits in the job: the only module that reads the launcher's environment.
 
   deepspeed / torchrun : RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (deepspeed also --local_rank)
-  srun (one task a GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; master = first host of the
-                         job's node list (scontrol show hostnames), port derived from the job id
+  srun (one task a GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS of a job step (SLURM_STEP_ID set:
+                         the batch script itself is not a rank); master = first host of the job's
+                         node list (scontrol show hostnames), port derived from the job id
   plain python         : rank 0 of 1, on a free local port
 
 Everything else receives ``rank`` and ``world_size`` as arguments.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import socket
 import subprocess
 
@@ -41,8 +43,9 @@ def _slurm_master(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):  # no scontrol here: expand the first entry
+        m = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+        return m.group(1) + (m.group(2) or "") if m else nodelist
 
 
 def get_env(environ=None) -> DistEnv:
@@ -50,11 +53,17 @@ def get_env(environ=None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         job = int(env.get("SLURM_JOB_ID", "0"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                        _slurm_master(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), 20000 + job % 20000, "slurm")
     return DistEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def device_index(denv: DistEnv, num_devices: int) -> int:
+    """The GPU this rank drives: its local rank when it sees every GPU of the node, the one GPU it
+    sees when the launcher bound one to it (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank)."""
+    return denv.local_rank % max(1, num_devices)
 
 
 def _env_vars(denv: DistEnv) -> dict[str, str]:

@@ -30,7 +30,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
-from .distributed import DistEnv, get_env, init_process_group, shutdown
+from .distributed import DistEnv, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
@@ -210,7 +210,7 @@ class Trainer:
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
         acc = get_accelerator()
-        self.device = torch.device(acc.device_name(denv.local_rank)) if acc.device_name() != "cpu" else torch.device("cpu")
+        self.device = torch.device(acc.device_name(device_index(denv, acc.device_count()))) if acc.device_name() != "cpu" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)

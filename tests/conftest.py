@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from asr_dist.synth import write_corpus
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/trainkit.py, for tests in any folder below
+from trainkit import make_train_shards  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +43,9 @@ def corpus(corpus_cache, tmp_path):
         return str(dst_root / Path(src).name) if Path(src).is_file() else str(dst_root)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    """Shards to train on: root/s-train (96 utterances) and root/s-dev (10 held out), shards of 8."""
+    return make_train_shards(tmp_path_factory.mktemp("engine"))

@@ -8,64 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from asr_dist.data.writer import BuildOptions, build
-from asr_dist.synth import danish_sentences, write_corpus
-
-REPO = Path(__file__).resolve().parents[1]
-TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/audio_seconds_per_second",
-        "perf/data_wait_fraction", "eval/dev/loss", "eval/dev/wer", "eval/dev/cer"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    sentences = danish_sentences()
-    train = write_corpus(root / "train", "commonvoice", 96, seed=11, sentences=sentences[:-10])
-    dev = write_corpus(root / "dev", "commonvoice", 10, seed=12, sentences=sentences[-10:], prefix="dev")
-    build(BuildOptions(inputs=[train], output=str(root / "s-train"), shard_size=8, progress=False))
-    build(BuildOptions(inputs=[dev], output=str(root / "s-dev"), shard_size=8, progress=False,
-                       vocab=str(root / "s-train" / "vocab.json"), max_reject_fraction=1))
-    return root
-
-
-def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [f"output_dir={out}", f"data.train_shards=[{shards / 's-train'}]", f"data.eval_shards.dev={shards / 's-dev'}",
-            "data.global_batch_size=8", "data.micro_batch_size=2", "data.num_workers=1", "data.bucket_batches=4",
-            "train.log_every=1", "optim.warmup_steps=4", *extra]
-
-
-def env() -> dict:
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "DS_ACCELERATOR": "cpu",
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def launch(launcher: str, args: list[str], timeout: int = 400, **kw) -> subprocess.CompletedProcess:
-    cmd = {
-        "python": [sys.executable, str(REPO / "launch" / "train.py")],
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                     str(29400 + os.getpid() % 500), str(REPO / "launch" / "train.py")],
-        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                      str(29900 + os.getpid() % 90), str(REPO / "launch" / "train.py")],
-    }[launcher]
-    return subprocess.run(cmd + ["--config", str(REPO / "configs" / "test.yaml"), *args], env=env(),
-                          capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+from trainkit import REPO, TAGS, env, launch, losses, overrides
 
 
 @pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (2, "torchrun"), (3, "torchrun")])
-def test_two_ranks_train_log_checkpoint_export(shards, tmp_path, stage, launcher):
+def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, launcher):
     out = tmp_path / "run"
-    r = launch(launcher, overrides(shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
+    r = launch(launcher, overrides(train_shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
                                    "eval.every_steps=6", "train.checkpoint_every=6"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     curve = losses(out)
@@ -105,13 +58,13 @@ def test_two_ranks_train_log_checkpoint_export(shards, tmp_path, stage, launcher
     assert json.loads((out / "model" / "asr_dist.json").read_text())["text_normalizer"]["name"] == "danish"
 
 
-def test_preempted_run_resumes_to_identical_losses(shards, tmp_path):
+def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
     args = ["train.max_steps=16", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}"]
     whole = tmp_path / "whole"
-    r = launch("torchrun", overrides(shards, whole, *args))
+    r = launch("torchrun", overrides(train_shards, whole, *args))
     assert r.returncode == 0, r.stderr[-3000:]
     cut = tmp_path / "cut"
-    cmd_args = overrides(shards, cut, *args)
+    cmd_args = overrides(train_shards, cut, *args)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(29700 + os.getpid() % 100), str(REPO / "launch" / "train.py"), "--config",
                              str(REPO / "configs" / "test.yaml"), *cmd_args], env=env(),
@@ -127,23 +80,23 @@ def test_preempted_run_resumes_to_identical_losses(shards, tmp_path):
     first = losses(cut)
     assert proc.returncode != 0 and "exiting with code 75" in stderr, stderr[-3000:]
     assert len(first) < 16, "the run ended before the signal arrived"
-    r = launch("torchrun", overrides(shards, cut, *args))
+    r = launch("torchrun", overrides(train_shards, cut, *args))
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
     assert losses(cut) == losses(whole)  # identical at every step, fp32 on CPU
 
 
-def test_single_process_skips_an_incomplete_checkpoint(shards, tmp_path):
+def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     out = tmp_path / "run"
     args = ["train.max_steps=6", "train.checkpoint_every=3", "eval.every_steps=0", "data.eval_shards={}",
             "distributed.zero_stage=1"]
-    r = launch("python", overrides(shards, out, *args))
+    r = launch("python", overrides(train_shards, out, *args))
     assert r.returncode == 0, r.stderr[-3000:]
     # a save cut off by a kill or a full disk: files there, no COMPLETE marker
     last = out / "checkpoints" / "step-00000006"
     (last / "COMPLETE").unlink()
     for f in last.glob("*.pt"):
         f.write_bytes(f.read_bytes()[:100])
-    r = launch("python", overrides(shards, out, *args))
+    r = launch("python", overrides(train_shards, out, *args))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ignoring incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
     assert "step-00000003 at step 3" in r.stderr

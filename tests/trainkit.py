@@ -1,0 +1,59 @@
+"""Helpers for tests that train for real: launch the engine under a launcher, read what it wrote.
+The synthesised shard set they train on is the `train_shards` fixture in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from asr_dist.data.writer import BuildOptions, build
+from asr_dist.synth import danish_sentences, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/audio_seconds_per_second",
+        "perf/data_wait_fraction", "eval/dev/loss", "eval/dev/wer", "eval/dev/cer"]
+
+
+def make_train_shards(root: Path) -> Path:
+    """96 training and 10 held-out utterances of synthesised Danish in shards of 8: root/s-train, root/s-dev."""
+    sentences = danish_sentences()
+    train = write_corpus(root / "train", "commonvoice", 96, seed=11, sentences=sentences[:-10])
+    dev = write_corpus(root / "dev", "commonvoice", 10, seed=12, sentences=sentences[-10:], prefix="dev")
+    build(BuildOptions(inputs=[train], output=str(root / "s-train"), shard_size=8, progress=False))
+    build(BuildOptions(inputs=[dev], output=str(root / "s-dev"), shard_size=8, progress=False,
+                       vocab=str(root / "s-train" / "vocab.json"), max_reject_fraction=1))
+    return root
+
+
+def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [f"output_dir={out}", f"data.train_shards=[{shards / 's-train'}]", f"data.eval_shards.dev={shards / 's-dev'}",
+            "data.global_batch_size=8", "data.micro_batch_size=2", "data.num_workers=1", "data.bucket_batches=4",
+            "train.log_every=1", "optim.warmup_steps=4", *extra]
+
+
+def env() -> dict:
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def launch(launcher: str, args: list[str], timeout: int = 400, **kw) -> subprocess.CompletedProcess:
+    cmd = {
+        "python": [sys.executable, str(REPO / "launch" / "train.py")],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                     str(29400 + os.getpid() % 500), str(REPO / "launch" / "train.py")],
+        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                      str(29900 + os.getpid() % 90), str(REPO / "launch" / "train.py")],
+    }[launcher]
+    return subprocess.run(cmd + ["--config", str(REPO / "configs" / "test.yaml"), *args], env=env(),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+

@@ -186,7 +186,7 @@ class Preemption:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, denv: DistEnv):
+    def __init__(self, cfg: Config, denv: DistEnv, preemption: Preemption | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -229,7 +229,7 @@ class Trainer:
         self.best: dict = {}
         self.last_train_loss: float | None = None
         self.ckpt_dir = self.out / "checkpoints"
-        self.preemption = Preemption()
+        self.preemption = preemption or Preemption()
 
     # ── resume, save ──
 
@@ -418,10 +418,11 @@ class Trainer:
 
 def train(cfg: Config, denv: DistEnv | None = None) -> dict:
     """Run (or resume) the training that ``cfg`` describes, on every rank of the job."""
+    preemption = Preemption()  # first: a signal during start-up is a request to stop at the first step
     denv = denv or get_env()
     setup_logging(denv.rank, denv.world_size)
     try:
-        trainer = Trainer(cfg, denv)
+        trainer = Trainer(cfg, denv, preemption)
         try:
             return trainer.run()
         finally:

@@ -36,7 +36,19 @@ def test_the_two_commands_at_the_top_are_make_targets():
 @pytest.mark.parametrize("command", [c for c in readme_commands() if not c.startswith("make ")])
 def test_every_command_parses(command):
     words = [w for w in shlex.split(command) if w != "…"]
-    if words[0] == "asr-dist":
+    if words[0] == "sudo":
+        words = words[1:]
+    if words[0] == "bash":
+        assert (REPO / words[1]).exists(), words[1]
+        return
+    if words[0] == "sbatch":  # sbatch [options] slurm/X.sbatch CONFIG [overrides]: the script runs train with them
+        script = next(w for w in words if w.endswith(".sbatch"))
+        assert (REPO / script).exists(), script
+        rest = words[words.index(script) + 1:]
+        args = ["train", "--config", *rest] if "train" in Path(script).name else None
+        if args is None:
+            return
+    elif words[0] == "asr-dist":
         args = words[1:]
     else:  # a launcher: deepspeed / torchrun / python in front of one of our entry scripts
         script = next(w for w in words if w.endswith(".py"))

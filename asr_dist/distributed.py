@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +105,86 @@ def configure_accelerator() -> str:
 
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     return os.environ["DS_ACCELERATOR"]
+
+
+class PeerLost(RuntimeError):
+    """Another rank of the job has ended (killed, crashed, its node gone)."""
+
+
+EXIT_PEER_LOST = 76  # this rank stopped because another one was lost; restart the job to resume
+
+
+class Heartbeat:
+    """Every rank bumps a counter in the job's rendezvous store every ``timeout / 6`` seconds and
+    watches the others'. A rank whose counter has not moved for ``timeout`` seconds is lost: this
+    rank logs which one and ends, even while its main thread is blocked in a collective (NCCL can
+    wait there until the collective timeout; gloo fails at once, but without saying which peer).
+    Counters, not clocks, so nodes need not agree on the time; a rank hung in Python still beats,
+    so hangs are left to the collective timeout."""
+
+    def __init__(self, rank: int, world_size: int, timeout: float, on_lost=None):
+        import threading
+
+        import torch.distributed.distributed_c10d as c10d
+
+        self.rank, self.world, self.timeout = rank, world_size, float(timeout)
+        self.interval = max(0.2, self.timeout / 6)
+        self.on_lost = on_lost or self._exit
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._store = c10d._get_default_store()
+        self._keys = [f"asr_dist/heartbeat/{r}" for r in range(world_size)]
+        self._count = 0
+        self._store.set(self._keys[rank], "0")
+        self._store.wait(self._keys, datetime.timedelta(seconds=max(60.0, self.timeout)))
+        self._seen = {r: ("0", time.monotonic()) for r in range(world_size)}
+        self._thread = threading.Thread(target=self._run, name="asr-dist-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._count += 1
+                self._store.set(self._keys[self.rank], str(self._count))
+                values = self._store.multi_get(self._keys)
+            except Exception as e:  # the store lives with rank 0 (or the launcher): it is gone
+                if self._stop.wait(self.interval):
+                    return  # the job ended normally and its store with it
+                self._declare(f"the job's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                              f"{os.environ.get('MASTER_PORT')} stopped answering ({type(e).__name__}): "
+                              f"rank 0 or the launcher has ended")
+                return
+            now = time.monotonic()
+            for r, v in enumerate(values):
+                v = v.decode()
+                if v != self._seen[r][0]:
+                    self._seen[r] = (v, now)
+                elif r != self.rank and now - self._seen[r][1] > self.timeout:
+                    self._declare(f"rank {r} of {self.world} has not been heard from for {now - self._seen[r][1]:.0f} s: "
+                                  f"it was killed, crashed or lost its node (see its own log)")
+                    return
+
+    def _declare(self, why: str) -> None:
+        if self._stop.is_set():
+            return
+        self.lost = why
+        self.on_lost(why)
+
+    def _exit(self, why: str) -> None:
+        import logging
+
+        logging.getLogger("asr_dist.distributed").error(
+            "%s. Stopping rank %d; restart the job to resume from the last complete checkpoint.", why, self.rank)
+        logging.shutdown()
+        os._exit(EXIT_PEER_LOST)
+
+    def diagnose(self, wait: float | None = None) -> str | None:
+        """After a collective failed: wait (up to ``timeout`` plus a beat) for the watcher to name the
+        lost rank; None when every peer is still beating (the failure was something else)."""
+        deadline = time.monotonic() + (self.timeout + 2 * self.interval if wait is None else wait)
+        while self.lost is None and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        return self.lost
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -30,7 +30,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
-from .distributed import DistEnv, device_index, get_env, init_process_group, shutdown
+from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
@@ -209,6 +209,8 @@ class Trainer:
                 raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
+        self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
+                          if self.world > 1 and cfg.distributed.heartbeat_timeout_s > 0 else None)
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(device_index(denv, acc.device_count()))) if acc.device_name() != "cpu" else torch.device("cpu")
         if self.device.type == "cuda":
@@ -424,8 +426,19 @@ def train(cfg: Config, denv: DistEnv | None = None) -> dict:
     try:
         trainer = Trainer(cfg, denv, preemption)
         try:
-            return trainer.run()
+            result = trainer.run()
+            trainer._barrier()  # every rank done before anyone stops beating and leaves
+            return result
+        except Exception as e:
+            if trainer.heartbeat is not None and not isinstance(e, (TrainingError, ConfigError)):
+                # a collective failed: if a peer is gone, the heartbeat names it and ends this rank
+                log.error("rank %d: %s: %s; checking whether another rank was lost", denv.rank, type(e).__name__,
+                          str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+                trainer.heartbeat.diagnose()
+            raise
         finally:
+            if trainer.heartbeat is not None:
+                trainer.heartbeat.stop()
             trainer.writer.close()
     finally:
         shutdown(denv)

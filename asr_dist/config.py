@@ -80,7 +80,7 @@ class DistributedArgs:
     loss_scale_window: int = 1000  # fp16: steps without overflow before the scale grows
     hysteresis: int = 2  # fp16: overflows tolerated before the scale shrinks
     min_loss_scale: float = 1.0  # fp16: the scale never goes below this
-    max_skipped_steps: int = 50  # fp16: consecutive overflow-skipped steps that stop the run with a diagnosis
+    max_skipped_steps: int = 50  # consecutive steps skipped for inf/NaN gradients that stop the run, with a diagnosis
     timeout_minutes: int = 30  # collective timeout: a hung rank stops the others within this
     heartbeat_timeout_s: float = 300.0  # a rank silent this long is lost: the others stop, naming it (0: off)
     deepspeed_config: Optional[str] = None  # your own DeepSpeed JSON, merged in; contradictions are errors

@@ -232,6 +232,8 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.ckpt_dir = self.out / "checkpoints"
         self.preemption = preemption or Preemption()
+        # ZeRO 1-3 and fp16 skip steps with inf/NaN gradients themselves; stage 0 in fp32/bf16 does not
+        self.check_finite = cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16"
 
     # ── resume, save ──
 
@@ -312,6 +314,7 @@ class Trainer:
         window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "micro": 0, "audio": 0.0,
                   "wait": 0.0, "t0": time.time(), "steps": 0}
         skipped_run, last_skipped = 0, engine.skipped_steps
+        step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
         start_time, start_step = time.time(), step
         while step < self.total_steps:
             batches = iter(self.loader)
@@ -326,6 +329,9 @@ class Trainer:
                              labels=batch["labels"].to(self.device, non_blocking=True))
                 engine.backward(out.loss)
                 boundary = engine.is_gradient_accumulation_boundary()
+                step_keys.extend(batch["keys"])
+                if boundary and self.check_finite:
+                    self._stop_if_not_finite(engine.global_steps, out.loss, step_keys)
                 engine.step()
                 window["loss"] += out.loss.detach().to(torch.float64)
                 window["micro"] += 1
@@ -339,8 +345,9 @@ class Trainer:
                 else:
                     skipped_run = 0
                 last_skipped = engine.skipped_steps
-                if cfg.distributed.precision == "fp16" and skipped_run >= cfg.distributed.max_skipped_steps:
-                    self._overflow_storm(step, batch)
+                if skipped_run >= cfg.distributed.max_skipped_steps:
+                    self._overflow_storm(step, step_keys)
+                step_keys = []
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     self._log(step, window, start_time, start_step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
@@ -409,13 +416,42 @@ class Trainer:
         window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), micro=0, audio=0.0, wait=0.0,
                       t0=time.time(), steps=0)
 
-    def _overflow_storm(self, step: int, batch: dict) -> None:
+    def _overflow_storm(self, step: int, keys: list[str]) -> None:
+        """fp16, and ZeRO 1-3 in any precision, skip a step whose gradients are inf or NaN; many in a
+        row is a diverging run: stop with a checkpoint (skipped steps leave the weights as before them)."""
         self.save(step)
+        n = self.cfg.distributed.max_skipped_steps
+        if self.cfg.distributed.precision == "fp16":
+            what = (f"fp16 overflow storm: {n} optimizer steps in a row were skipped for inf/NaN gradients "
+                    f"(loss scale {getattr(self.engine.optimizer, 'cur_scale', '?')})")
+            hint = "Try distributed.precision=bf16, a lower optim.lr, or a lower distributed.initial_scale_power"
+        else:
+            what = f"{n} optimizer steps in a row had inf/NaN gradients and were skipped"
+            hint = "Try a lower optim.lr or a longer optim.warmup_steps, and check those utterances"
+        raise TrainingError(f"{what}; utterances of the last one on rank {self.rank}: {_keys_text(keys)}. A checkpoint "
+                            f"with the weights from before the skipped steps was saved at step {step}. {hint}")
+
+    def _stop_if_not_finite(self, step: int, loss: torch.Tensor, keys: list[str]) -> None:
+        """ZeRO stage 0 without fp16 has no overflow check: an inf/NaN gradient would reach the weights.
+        Checked before the optimizer step, on every rank together; the weights saved are still finite."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=self.device)]
+        ok = (torch.isfinite(torch.stack(norms)).all() & torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok.item()):
+            return
+        if not (ckpt.latest(self.ckpt_dir) and ckpt.latest(self.ckpt_dir).name == ckpt.tag_for(step)):
+            self.save(step)
         raise TrainingError(
-            f"fp16 overflow storm: {self.cfg.distributed.max_skipped_steps} optimizer steps in a row were skipped "
-            f"(loss scale {getattr(self.engine.optimizer, 'cur_scale', '?')}); last batch keys "
-            f"{batch['keys'][:8]}. A checkpoint was saved at step {step}. Try distributed.precision=bf16, a lower "
-            f"optim.lr, or a lower distributed.initial_scale_power")
+            f"inf/NaN loss or gradients in optimizer step {step + 1} (loss {float(loss):.4g} on rank {self.rank}); "
+            f"utterances on rank {self.rank}: {_keys_text(keys)}. The weights from before it were saved as checkpoint "
+            f"step {step}. Try a lower optim.lr or a longer optim.warmup_steps, or ZeRO stage 1-3 (they skip such "
+            f"steps and stop only after distributed.max_skipped_steps in a row)")
+
+
+def _keys_text(keys: list[str], limit: int = 16) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def train(cfg: Config, denv: DistEnv | None = None) -> dict:

@@ -55,3 +55,33 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             m = _TAG.match(p.name)
             if m and not (p / MARKER).exists() and int(m.group(1)) < newest:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints pickle (loss scalers, the ZeRO stage, fragment addresses):
+    allowed by name, everything else refused by torch.load(weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_safely(path, map_location=None):
+    """torch.load with weights_only=True: a checkpoint from elsewhere cannot run code when loaded."""
+    import torch
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_safe_loading(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoints with ``load_safely`` (its own engine passes
+    weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is TorchCheckpointEngine:
+        ce.load = lambda path, map_location=None: load_safely(path, map_location)
+    elif ce is not None:
+        log.warning("DeepSpeed checkpoint engine %s: checkpoints are loaded its own way", type(ce).__name__)

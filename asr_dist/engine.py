@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import random
 import signal
 import time
@@ -221,6 +222,7 @@ class Trainer:
         model = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        ckpt.use_safe_loading(self.engine)
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
         self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
                                        micro_batch_size=cfg.data.eval_micro_batch_size,
@@ -246,7 +248,11 @@ class Trainer:
             return
         if not (path / ckpt.MARKER).exists():
             raise TrainingError(f"{path} is not a complete checkpoint (no {ckpt.MARKER}); give another train.resume")
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        try:
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        except pickle.UnpicklingError as e:
+            raise TrainingError(f"{path} holds objects other than tensors and plain data, refused for safety "
+                                f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}") from None
         if client is None:
             raise TrainingError(f"DeepSpeed could not load {path}")
         same_world = client["world_size"] == self.world

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from asr_dist.checkpoint import load_safely
 from trainkit import launch, overrides
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ def test_divergence_stops_with_keys_and_a_finite_checkpoint(train_shards, tmp_pa
     saved = int(re.search(r"saved (?:as checkpoint step|at step) (\d+)", err).group(1))
     path = out / "checkpoints" / f"step-{saved:08d}"
     assert (path / "COMPLETE").exists()
-    state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = load_safely(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(row["train/loss"] == row["train/loss"] for row in rows if "train/loss" in row)  # no NaN was logged

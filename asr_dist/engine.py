@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import errno
 import math
 import pickle
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -271,15 +273,41 @@ class Trainer:
             "rng": _gather(rng_state(), self.world),
             "config": to_dict(self.cfg), "history": self.history, "best": self.best, "asr_dist_version": __version__,
         }
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        self._barrier()
         path = self.ckpt_dir / tag
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            self._save_failed(path, e)
+        self._barrier()
         if self.denv.is_main:
-            ckpt.mark_complete(path, {"step": step, "world_size": self.world})
+            try:
+                ckpt.mark_complete(path, {"step": step, "world_size": self.world})
+            except OSError as e:
+                self._save_failed(path, e)
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         self._barrier()
         log.info("saved checkpoint %s", path)
         return path
+
+    def _save_failed(self, path: Path, e: Exception) -> None:
+        """A save that failed (most often a full disk): remove what was written, keep every earlier
+        checkpoint, and stop with what to do."""
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        prev = ckpt.latest(self.ckpt_dir)
+        try:  # torch reports a full disk as e.g. "unexpected pos …": judge by the space left
+            free = shutil.disk_usage(self.ckpt_dir).free
+            needed = sum(f.stat().st_size for f in prev.iterdir()) // max(1, self.world) if prev else 64 * 2**20
+        except OSError:
+            free, needed = None, 0
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < needed):
+            why = f"no space left on the device ({free / 2**20:.1f} MiB free in {self.ckpt_dir}); {why}"
+        if self.denv.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        raise TrainingError(
+            f"rank {self.rank} could not save checkpoint {path}: {why}. The partial checkpoint was removed; "
+            + (f"{prev} is intact. " if prev else "there is no earlier checkpoint. ")
+            + "Free space (or lower train.keep_checkpoints, or move output_dir) and run the same command again to "
+            "resume" + (f" from step {int(prev.name.split('-')[1])}" if prev else "")) from e
 
     def _barrier(self) -> None:
         if self.world > 1:

@@ -1,0 +1,48 @@
+"""SIGKILL of the whole job while a checkpoint is being written: the partial checkpoint (no COMPLETE
+marker) is never loaded; the restart resumes from the previous one and reaches the planned end."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainkit import REPO, env, launch, losses, overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_kill_while_saving_resumes_from_the_previous_checkpoint(train_shards, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(train_shards, out, "train.max_steps=10", "train.checkpoint_every=1", "train.keep_checkpoints=3",
+                     "eval.every_steps=0", "data.eval_shards={}")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "train.py"), "--config",
+                             str(REPO / "configs" / "test.yaml"), *args], env=env(), stdout=log, stderr=log,
+                            start_new_session=True)
+    ckpts = out / "checkpoints"
+    partial = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and partial is None:
+        if ckpts.is_dir():
+            done = [p for p in ckpts.glob("step-*") if (p / "COMPLETE").exists()]
+            writing = [p for p in ckpts.glob("step-*") if not (p / "COMPLETE").exists() and any(p.iterdir())]
+            if done and writing:
+                partial = writing[0]
+                os.killpg(proc.pid, signal.SIGKILL)  # the job, its loader workers, everything, mid-save
+        time.sleep(0.002)
+    proc.wait()
+    assert partial is not None, "never caught a save in progress: " + (tmp_path / "first.log").read_text()[-2000:]
+    assert not (partial / "COMPLETE").exists()
+    complete = sorted(p.name for p in ckpts.glob("step-*") if (p / "COMPLETE").exists())
+    r = launch("python", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"ignoring incomplete checkpoint {partial}" in r.stderr
+    resumed = re.search(r"resumed from \S+/(step-\d+) at step", r.stderr).group(1)
+    assert resumed == complete[-1] and resumed < partial.name
+    assert max(losses(out)) == 10

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
+from .data.index import ShardError
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
@@ -354,7 +355,12 @@ class Trainer:
             batches = iter(self.loader)
             while step < self.total_steps:
                 t = time.time()
-                batch = next(batches, None)
+                try:
+                    batch = next(batches, None)
+                except ShardError as e:  # data.on_corrupt=stop; raised again here from a loader worker
+                    text = str(e).strip().splitlines()[-1]
+                    raise TrainingError(f"damaged training data on rank {self.rank}: "
+                                        f"{text.split('ShardError: ', 1)[-1]}") from None
                 window["wait"] += time.time() - t
                 if batch is None:
                     break  # the epoch ended
@@ -424,7 +430,8 @@ class Trainer:
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
         engine = self.engine
         totals = torch.stack([window["loss"], torch.tensor(float(window["micro"]), dtype=torch.float64, device=self.device),
-                              torch.tensor(window["audio"], dtype=torch.float64, device=self.device)])
+                              torch.tensor(window["audio"], dtype=torch.float64, device=self.device),
+                              torch.tensor(float(self.loader.skipped_samples), dtype=torch.float64, device=self.device)])
         if self.world > 1:
             dist.all_reduce(totals)  # sums over ranks: mean loss, and the audio of all ranks
         elapsed = time.time() - window["t0"]
@@ -433,7 +440,7 @@ class Trainer:
             "train/loss": loss, "train/lr": engine.get_lr()[0],
             "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "train/skipped_steps": engine.skipped_steps,
-            "train/skipped_samples": self.loader.skipped_samples,
+            "train/skipped_samples": int(totals[3]),  # all ranks
             "perf/audio_seconds_per_second": float(totals[2]) / elapsed if elapsed > 0 else 0.0,
             "perf/data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
         }

@@ -213,8 +213,10 @@ def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int], skip: int, o
     except fmt.ShardError as e:
         if on_corrupt == "stop":
             raise
-        counters["skipped_shards"] = counters.get("skipped_shards", 0) + 1
-        log.warning("skipping the rest of a damaged shard: %s", e)
+        in_unit = len(range(unit[1], shard.num_samples, unit[2]))  # this unit's share of the shard's samples
+        lost = max(0, in_unit - max(j, skip))
+        counters["skipped_samples"] = counters.get("skipped_samples", 0) + lost
+        log.warning("skipping the rest of a damaged shard (%d samples of this stream): %s", lost, e)
 
 
 @dataclasses.dataclass
@@ -337,7 +339,9 @@ class TrainLoader:
         self._states: dict[int, dict] = {}
         self._tag = ""
         self._quota_steps = self.steps_per_epoch
-        self.skipped_samples = 0
+        self.skipped_samples = 0  # damaged samples skipped on this rank (data.on_corrupt=skip), all epochs
+        self._skipped: dict[int, int] = {}
+        self._skipped_before = 0
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -399,10 +403,12 @@ class TrainLoader:
             batch = pending.pop(want)
             self._states[want[0]] = batch.pop("state")
             batch.pop("stream")
-            self.skipped_samples = max(self.skipped_samples, batch.pop("skipped_samples"))
+            self._skipped[want[0]] = batch.pop("skipped_samples")  # cumulative per stream this epoch
+            self.skipped_samples = self._skipped_before + sum(self._skipped.values())
             self._consumed += 1
             yield batch
         self.epoch += 1
+        self._skipped_before, self._skipped = self.skipped_samples, {}
         self._consumed, self._states, self._tag = 0, {}, ""
         self._quota_steps = self.steps_per_epoch
 

@@ -365,9 +365,19 @@ class Trainer:
                 if batch is None:
                     break  # the epoch ended
                 inputs = batch["input_values"].to(self.device, self.input_dtype, non_blocking=True)
-                out = engine(input_values=inputs, attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
-                             labels=batch["labels"].to(self.device, non_blocking=True))
-                engine.backward(out.loss)
+                try:
+                    out = engine(input_values=inputs,
+                                 attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
+                                 labels=batch["labels"].to(self.device, non_blocking=True))
+                    engine.backward(out.loss)
+                except torch.OutOfMemoryError:
+                    # one rank cannot skip a batch alone (the others would wait in its gradient reduction)
+                    raise TrainingError(
+                        f"out of memory on rank {self.rank} in a micro-batch of {len(batch['keys'])} utterances, "
+                        f"{float(batch['durations'].max()):.1f} s the longest, {inputs.shape[1] / 16000:.1f} s padded "
+                        f"({_keys_text(batch['keys'])}). Lower data.micro_batch_size (accumulation makes up the "
+                        f"global batch), set model.gradient_checkpointing=true, or rebuild the shards with a lower "
+                        f"--max-duration") from None
                 boundary = engine.is_gradient_accumulation_boundary()
                 step_keys.extend(batch["keys"])
                 if boundary and self.check_finite:

@@ -99,3 +99,26 @@ def test_evaluate_a_corpus_and_transcribe(model_and_set, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["audio"] == str(wav) and isinstance(line["text"], str) and line["duration"] > 0
     assert main(["evaluate", "--model", str(tmp_path), "--shards", str(root / "shards")]) == 2
+
+
+def _ranks_on(rank, world, port, model, shards, out):
+    torch.set_num_threads(1)
+    denv = DistEnv(rank, rank, world, "127.0.0.1", port, "test")
+    evaluate_model(model, shards, report=str(out / f"report-{world}.json"), micro_batch_size=4, num_workers=0,
+                   denv=denv, progress=False)
+
+
+def test_a_rank_with_no_utterances(model_and_set, tmp_path):
+    """2 utterances on 3 ranks: the third holds none, runs only filler batches, and the counts are exact."""
+    root = model_and_set
+    src = write_corpus(tmp_path / "corpus", "nemo", 2, seed=23)
+    shards = tmp_path / "shards"
+    build(BuildOptions(inputs=[src], output=str(shards), shard_size=1, progress=False,
+                       vocab=str(root / "shards" / "vocab.json"), max_reject_fraction=1))
+    _ranks_on(0, 1, 0, str(root / "model"), str(shards), tmp_path)
+    mp.spawn(_ranks_on, args=(3, 29250 + os.getpid() % 40, str(root / "model"), str(shards), tmp_path), nprocs=3,
+             join=True)
+    one, three = (json.loads((tmp_path / f"report-{w}.json").read_text()) for w in (1, 3))
+    assert one["num_utterances"] == three["num_utterances"] == 2
+    for k in ("wer", "cer", "num_words", "substitutions", "deletions", "insertions"):
+        assert three[k] == one[k], k

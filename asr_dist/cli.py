@@ -186,10 +186,43 @@ def cmd_evaluate(args) -> int:
     from .decode import evaluate_model
 
     r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
-                       micro_batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress)
+                       micro_batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
+                       decoder=_decoder_options(args))
     if r["world_size"] == 1 or get_rank_zero():
         print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
                                             "insertions", "audio_hours", "real_time_factor")}, indent=1))
+    return EXIT_OK
+
+
+def _decoder_options(args) -> dict | None:
+    """Greedy decoding unless --lm or --beam-width asks for the beam search."""
+    if args.lm is None and not args.beam_width:
+        return None
+    return {"lm": args.lm, "beam_width": args.beam_width or 32, "alpha": args.lm_alpha, "beta": args.lm_beta}
+
+
+def add_decoder_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (greedy unless --lm or --beam-width is given)")
+    g.add_argument("--lm", metavar="FILE", help="n-gram language model, ARPA or KenLM binary (asr-dist lm build, or "
+                                                "KenLM's lmplz), fused into a CTC beam search")
+    g.add_argument("--beam-width", type=int, help="beams kept per frame (default with --lm: 32)")
+    g.add_argument("--lm-alpha", type=float, default=0.5, help="weight of the LM log-probability (default: 0.5)")
+    g.add_argument("--lm-beta", type=float, default=1.0, help="bonus per word, against short outputs (default: 1.0)")
+
+
+def cmd_lm_build(args) -> int:
+    from .lm import build_arpa, shard_transcripts
+
+    def sentences():
+        for d in args.shards or []:
+            yield from shard_transcripts(d)
+        for f in args.text or []:
+            with open(f, encoding="utf-8") as fh:
+                yield from (line.strip() for line in fh)
+
+    info = build_arpa(sentences(), args.output, order=args.order)
+    print(f"{args.output}: {info['sentences']} sentences, order {info['order']}, "
+          + ", ".join(f"{info[f'{k}-grams']} {k}-grams" for k in range(1, info["order"] + 1)))
     return EXIT_OK
 
 
@@ -206,7 +239,7 @@ def cmd_transcribe(args) -> int:
 
     failed = 0
     for r in transcribe(args.model, args.audio, chunk_length_s=args.chunk_length, stride_length_s=args.stride,
-                        batch_size=args.batch_size):
+                        batch_size=args.batch_size, decoder=_decoder_options(args)):
         failed += "error" in r
         print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['audio']}\t{r.get('text', 'ERROR ' + r.get('error', ''))}")
     return EXIT_FAILED if failed else EXIT_OK
@@ -277,6 +310,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass (default: 16)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     p.add_argument("--no-progress", action="store_true")
+    add_decoder_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("transcribe", help="transcribe audio files with a trained model")
@@ -286,7 +320,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-length", type=float, default=20.0, help="seconds per chunk for long audio (default: 20)")
     p.add_argument("--stride", type=float, default=4.0, help="seconds of overlap on each side of a chunk (default: 4)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default: 8)")
+    add_decoder_arguments(p)
     p.set_defaults(func=cmd_transcribe)
+
+    lm = sub.add_parser("lm", help="n-gram language models for decoding")
+    lsub = lm.add_subparsers(dest="lm_command", required=True, metavar="SUBCOMMAND")
+    p = lsub.add_parser("build", help="estimate a Kneser-Ney n-gram model (ARPA) from shard transcripts or text files",
+                        description="Interpolated Kneser-Ney, for transcripts of modest size (a few million words). "
+                                    "Text files must be normalised the way the model's training data was (one "
+                                    "sentence a line); shard sets already are. For large corpora use KenLM's lmplz.")
+    p.add_argument("--shards", nargs="+", metavar="DIR", help="shard sets whose transcripts to use")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="normalised text, one sentence a line")
+    p.add_argument("--output", "-o", required=True, metavar="FILE.arpa")
+    p.add_argument("--order", type=int, default=3, help="n-gram order (default: 3)")
+    p.set_defaults(func=cmd_lm_build)
 
     p = sub.add_parser("report", help="draw a run's loss, learning rate and WER curves into a PNG")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training output_dir (reads its metrics.jsonl)")

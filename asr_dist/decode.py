@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -65,9 +66,11 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
 
 def evaluate_model(model_dir: str, source: str, report: str | None = None, predictions: str | None = None,
                    micro_batch_size: int = 16, num_workers: int = 2, denv: DistEnv | None = None,
-                   progress: bool = True) -> dict:
-    """WER, CER and error counts of ``model_dir`` on ``source``, on every rank of the job."""
+                   progress: bool = True, decoder: dict | None = None) -> dict:
+    """WER, CER and error counts of ``model_dir`` on ``source``, on every rank of the job. ``decoder``:
+    None for greedy decoding, else BeamSearchDecoder's arguments (lm, beam_width, alpha, beta)."""
     denv = denv or get_env()
+    beam = _beam_decoder(model_dir, decoder)
     device = torch.device(f"cuda:{denv.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if denv.world_size > 1 and not dist.is_initialized():
         import datetime
@@ -92,7 +95,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
         t0 = time.time()
         with tqdm(total=len(loader), unit="batch", desc="evaluating", disable=not (progress and denv.is_main)) as bar:
             r = evaluate_set(lambda x, m: model(input_values=x, attention_mask=m).logits,
-                             model._get_feat_extract_output_lengths, loader, GreedyDecoder(vocab),
+                             model._get_feat_extract_output_lengths, loader, beam or GreedyDecoder(vocab),
                              model.config.pad_token_id, device, torch.float32, denv.world_size,
                              keep_predictions=predictions is not None, progress=bar)
         elapsed = time.time() - t0
@@ -109,6 +112,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
         "word_edits": c.word_edits, "char_edits": c.char_edits, "audio_hours": r["audio_seconds"] / 3600,
         "real_time_factor": elapsed / r["audio_seconds"] if r["audio_seconds"] else None,
         "world_size": denv.world_size, "text_normalizer": meta.get("text_normalizer"),
+        "decoder": beam.settings() if beam else {"decoder": "greedy"},
     }
     if denv.is_main:
         if report:
@@ -121,15 +125,62 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
     return result
 
 
+def _beam_decoder(model_dir: str, options: dict | None):
+    if not options:
+        return None
+    from .lm import BeamSearchDecoder
+
+    vocab = json.loads((Path(model_dir) / "vocab.json").read_text(encoding="utf-8"))
+    return BeamSearchDecoder(vocab, options.get("lm"), beam_width=options.get("beam_width", 32),
+                             alpha=options.get("alpha", 0.5), beta=options.get("beta", 1.0))
+
+
+def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: int, device) -> torch.Tensor:
+    """CTC logits (F, V) of a long recording: windows of ``chunk`` samples overlapping by ``stride`` on
+    each side; each window's edge frames are dropped (the pipeline's strided CTC), the rest joined."""
+    step = max(1, chunk - 2 * stride)
+    starts = list(range(0, max(1, len(x) - 2 * stride), step)) if len(x) > chunk else [0]
+    windows = [(s, min(len(x), s + chunk)) for s in starts]
+    pieces = []
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        width = max(b - a for a, b in group)
+        batch = np.zeros((len(group), width), np.float32)
+        mask = np.zeros((len(group), width), bool)
+        for j, (a, b) in enumerate(group):
+            seg = x[a:b]
+            batch[j, :len(seg)] = (seg - seg.mean()) / np.sqrt(seg.var() + 1e-7)
+            mask[j, :len(seg)] = True
+        with torch.no_grad():
+            logits = model(input_values=torch.from_numpy(batch).to(device),
+                           attention_mask=torch.from_numpy(mask).to(device)).logits.float().cpu()
+        for j, (a, b) in enumerate(group):
+            frames = int(model._get_feat_extract_output_lengths(torch.tensor(b - a)))
+            per = (b - a) / max(1, frames)  # samples per frame
+            left = 0 if a == 0 else int(round(stride / per))
+            right = frames if b >= len(x) else frames - int(round(stride / per))
+            pieces.append(logits[j, left:right])
+    return torch.cat(pieces)
+
+
 def transcribe(model_dir: str, audio: list[str], chunk_length_s: float = 20.0, stride_length_s: float = 4.0,
-               batch_size: int = 8) -> list[dict]:
-    """Transcripts of audio files of any format and rate; long ones in overlapping chunks (strided CTC)."""
+               batch_size: int = 8, decoder: dict | None = None) -> list[dict]:
+    """Transcripts of audio files of any format and rate; long ones in overlapping chunks (strided CTC).
+    Greedy through transformers' pipeline, or the beam search (with an n-gram LM) on the same chunking."""
     import transformers
 
     from .audio import AudioError, decode, to_16k
 
-    device = 0 if torch.cuda.is_available() else "cpu"
-    asr = transformers.pipeline("automatic-speech-recognition", model=model_dir, device=device)
+    beam = _beam_decoder(model_dir, decoder)
+    if beam is not None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _, _ = load_model_dir(model_dir, device)
+        chunk, stride = int(chunk_length_s * 16000), int(stride_length_s * 16000)
+        if chunk <= 2 * stride:
+            raise ValueError(f"--chunk-length {chunk_length_s} must be more than twice --stride {stride_length_s}")
+    else:
+        device = 0 if torch.cuda.is_available() else "cpu"
+        asr = transformers.pipeline("automatic-speech-recognition", model=model_dir, device=device)
     out = []
     for path in audio:
         try:
@@ -138,7 +189,11 @@ def transcribe(model_dir: str, audio: list[str], chunk_length_s: float = 20.0, s
             out.append({"audio": path, "error": f"{e.reason}: {e.detail}"})
             continue
         x = to_16k(samples, sr)
-        r = asr({"raw": x, "sampling_rate": 16000}, chunk_length_s=chunk_length_s, stride_length_s=stride_length_s,
-                batch_size=batch_size)
-        out.append({"audio": path, "text": r["text"], "duration": round(len(x) / 16000, 3)})
+        if beam is not None:
+            logits = chunked_logits(model, x, chunk, stride, batch_size, device)
+            text = beam.decode(torch.log_softmax(logits, dim=-1).numpy())
+        else:
+            text = asr({"raw": x, "sampling_rate": 16000}, chunk_length_s=chunk_length_s,
+                       stride_length_s=stride_length_s, batch_size=batch_size)["text"]
+        out.append({"audio": path, "text": text, "duration": round(len(x) / 16000, 3)})
     return out

@@ -1,0 +1,115 @@
+"""n-gram LM decoding: the ARPA builder's probabilities, the CTC beam search against hand-made logits,
+and the LM changing a decision the acoustics leave open."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from asr_dist.cli import main
+from asr_dist.lm import BeamSearchDecoder, LMError, LanguageModel, build_arpa
+from asr_dist.metrics import GreedyDecoder
+
+kenlm = pytest.importorskip("kenlm")
+VOCAB = {"[PAD]": 0, "[UNK]": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abdehkmnstuø")}}
+
+
+def frames(spec: list[dict[str, float]]) -> torch.Tensor:
+    """One frame per dict of token -> probability (the rest shared by the others), as logits (1, F, V)."""
+    rows = []
+    for d in spec:
+        p = np.full(len(VOCAB), 1e-4)
+        for tok, q in d.items():
+            p[VOCAB[tok]] = q
+        rows.append(np.log(p / p.sum()))
+    return torch.tensor(np.array(rows), dtype=torch.float32)[None]
+
+
+def spell(text: str) -> list[dict[str, float]]:
+    """Sure frames for a text: each character, a blank between letters, "|" between words."""
+    out = []
+    for ch in text:
+        out += [{"|" if ch == " " else ch: 0.99}, {"[PAD]": 0.99}]
+    return out
+
+
+def test_arpa_probabilities_sum_to_one(tmp_path):
+    sentences = ["hun bad hus", "hun bad mad", "et hus ved havet", "hun så et hus", "det er en kat", "en kat og en hund"]
+    info = build_arpa(sentences * 3 + ["sjælden sætning her"], tmp_path / "lm.arpa", order=3)
+    assert info["sentences"] == 19 and info["3-grams"] > 0
+    m = kenlm.Model(str(tmp_path / "lm.arpa"))
+    words = sorted({w for s in sentences for w in s.split()} | {"sjælden", "sætning", "her", "</s>", "<unk>"})
+    for context in ([], ["hun"], ["hun", "bad"], ["et", "hus"], ["ukendt", "ord"]):
+        state = kenlm.State()
+        m.BeginSentenceWrite(state)
+        for w in context:
+            nxt = kenlm.State()
+            m.BaseScore(state, w, nxt)
+            state = nxt
+        total = sum(10 ** m.BaseScore(state, w, kenlm.State()) for w in words)
+        assert total == pytest.approx(1.0, abs=1e-4), context
+    # the data's own continuations are the likely ones
+    assert m.score("hun bad hus", bos=True, eos=True) > m.score("hus bad hun", bos=True, eos=True)
+
+
+def test_beam_search_without_lm_matches_greedy_on_clear_frames():
+    logits = frames(spell("hun bad et hus"))
+    n = torch.tensor([logits.shape[1]])
+    assert BeamSearchDecoder(VOCAB, beam_width=8)(logits, n) == GreedyDecoder(VOCAB)(logits, n) == ["hun bad et hus"]
+    # repeats collapse unless a blank separates them; leading, trailing and double delimiters vanish
+    logits = frames([{"|": 0.9}, {"m": 0.9}, {"m": 0.9}, {"[PAD]": 0.9}, {"m": 0.9}, {"|": 0.9}, {"|": 0.9}, {"a": 0.9}])
+    assert BeamSearchDecoder(VOCAB, beam_width=8)(logits, torch.tensor([8])) == ["mm a"]
+
+
+def test_lm_settles_what_the_acoustics_leave_open(tmp_path):
+    build_arpa(["hun bad et hus"] * 20 + ["hun bad et bad", "et hus"], tmp_path / "lm.arpa", order=3)
+    # the last word sounds a little more like "hum" than "hus"
+    spec = spell("hun bad et hu") + [{"m": 0.55, "s": 0.44}, {"[PAD]": 0.99}]
+    logits, n = frames(spec), torch.tensor([len(spec)])
+    assert GreedyDecoder(VOCAB)(logits, n) == ["hun bad et hum"]
+    assert BeamSearchDecoder(VOCAB, beam_width=16)(logits, n) == ["hun bad et hum"]
+    lm = LanguageModel(tmp_path / "lm.arpa")
+    assert BeamSearchDecoder(VOCAB, lm, beam_width=16, alpha=0.5, beta=1.0)(logits, n) == ["hun bad et hus"]
+    assert BeamSearchDecoder(VOCAB, lm, beam_width=16, alpha=0.0, beta=0.0)(logits, n) == ["hun bad et hum"]
+
+
+def test_bad_lm_paths_say_what_is_wrong(tmp_path):
+    with pytest.raises(LMError, match="no such language model"):
+        LanguageModel(tmp_path / "missing.arpa")
+    (tmp_path / "bad.arpa").write_text("not an arpa file\n")
+    with pytest.raises(LMError, match="KenLM cannot read it"):
+        LanguageModel(tmp_path / "bad.arpa")
+    with pytest.raises(LMError, match="no text"):
+        build_arpa(["", "  "], tmp_path / "empty.arpa")
+
+
+def test_cli_builds_an_lm_from_shards_and_evaluates_with_it(tmp_path, capsys):
+    from asr_dist.data.writer import BuildOptions, build
+    from asr_dist.export import make_processor
+    from asr_dist.model import PRESETS
+    from asr_dist.synth import write_corpus
+    import transformers
+
+    src = write_corpus(tmp_path / "corpus", "nemo", 6, seed=31)
+    build(BuildOptions(inputs=[src], output=str(tmp_path / "shards"), shard_size=3, progress=False))
+    assert main(["lm", "build", "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "lm.arpa")]) == 0
+    assert "6 sentences, order 3" in capsys.readouterr().out
+    vocab = json.loads((tmp_path / "shards" / "vocab.json").read_text())
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab), pad_token_id=0))
+    model.save_pretrained(str(tmp_path / "model"))
+    make_processor(tmp_path / "shards" / "vocab.json").save_pretrained(str(tmp_path / "model"))
+    report = tmp_path / "wer.json"
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--shards", str(tmp_path / "shards"), "--workers", "0",
+                 "--no-progress", "--lm", str(tmp_path / "lm.arpa"), "--beam-width", "4", "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["decoder"] == {"decoder": "beam", "beam_width": 4, "lm": str(tmp_path / "lm.arpa"), "lm_alpha": 0.5,
+                            "lm_beta": 1.0}
+    assert r["num_utterances"] == 6 and not math.isnan(r["wer"])
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--shards", str(tmp_path / "shards"),
+                 "--lm", str(tmp_path / "nope.arpa")]) == 2
+    assert "no such language model" in capsys.readouterr().err

@@ -136,30 +136,34 @@ def _beam_decoder(model_dir: str, options: dict | None):
 
 
 def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: int, device) -> torch.Tensor:
-    """CTC logits (F, V) of a long recording: windows of ``chunk`` samples overlapping by ``stride`` on
-    each side; each window's edge frames are dropped (the pipeline's strided CTC), the rest joined."""
-    step = max(1, chunk - 2 * stride)
-    starts = list(range(0, max(1, len(x) - 2 * stride), step)) if len(x) > chunk else [0]
-    windows = [(s, min(len(x), s + chunk)) for s in starts]
+    """CTC logits (F, V) of a long recording, chunked as transformers' ASR pipeline does (so greedy
+    decoding of these equals its output): windows of ``chunk`` samples, ``stride`` samples of context on
+    each inner side whose frames are dropped, the rest joined."""
+    step = chunk - 2 * stride
+    windows = []  # (start, end, left context, right context) in samples
+    for start in range(0, len(x), step):
+        end = start + chunk
+        last = end >= len(x)
+        windows.append((start, min(end, len(x)), 0 if start == 0 else stride, 0 if last else stride))
+        if last:
+            break
+    ratio = 1 / model.config.inputs_to_logits_ratio
     pieces = []
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
-        width = max(b - a for a, b in group)
+        width = max(b - a for a, b, _, _ in group)
         batch = np.zeros((len(group), width), np.float32)
-        mask = np.zeros((len(group), width), bool)
-        for j, (a, b) in enumerate(group):
+        mask = np.zeros((len(group), width), np.int64)
+        for j, (a, b, _, _) in enumerate(group):
             seg = x[a:b]
             batch[j, :len(seg)] = (seg - seg.mean()) / np.sqrt(seg.var() + 1e-7)
-            mask[j, :len(seg)] = True
+            mask[j, :len(seg)] = 1
         with torch.no_grad():
             logits = model(input_values=torch.from_numpy(batch).to(device),
                            attention_mask=torch.from_numpy(mask).to(device)).logits.float().cpu()
-        for j, (a, b) in enumerate(group):
-            frames = int(model._get_feat_extract_output_lengths(torch.tensor(b - a)))
-            per = (b - a) / max(1, frames)  # samples per frame
-            left = 0 if a == 0 else int(round(stride / per))
-            right = frames if b >= len(x) else frames - int(round(stride / per))
-            pieces.append(logits[j, left:right])
+        for j, (a, b, left, right) in enumerate(group):
+            n = int(round((b - a) * ratio))
+            pieces.append(logits[j, int(round(left * ratio)):n - int(round(right * ratio))])
     return torch.cat(pieces)
 
 

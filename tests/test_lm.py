@@ -113,3 +113,43 @@ def test_cli_builds_an_lm_from_shards_and_evaluates_with_it(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--shards", str(tmp_path / "shards"),
                  "--lm", str(tmp_path / "nope.arpa")]) == 2
     assert "no such language model" in capsys.readouterr().err
+
+
+def test_two_minute_recording_chunks_like_the_pipeline_and_decodes_with_an_lm(tmp_path, capsys):
+    """A 2-minute file of concatenated utterances: our chunked logits, decoded greedily, give exactly the
+    transformers pipeline's strided-CTC transcript; `transcribe --lm` decodes the same chunks."""
+    import soundfile as sf
+    import transformers
+
+    from asr_dist.audio import decode, to_16k
+    from asr_dist.decode import chunked_logits
+    from asr_dist.export import make_processor
+    from asr_dist.model import PRESETS
+    from asr_dist.synth import write_corpus
+
+    manifest = write_corpus(tmp_path / "corpus", "nemo", 40, seed=41, sample_rate=16000)
+    rows = [json.loads(line) for line in open(manifest, encoding="utf-8")]
+    parts = [to_16k(*decode(str(tmp_path / "corpus" / r["audio_filepath"]))) for r in rows]
+    audio = np.concatenate(parts * 3)[: 120 * 16000]
+    assert len(audio) == 120 * 16000, len(audio) / 16000
+    sf.write(tmp_path / "long.wav", audio, 16000)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyzæøå")}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab),
+                                                                    pad_token_id=0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # a random model with sharp, varied outputs
+    model.save_pretrained(str(tmp_path / "model"))
+    make_processor(tmp_path / "vocab.json").save_pretrained(str(tmp_path / "model"))
+    asr = transformers.pipeline("automatic-speech-recognition", model=str(tmp_path / "model"), device="cpu")
+    expected = asr({"raw": audio, "sampling_rate": 16000}, chunk_length_s=20, stride_length_s=4, batch_size=4)["text"]
+    logits = chunked_logits(model, audio, 20 * 16000, 4 * 16000, 4, "cpu")
+    assert abs(logits.shape[0] - 120 * 50) <= 1
+    ours = GreedyDecoder(vocab)(logits[None], torch.tensor([logits.shape[0]]))[0]
+    assert ours == " ".join(expected.replace("[UNK]", "").split()) and len(ours) > 1000
+    build_arpa([r["text"] for r in rows], tmp_path / "lm.arpa", order=2)
+    assert main(["transcribe", "--model", str(tmp_path / "model"), str(tmp_path / "long.wav"), "--json",
+                 "--lm", str(tmp_path / "lm.arpa"), "--beam-width", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["duration"] == 120.0 and len(out["text"]) > 0

@@ -195,7 +195,9 @@ def cmd_evaluate(args) -> int:
 
 
 def _decoder_options(args) -> dict | None:
-    """Greedy decoding unless --lm or --beam-width asks for the beam search."""
+    """Greedy decoding unless --lm, --beam-width or an LM carried by the model asks for the beam search."""
+    if args.no_lm:
+        return {"greedy": True}
     if args.lm is None and not args.beam_width:
         return None
     return {"lm": args.lm, "beam_width": args.beam_width or 32, "alpha": args.lm_alpha, "beta": args.lm_beta}
@@ -208,6 +210,7 @@ def add_decoder_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam-width", type=int, help="beams kept per frame (default with --lm: 32)")
     g.add_argument("--lm-alpha", type=float, default=0.5, help="weight of the LM log-probability (default: 0.5)")
     g.add_argument("--lm-beta", type=float, default=1.0, help="bonus per word, against short outputs (default: 1.0)")
+    g.add_argument("--no-lm", action="store_true", help="greedy decoding even when the model carries a language model")
 
 
 def cmd_lm_build(args) -> int:
@@ -220,9 +223,16 @@ def cmd_lm_build(args) -> int:
             with open(f, encoding="utf-8") as fh:
                 yield from (line.strip() for line in fh)
 
+    if not (args.shards or args.text):
+        raise UserError("give --shards DIR... or --text FILE... to build the language model from")
     info = build_arpa(sentences(), args.output, order=args.order)
     print(f"{args.output}: {info['sentences']} sentences, order {info['order']}, "
           + ", ".join(f"{info[f'{k}-grams']} {k}-grams" for k in range(1, info["order"] + 1)))
+    if args.attach:
+        from .lm import attach
+
+        print(f"stored in {attach(args.attach, args.output, args.lm_alpha, args.lm_beta)}: "
+              f"evaluate and transcribe with --model {args.attach} now use it (--no-lm: greedy)")
     return EXIT_OK
 
 
@@ -333,6 +343,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", metavar="FILE", help="normalised text, one sentence a line")
     p.add_argument("--output", "-o", required=True, metavar="FILE.arpa")
     p.add_argument("--order", type=int, default=3, help="n-gram order (default: 3)")
+    p.add_argument("--attach", metavar="MODEL_DIR", help="also store it in this exported model directory, as "
+                                                          "Wav2Vec2ProcessorWithLM expects, to decode with by default")
+    p.add_argument("--lm-alpha", type=float, default=0.5, help="with --attach: the LM weight stored (default: 0.5)")
+    p.add_argument("--lm-beta", type=float, default=1.0, help="with --attach: the word bonus stored (default: 1.0)")
     p.set_defaults(func=cmd_lm_build)
 
     p = sub.add_parser("report", help="draw a run's loss, learning rate and WER curves into a PNG")

@@ -126,9 +126,19 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
 
 
 def _beam_decoder(model_dir: str, options: dict | None):
-    if not options:
+    """None (greedy) or a BeamSearchDecoder: from ``options``, else from an LM the model directory
+    carries (asr-dist lm build --attach); options {"greedy": True} forces greedy decoding."""
+    from .lm import BeamSearchDecoder, attached
+
+    if options and options.get("greedy"):
         return None
-    from .lm import BeamSearchDecoder
+    if not options or (options.get("lm") is None and attached(model_dir)):
+        carried = attached(model_dir)
+        if carried is None:
+            return None
+        options = {**carried, **{k: v for k, v in (options or {}).items() if k == "beam_width"}}
+        log.info("decoding with the language model %s carried by the model (alpha %g, beta %g)", carried["lm"],
+                 carried["alpha"], carried["beta"])
 
     vocab = json.loads((Path(model_dir) / "vocab.json").read_text(encoding="utf-8"))
     return BeamSearchDecoder(vocab, options.get("lm"), beam_width=options.get("beam_width", 32),

@@ -11,6 +11,7 @@ give it to `--lm` the same way; `build_arpa` is for training transcripts of mode
 from __future__ import annotations
 
 import collections
+import json
 import math
 from pathlib import Path
 from typing import Iterable
@@ -105,8 +106,6 @@ def build_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> di
 
 def shard_transcripts(shard_dir: str | Path) -> Iterable[str]:
     """The normalised transcripts of a shard set, shard by shard."""
-    import json
-
     from .data.index import iter_shard
 
     shards = sorted(Path(shard_dir).glob("*.tar"))
@@ -252,3 +251,67 @@ class BeamSearchDecoder:
 
     def _bonus(self, state: tuple) -> float:
         return self.alpha * state[2] + self.beta * len(state[0])
+
+
+LM_DIR = "language_model"
+
+
+def _arpa_unigrams(path: Path) -> list[str]:
+    words, inside = [], False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("\\1-grams:"):
+                inside = True
+            elif inside and (not line or line.startswith("\\")):
+                break
+            elif inside:
+                w = line.split("\t")[1]
+                if w not in ("<s>", "</s>", "<unk>"):
+                    words.append(w)
+    return words
+
+
+def attach(model_dir: str | Path, lm_path: str | Path, alpha: float = 0.5, beta: float = 1.0) -> Path:
+    """Store an n-gram LM inside an exported model directory, in the layout transformers'
+    Wav2Vec2ProcessorWithLM (pyctcdecode) reads: language_model/{the model, unigrams.txt, attrs.json} and
+    alphabet.json. `asr-dist evaluate` and `transcribe` then decode with it unless given --no-lm."""
+    import shutil
+
+    model_dir, lm_path = Path(model_dir), Path(lm_path)
+    if not (model_dir / "vocab.json").exists():
+        raise LMError(f"{model_dir}: not a model directory exported by training (no vocab.json)")
+    LanguageModel(lm_path)  # readable?
+    target = model_dir / LM_DIR
+    target.mkdir(exist_ok=True)
+    for old in target.iterdir():
+        old.unlink()
+    shutil.copyfile(lm_path, target / lm_path.name)
+    if lm_path.suffix == ".arpa":
+        (target / "unigrams.txt").write_text("\n".join(_arpa_unigrams(lm_path)) + "\n", encoding="utf-8")
+    (target / "attrs.json").write_text(json.dumps({"alpha": alpha, "beta": beta, "unk_score_offset": -10.0,
+                                                   "score_boundary": True}, indent=1) + "\n")
+    vocab = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
+    special = {PAD_TOKEN: "", WORD_DELIMITER: " "}
+    labels = [special.get(t, t if len(t) == 1 else "⁇") for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    (model_dir / "alphabet.json").write_text(json.dumps({"labels": labels, "is_bpe": False}, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+    for name in ("processor_config.json", "preprocessor_config.json"):  # transformers 5 and 4 layouts
+        pre = model_dir / name
+        if pre.exists():
+            cfg = json.loads(pre.read_text())
+            cfg["processor_class"] = "Wav2Vec2ProcessorWithLM"
+            pre.write_text(json.dumps(cfg, indent=2) + "\n")
+    return target / lm_path.name
+
+
+def attached(model_dir: str | Path) -> dict | None:
+    """The LM stored in a model directory by ``attach``: {"lm", "alpha", "beta"}, or None."""
+    d = Path(model_dir) / LM_DIR
+    if not (d / "attrs.json").exists():
+        return None
+    files = [p for p in d.iterdir() if p.suffix in (".arpa", ".bin", ".binary")]
+    if not files:
+        return None
+    attrs = json.loads((d / "attrs.json").read_text())
+    return {"lm": str(files[0]), "alpha": attrs.get("alpha", 0.5), "beta": attrs.get("beta", 1.0)}

@@ -153,3 +153,36 @@ def test_two_minute_recording_chunks_like_the_pipeline_and_decodes_with_an_lm(tm
                  "--lm", str(tmp_path / "lm.arpa"), "--beam-width", "4"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["duration"] == 120.0 and len(out["text"]) > 0
+
+
+def test_attached_lm_is_used_by_default_and_readable_as_pyctcdecode_expects(tmp_path, capsys):
+    import transformers
+
+    from asr_dist.export import make_processor
+    from asr_dist.lm import attached
+    from asr_dist.model import PRESETS
+
+    (tmp_path / "text.txt").write_text("hun bad et hus\nhun bad et bad\n", encoding="utf-8")
+    (tmp_path / "vocab.json").write_text(json.dumps(VOCAB))
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(VOCAB),
+                                                                    pad_token_id=0))
+    model.save_pretrained(str(tmp_path / "model"))
+    make_processor(tmp_path / "vocab.json").save_pretrained(str(tmp_path / "model"))
+    assert main(["lm", "build", "--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "lm.arpa"),
+                 "--attach", str(tmp_path / "model"), "--lm-alpha", "0.7"]) == 0
+    carried = attached(tmp_path / "model")
+    assert carried == {"lm": str(tmp_path / "model" / "language_model" / "lm.arpa"), "alpha": 0.7, "beta": 1.0}
+    lmdir = tmp_path / "model" / "language_model"
+    assert set((lmdir / "unigrams.txt").read_text().split()) == {"hun", "bad", "et", "hus"}
+    labels = json.loads((tmp_path / "model" / "alphabet.json").read_text())["labels"]
+    assert len(labels) == len(VOCAB) and labels[0] == "" and labels[2] == " "
+    assert json.loads((tmp_path / "model" / "processor_config.json").read_text())["processor_class"] == \
+        "Wav2Vec2ProcessorWithLM"
+    asr = transformers.pipeline("automatic-speech-recognition", model=str(tmp_path / "model"), device="cpu")
+    assert isinstance(asr({"raw": np.zeros(16000, np.float32), "sampling_rate": 16000})["text"], str)  # still loads
+    from asr_dist.decode import _beam_decoder
+
+    beam = _beam_decoder(str(tmp_path / "model"), None)
+    assert beam is not None and beam.settings()["lm"] == carried["lm"] and beam.alpha == 0.7
+    assert _beam_decoder(str(tmp_path / "model"), {"greedy": True}) is None

@@ -33,6 +33,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data.index import ShardError
+from .flops import peak_flops, train_flops_per_audio_second
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
@@ -226,6 +227,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         ckpt.use_safe_loading(self.engine)
+        self.frozen_encoder = not any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
         self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
                                        micro_batch_size=cfg.data.eval_micro_batch_size,
@@ -347,7 +350,7 @@ class Trainer:
                      self.loader.steps_per_epoch, self.loader.accumulation, self.world, self.out)
         engine.train()
         window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "micro": 0, "audio": 0.0,
-                  "wait": 0.0, "t0": time.time(), "steps": 0}
+                  "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
         skipped_run, last_skipped = 0, engine.skipped_steps
         step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
         start_time, start_step = time.time(), step
@@ -386,6 +389,7 @@ class Trainer:
                 window["loss"] += out.loss.detach().to(torch.float64)
                 window["micro"] += 1
                 window["audio"] += float(batch["durations"].sum())
+                window["utts"] += len(batch["keys"])
                 if not boundary:
                     continue
                 step = engine.global_steps
@@ -454,6 +458,12 @@ class Trainer:
             "perf/audio_seconds_per_second": float(totals[2]) / elapsed if elapsed > 0 else 0.0,
             "perf/data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
         }
+        if window["utts"]:  # model FLOPs of the real audio (padding excluded), per second, per GPU
+            per_second = train_flops_per_audio_second(self.engine.module.config, window["audio"] / window["utts"],
+                                                       self.frozen_encoder)
+            metrics["perf/tflops_per_gpu"] = metrics["perf/audio_seconds_per_second"] * per_second / self.world / 1e12
+            if self.peak_flops:
+                metrics["perf/mfu"] = metrics["perf/tflops_per_gpu"] * 1e12 / self.peak_flops
         if self.cfg.distributed.precision == "fp16":
             metrics["train/loss_scale"] = float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 0)))
         if self.device.type == "cuda":
@@ -464,8 +474,8 @@ class Trainer:
         log.info("step %d/%d loss %.4f lr %.2e %.0f audio s/s ETA %s", step, self.total_steps, loss, metrics["train/lr"],
                  metrics["perf/audio_seconds_per_second"], time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
         self.last_train_loss = loss
-        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), micro=0, audio=0.0, wait=0.0,
-                      t0=time.time(), steps=0)
+        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), micro=0, audio=0.0, utts=0,
+                      wait=0.0, t0=time.time(), steps=0)
 
     def _overflow_storm(self, step: int, keys: list[str]) -> None:
         """fp16, and ZeRO 1-3 in any precision, skip a step whose gradients are inf or NaN; many in a

@@ -5,8 +5,8 @@ Audio: noise-like "speech" of log-normal durations clipped to 1.5-15 s (mean abo
 a shard set; transcripts of about 12 characters per second. Model: Wav2Vec2ForCTC from a preset with
 random weights and a frozen feature encoder. Every variant trains global batches of 32 utterances
 (16 x 2 accumulation) and reports audio seconds per second after warm-up, step time, padding
-fraction, peak GPU memory and MFU (GPU only: about 123 GFLOP per audio second for XLS-R-300M,
-scaled by transformer size for other presets; peak from --peak-tflops).
+fraction, peak GPU memory and MFU (GPU only: model FLOPs from asr_dist.flops, about 101 GFLOP per
+audio second for XLS-R-300M at 5.5 s utterances, encoder frozen; peak from --peak-tflops).
 
   python bench/train_throughput.py                      # CPU: tiny preset, fp32, a few steps (CI keeps it working)
   python bench/train_throughput.py --preset xlsr-300m --precision fp16 --steps 20   # on a GPU
@@ -42,12 +42,15 @@ def make_shards(root: Path, n: int, seed: int = 0) -> str:
     return str(root / "shards")
 
 
-def flops_per_audio_second(preset: str) -> float:
+def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
+    """Training FLOPs of one audio second (asr_dist.flops, from the config), frozen feature encoder,
+    at the corpus's mean duration."""
+    import transformers
+
+    from asr_dist.flops import train_flops_per_audio_second
     from asr_dist.model import PRESETS
 
-    p = PRESETS[preset]
-    scale = (p["num_hidden_layers"] * p["hidden_size"] ** 2) / (24 * 1024**2)
-    return 123e9 * scale
+    return train_flops_per_audio_second(transformers.Wav2Vec2Config(**PRESETS[preset], vocab_size=40), seconds, True)
 
 
 def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device) -> dict:

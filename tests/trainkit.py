@@ -14,7 +14,7 @@ from asr_dist.synth import danish_sentences, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/audio_seconds_per_second",
-        "perf/data_wait_fraction", "eval/dev/loss", "eval/dev/wer", "eval/dev/cer"]
+        "perf/data_wait_fraction", "perf/tflops_per_gpu", "eval/dev/loss", "eval/dev/wer", "eval/dev/cer"]
 
 
 def make_train_shards(root: Path) -> Path:

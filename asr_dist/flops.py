@@ -1,0 +1,48 @@
+"""Model FLOPs of wav2vec2 CTC training, counted from the config, for perf/tflops and MFU.
+
+Multiply-adds count 2 FLOPs; a trained layer costs 3x its forward pass (forward, and backward for
+inputs and weights), a frozen one 1x (its input needs no gradient: the feature encoder is first).
+Only real audio counts: FLOPs spent on padding are waste, which is what MFU should expose."""
+
+from __future__ import annotations
+
+# dense fp16/bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+               "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "A6000": 155.0}
+
+
+def forward_flops(config, num_samples: int) -> tuple[float, float]:
+    """(feature encoder, everything after it) forward FLOPs for one utterance of ``num_samples``."""
+    frames, channels, encoder = num_samples, 1, 0.0
+    for dim, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
+        frames = (frames - kernel) // stride + 1
+        encoder += 2.0 * frames * kernel * channels * dim
+        channels = dim
+    frames = max(frames, 1)
+    h, f = config.hidden_size, config.intermediate_size
+    rest = 2.0 * frames * channels * h  # feature projection
+    rest += 2.0 * frames * config.num_conv_pos_embeddings * h * h / config.num_conv_pos_embedding_groups
+    per_layer = 2.0 * frames * (4 * h * h + 2 * h * f) + 4.0 * frames * frames * h  # projections, FFN, attention
+    rest += config.num_hidden_layers * per_layer
+    rest += 2.0 * frames * h * config.vocab_size  # CTC head
+    return encoder, rest
+
+
+def train_flops(config, num_samples: int, frozen_feature_encoder: bool) -> float:
+    encoder, rest = forward_flops(config, num_samples)
+    return encoder * (1 if frozen_feature_encoder else 3) + 3 * rest
+
+
+def train_flops_per_audio_second(config, utterance_seconds: float, frozen_feature_encoder: bool) -> float:
+    n = max(400, int(utterance_seconds * 16000))
+    return train_flops(config, n, frozen_feature_encoder) / (n / 16000)
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """The device's dense fp16/bf16 peak in FLOP/s, or None when unknown (then no MFU is logged)."""
+    if not device_name:
+        return None
+    for key, tf in PEAK_TFLOPS.items():
+        if key in device_name:
+            return tf * 1e12
+    return None

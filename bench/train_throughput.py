@@ -56,18 +56,10 @@ def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
 def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device) -> dict:
     """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2."""
     from asr_dist.config import ModelArgs
-    from asr_dist.data import index as fmt
     from asr_dist.model import build_model
 
-    s = ShardSet.open(shards)
-    enc = LabelEncoder(s.vocab)
-    samples = []
-    for shard in s.shards:
-        for key, files in fmt.iter_shard(shard.path):
-            audio, _ = sf.read(io.BytesIO(files["flac"]), dtype="float32")
-            text = json.loads(files["json"])["text"]
-            samples.append((key, normalize(audio), enc(text), text))
-    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), s.vocab).to(device).train()
+    samples, vocab = load_samples(shards)
+    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab).to(device).train()
     model.freeze_feature_encoder()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     amp = device.type == "cuda" and precision in ("fp16", "bf16")
@@ -97,6 +89,72 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
         torch.cuda.synchronize()
     wall = time.time() - t0
     return {"audio_seconds_per_second": audio_s / wall, "step_seconds": wall / steps, "padding_fraction": 1 - real / total}
+
+
+def load_samples(shards: str) -> tuple[list, dict]:
+    from asr_dist.data import index as fmt
+
+    s = ShardSet.open(shards)
+    enc = LabelEncoder(s.vocab)
+    samples = []
+    for shard in s.shards:
+        for key, files in fmt.iter_shard(shard.path):
+            audio, _ = sf.read(io.BytesIO(files["flac"]), dtype="float32")
+            text = json.loads(files["json"])["text"]
+            samples.append((key, normalize(audio), enc(text), text))
+    return samples, s.vocab
+
+
+def hf_trainer(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device,
+               out: Path) -> dict:
+    """The other baseline: the transformers Trainer recipe of the Hugging Face speech example (per-device
+    batch 16, accumulation 2, AdamW, fp16/bf16 AMP on a GPU; random batches, no length grouping)."""
+    import transformers
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model
+
+    samples, vocab = load_samples(shards)
+    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab)
+    model.freeze_feature_encoder()
+    clock = {"audio": 0.0, "batches": 0, "counting": False, "t0": None, "t1": None}
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            return samples[i]
+
+    def collator(items):
+        b = collate(items)
+        if clock["counting"]:
+            clock["audio"] += float(b["durations"].sum())
+            clock["batches"] += 1
+        return {"input_values": b["input_values"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if state.global_step == warmup:
+                clock.update(t0=time.time(), counting=True, audio=0.0, batches=0)
+            if state.global_step == warmup + steps:
+                clock["t1"] = time.time()
+
+    targs = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=16, gradient_accumulation_steps=2, learning_rate=1e-4,
+        max_steps=warmup + steps, fp16=device.type == "cuda" and precision == "fp16",
+        bf16=device.type == "cuda" and precision == "bf16", use_cpu=device.type != "cuda", report_to=[],
+        save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=targs, train_dataset=Data(), data_collator=collator,
+                                   callbacks=[Clock()])
+    trainer.train()
+    # the data loader may run a batch ahead of the step clock: count the mean audio of the batches it made
+    wall = clock["t1"] - clock["t0"]
+    per_batch = clock["audio"] / max(1, clock["batches"])
+    return {"audio_seconds_per_second": per_batch * 2 * steps / wall, "step_seconds": wall / steps}
 
 
 def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int, warmup: int, out: Path,
@@ -129,6 +187,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--zero", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense fp16/bf16 peak")
+    ap.add_argument("--large-micro", type=int, default=64,
+                    help="large-batch mode: utterances per micro-batch (of similar length: bucketed), global batch "
+                         "2x this; 0 skips it (default: 64, about 350 s of audio a micro-batch)")
+    ap.add_argument("--no-trainer", action="store_true", help="skip the transformers Trainer baseline")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
@@ -139,12 +201,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp) / "data", args.utterances)
         variants = {"baseline_plain_loop": plain_loop(shards, args.preset, precision, args.steps, args.warmup, device)}
+        if not args.no_trainer:
+            variants["baseline_hf_trainer"] = hf_trainer(shards, args.preset, precision, args.steps, args.warmup,
+                                                         device, Path(tmp) / "trainer")
         for z in args.zero:
             variants[f"asr_dist_zero{z}"] = asr_dist_run(shards, args.preset, precision, z, args.steps, args.warmup,
                                                          Path(tmp) / f"run{z}", [])
+        if args.large_micro:
+            large = "bf16" if cuda else precision
+            variants[f"asr_dist_large_batch_{large}"] = asr_dist_run(
+                shards, args.preset, large, min(args.zero), args.steps, args.warmup, Path(tmp) / "large",
+                [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",
+                 "data.bucket_batches=8"])
     base = variants["baseline_plain_loop"]["audio_seconds_per_second"]
+    trainer_base = variants.get("baseline_hf_trainer", {}).get("audio_seconds_per_second")
     for v in variants.values():
         v["ratio_vs_plain_loop"] = round(v["audio_seconds_per_second"] / base, 3)
+        if trainer_base:
+            v["ratio_vs_hf_trainer"] = round(v["audio_seconds_per_second"] / trainer_base, 3)
         if cuda:
             v["mfu"] = round(v["audio_seconds_per_second"] * flops_per_audio_second(args.preset) / (args.peak_tflops * 1e12), 4)
         v["audio_seconds_per_second"] = round(v["audio_seconds_per_second"], 2)

@@ -38,6 +38,9 @@ def test_demo_trains_end_to_end_on_a_reduced_setting(tmp_path, capsys):
     assert summary["trained"]["cer"] < 0.75 and summary["trained"]["cer"] < 0.5 * summary["untrained"]["cer"], summary
     assert (out / "run" / "model" / "model.safetensors").exists()
     assert list((out / "run" / "tensorboard").iterdir())
+    # the n-gram step: an LM from the training transcripts, stored in the model, decoded with
+    assert "+ 3-gram LM" in text and (out / "run" / "model" / "language_model" / "lm.arpa").exists()
+    assert 0 <= summary["trained_with_lm"]["cer"] < 0.75, summary
 
 
 def test_pictures(tmp_path, corpus_cache, capsys):

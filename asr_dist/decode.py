@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .data import index as fmt
 from .data.loader import EvalLoader, ShardSet
-from .distributed import DistEnv, get_env
+from .distributed import DistEnv, device_index, get_env
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
 from .text import load_vocab
@@ -71,7 +71,8 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
     None for greedy decoding, else BeamSearchDecoder's arguments (lm, beam_width, alpha, beta)."""
     denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
-    device = torch.device(f"cuda:{denv.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
+              else torch.device("cpu"))
     if denv.world_size > 1 and not dist.is_initialized():
         import datetime
         import os

@@ -313,7 +313,8 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Evaluate a model directory exported by training. SHARDS is a shard set, or a "
                                    "corpus in any layout `shards build` reads (normalised with the model's normaliser). "
                                    "Runs on one process, or on many under torchrun: the result is the same.")
-    p.add_argument("--model", required=True, metavar="DIR", help="{output_dir}/model or {output_dir}/best")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="{output_dir}/model or {output_dir}/best, or a training checkpoint {output_dir}/checkpoints/step-N")
     p.add_argument("--shards", required=True, metavar="DIR_OR_CORPUS")
     p.add_argument("--report", metavar="FILE.json", help="write wer, cer, counts, hours and real-time factor here")
     p.add_argument("--predictions", metavar="FILE.tsv", help="write key, reference, hypothesis, word errors per utterance")

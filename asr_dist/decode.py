@@ -8,6 +8,7 @@ references of a corpus given in another layout.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -32,6 +33,19 @@ log = logging.getLogger(__name__)
 
 class ModelDirError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def model_directory(path: str):
+    """An exported model directory as it is; a training checkpoint converted into a temporary one."""
+    from .export import checkpoint_to_model_dir, is_checkpoint
+
+    if not is_checkpoint(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="asr-dist-ckpt-") as tmp:
+        log.info("reading the training checkpoint %s", path)
+        yield str(checkpoint_to_model_dir(path, Path(tmp) / "model"))
 
 
 def load_model_dir(model_dir: str, device: torch.device):
@@ -67,8 +81,20 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
 def evaluate_model(model_dir: str, source: str, report: str | None = None, predictions: str | None = None,
                    micro_batch_size: int = 16, num_workers: int = 2, denv: DistEnv | None = None,
                    progress: bool = True, decoder: dict | None = None) -> dict:
-    """WER, CER and error counts of ``model_dir`` on ``source``, on every rank of the job. ``decoder``:
-    None for greedy decoding, else BeamSearchDecoder's arguments (lm, beam_width, alpha, beta)."""
+    """WER, CER and error counts of ``model_dir`` (an exported model or a training checkpoint) on
+    ``source``, on every rank of the job. ``decoder``: None for greedy decoding, else
+    BeamSearchDecoder's arguments (lm, beam_width, alpha, beta)."""
+    with model_directory(model_dir) as d:
+        result = _evaluate_model(d, source, report, predictions, micro_batch_size, num_workers, denv, progress, decoder)
+    result["model"] = str(model_dir)
+    if report and result.pop("_write_report", False):
+        Path(report).write_text(json.dumps(result, indent=1) + "\n")
+    result.pop("_write_report", None)
+    return result
+
+
+def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, num_workers, denv, progress,
+                    decoder) -> dict:
     denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
@@ -116,8 +142,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
         "decoder": beam.settings() if beam else {"decoder": "greedy"},
     }
     if denv.is_main:
-        if report:
-            Path(report).write_text(json.dumps(result, indent=1) + "\n")
+        result["_write_report"] = bool(report)
         if predictions is not None:
             with open(predictions, "w", encoding="utf-8", newline="") as f:
                 w = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -181,7 +206,13 @@ def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: in
 def transcribe(model_dir: str, audio: list[str], chunk_length_s: float = 20.0, stride_length_s: float = 4.0,
                batch_size: int = 8, decoder: dict | None = None) -> list[dict]:
     """Transcripts of audio files of any format and rate; long ones in overlapping chunks (strided CTC).
-    Greedy through transformers' pipeline, or the beam search (with an n-gram LM) on the same chunking."""
+    Greedy through transformers' pipeline, or the beam search (with an n-gram LM) on the same chunking.
+    ``model_dir``: an exported model or a training checkpoint."""
+    with model_directory(model_dir) as d:
+        return _transcribe(d, audio, chunk_length_s, stride_length_s, batch_size, decoder)
+
+
+def _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, decoder) -> list[dict]:
     import transformers
 
     from .audio import AudioError, decode, to_16k

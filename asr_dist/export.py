@@ -119,3 +119,60 @@ compare (`asr_dist.json` records it).
 - DeepSpeed {deepspeed.__version__}
 - Python {platform.python_version()}
 """
+
+
+def _model_states(path: Path) -> Path | None:
+    """DeepSpeed's model-state file of a checkpoint: mp_rank_00_… (ZeRO 0-2) or zero_pp_rank_0_… (ZeRO-3)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (path / name).exists():
+            return path / name
+    return None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return _model_states(Path(path)) is not None
+
+
+def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
+    """A training checkpoint ({output_dir}/checkpoints/step-N) as a model directory like an export's:
+    the model rebuilt from the config saved in it, the weights from it (gathered from the ZeRO-3
+    partitions when needed), the processor from the training shards' vocab.json."""
+    from omegaconf import OmegaConf
+
+    from . import checkpoint as ckpt_mod
+    from .config import Config
+    from .data.loader import ShardSet
+    from .model import build_model
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / ckpt_mod.MARKER).exists():
+        raise ValueError(f"{ckpt} is not a complete checkpoint (no {ckpt_mod.MARKER}: its save was cut off); "
+                         f"give another one, or the exported {{output_dir}}/model")
+    state = ckpt_mod.load_safely(_model_states(ckpt), map_location="cpu")
+    if "config" not in state:
+        raise ValueError(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
+    shard_dir = Path(cfg.data.train_shards[0])
+    if not (shard_dir / fmt.VOCAB_NAME).exists():
+        raise ValueError(f"{ckpt}: its training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
+                         f"evaluate the exported model directory instead")
+    shards = ShardSet.open(str(shard_dir))
+    model = build_model(cfg.model, shards.vocab, seed=cfg.seed)
+    weights = {k: v for k, v in (state.get("module") or {}).items()}
+    expected = model.state_dict()
+    if any(k not in weights or weights[k].shape != v.shape for k, v in expected.items()):  # ZeRO-3 partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ValueError(f"{ckpt}: weights missing from the checkpoint: {missing[:5]}")
+    model.config.dtype = "float32"
+    model.save_pretrained(str(out), safe_serialization=True)
+    make_processor(shard_dir / fmt.VOCAB_NAME).save_pretrained(str(out))
+    (out / "asr_dist.json").write_text(json.dumps({
+        "asr_dist_version": __version__, "text_normalizer": shards.text_normalizer,
+        "train_shards": cfg.data.train_shards, "steps": int(state.get("step", 0)), "checkpoint": str(ckpt),
+    }, indent=1) + "\n")
+    return out

@@ -122,3 +122,26 @@ def test_a_rank_with_no_utterances(model_and_set, tmp_path):
     assert one["num_utterances"] == three["num_utterances"] == 2
     for k in ("wer", "cer", "num_words", "substitutions", "deletions", "insertions"):
         assert three[k] == one[k], k
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_evaluate_a_training_checkpoint_like_its_export(train_shards, tmp_path, stage):
+    """`evaluate --model {output_dir}/checkpoints/step-N` rebuilds the model from the checkpoint (ZeRO-3
+    partitions gathered) and scores exactly as the export of the same step."""
+    from trainkit import launch, overrides
+
+    out = tmp_path / "run"
+    r = launch("python", overrides(train_shards, out, "train.max_steps=4", "train.checkpoint_every=0",
+                                   "eval.every_steps=0", f"distributed.zero_stage={stage}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    dev = str(train_shards / "s-dev")
+    from_export = evaluate_model(str(out / "model"), dev, num_workers=0, progress=False)
+    ckpt = out / "checkpoints" / "step-00000004"
+    from_ckpt = evaluate_model(str(ckpt), dev, num_workers=0, progress=False, report=str(tmp_path / "r.json"))
+    for k in ("wer", "cer", "num_words", "substitutions", "deletions", "insertions"):
+        assert from_ckpt[k] == from_export[k], k
+    assert from_ckpt["loss"] == pytest.approx(from_export["loss"], rel=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())["model"] == str(ckpt)
+    (ckpt / "COMPLETE").unlink()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        evaluate_model(str(ckpt), dev, num_workers=0, progress=False)

@@ -44,6 +44,7 @@ class ModelArgs:
     preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
+    attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
     layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask
@@ -196,6 +197,7 @@ def validate(cfg: Config) -> None:
         "distributed.precision": (cfg.distributed.precision, ("fp16", "bf16", "fp32")),
         "optim.name": (cfg.optim.name, ("adam", "adamw")),
         "data.on_corrupt": (cfg.data.on_corrupt, ("stop", "skip")),
+        "model.attention": (cfg.model.attention, ("sdpa", "eager", "flash_attention_2")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

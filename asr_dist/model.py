@@ -46,9 +46,12 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transf
     overrides = model_overrides(args, vocab)
     if args.pretrained:
         model = transformers.Wav2Vec2ForCTC.from_pretrained(args.pretrained, local_files_only=True,
-                                                            ignore_mismatched_sizes=True, **overrides)
+                                                            ignore_mismatched_sizes=True,
+                                                            attn_implementation=args.attention, **overrides)
     else:
-        model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS[args.preset], **overrides))
+        config = transformers.Wav2Vec2Config(**PRESETS[args.preset], **overrides)
+        config._attn_implementation = args.attention
+        model = transformers.Wav2Vec2ForCTC(config)
     freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
     if freeze:  # a pretrained front end is kept; a random one (a preset) has to learn
         model.freeze_feature_encoder()

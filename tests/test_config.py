@@ -132,3 +132,24 @@ def test_layerdrop_is_refused_on_several_ranks(yaml):
     check_layerdrop(cfg, 1)
     with pytest.raises(ConfigError, match="ranks skip different layers"):
         check_layerdrop(cfg, 2)
+
+
+def test_attention_kernels_agree_and_typos_are_refused():
+    import torch
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}
+    x, mask = torch.randn(2, 16000), torch.ones(2, 16000, dtype=torch.bool)
+    mask[1, 8000:] = False  # padding must be masked alike by both kernels
+    logits = []
+    for kernel in ("sdpa", "eager"):
+        model = build_model(ModelArgs(preset="tiny", attention=kernel), vocab).eval()
+        assert model.config._attn_implementation == kernel
+        with torch.no_grad():
+            logits.append(model(input_values=x, attention_mask=mask).logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    with pytest.raises(ConfigError, match="model.attention='flash'"):
+        load_config(None, ["output_dir=x", "data.train_shards=[x]", "train.max_steps=1", "model.preset=tiny",
+                             "model.attention=flash"])

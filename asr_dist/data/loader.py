@@ -45,6 +45,7 @@ import torch
 from ..audio import SAMPLE_RATE
 from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER, load_vocab
 from . import index as fmt
+from .worker_signals import PREEMPTION_SIGNALS, ignore_preemption_signals
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,27 @@ class TrainStream(torch.utils.data.IterableDataset):
         log.warning("skipping %s sample %s: %s", shard, key, why)
 
 
+def _worker_context():
+    """The forkserver for loader workers. It preloads the module that makes it (and so every worker
+    forked from it) ignore the preemption signals meant for the rank and die with the rank; it and
+    multiprocessing's resource tracker are started with those signals blocked (a blocked signal stays
+    blocked across exec, and a handled one would revert to its deadly default there)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    import signal
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "asr_dist.data.forkserver_preload"])
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(PREEMPTION_SIGNALS))
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return ctx
+
+
 class TrainLoader:
     """Equal, length-bucketed micro-batches on every rank, with exact resume.
 
@@ -384,7 +406,8 @@ class TrainLoader:
                                              # trainer each epoch made its next steps pay copy-on-write
                                              # faults (measured: the step window after each epoch start ran at
                                              # 60-70 % speed with fork, at full speed with forkserver)
-                                             multiprocessing_context="forkserver")
+                                             multiprocessing_context=_worker_context(),
+                                             worker_init_fn=ignore_preemption_signals)
             source = iter(dl)
         else:
             source = ds.iter_stream(0)
@@ -511,4 +534,4 @@ class EvalLoader:
             return (self.dataset[i] for i in range(len(self.dataset)))
         return iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, shuffle=False,
                                                 num_workers=min(self.num_workers, max(1, len(self.dataset))),
-                                                pin_memory=self.pin_memory))
+                                                pin_memory=self.pin_memory, worker_init_fn=ignore_preemption_signals))

@@ -232,3 +232,62 @@ def test_damaged_shards_by_policy(train_set, tmp_path):
                        on_corrupt="skip")
     batches = list(skip)
     assert len(batches) == skip.micro_batches_per_epoch  # the count holds: other shards stand in
+
+
+def test_loader_processes_ignore_preemption_signals(train_set):
+    """SLURM signals every process of a job step: the forkserver and workers must survive USR1/TERM
+    (only the rank acts on them), or the rank dies on "DataLoader worker exited unexpectedly"."""
+    import signal
+    import time
+
+    import psutil
+
+    loader = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=2)
+    batches = iter(loader)
+    first = next(batches)
+    # the forkserver and its workers (the resource tracker may predate this test in this session)
+    helpers = [p for p in psutil.Process().children(recursive=True) if "forkserver" in " ".join(p.cmdline())]
+    assert len(helpers) >= 3, helpers
+    for p in helpers:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            p.send_signal(sig)
+    time.sleep(0.5)
+    dead = [p.pid for p in helpers if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
+    assert not dead, dead
+    assert 1 + len(list(batches)) == loader.micro_batches_per_epoch and first["keys"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the main process is left as it was
+
+
+def test_a_killed_rank_leaves_no_loader_processes_behind(train_set, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "rank.py"
+    script.write_text(f"""
+import time
+import psutil
+from asr_dist.data.loader import TrainLoader
+
+if __name__ == "__main__":
+    loader = TrainLoader({str(train_set)!r}, rank=0, world_size=1, micro_batch_size=2, global_batch_size=8,
+                         num_workers=2)
+    it = iter(loader)
+    next(it)
+    print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+    time.sleep(60)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    helpers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(helpers) >= 3  # the forkserver and two workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                         for p in helpers):
+        time.sleep(0.1)
+    left = [p for p in helpers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, [psutil.Process(p).cmdline()[-1][:80] for p in left]

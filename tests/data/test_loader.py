@@ -280,9 +280,11 @@ if __name__ == "__main__":
     print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
     time.sleep(60)
 """)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=open(tmp_path / "err", "w"),
+                            text=True, env={**os.environ, "PYTHONPATH": repo})
     helpers = [int(p) for p in proc.stdout.readline().split()]
-    assert len(helpers) >= 3  # the forkserver and two workers
+    assert len(helpers) >= 3, (tmp_path / "err").read_text()[-2000:]  # the forkserver and two workers
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10

@@ -1,7 +1,9 @@
-"""Data loader processes ignore the preemption signals, and die with the process that started them. SLURM delivers --signal=USR1@T (and scancel's
-SIGTERM) to every process of a job step, the loader's forkserver and workers included; their default
-action would kill them, and the rank would then die on "DataLoader worker exited unexpectedly" instead
-of saving at its next step. Only the rank's main process acts on them (asr_dist.engine.Preemption).
+"""Data loader processes ignore SIGUSR1, and die with the process that started them. SLURM delivers
+--signal=USR1@T (and `scancel --signal=USR1`) to every process of a job step, the loader's forkserver
+and workers included; the default action would kill them, and the rank would then die on "DataLoader
+worker exited unexpectedly" instead of saving at its next step. Only the rank's main process acts on
+it (asr_dist.engine.Preemption). SIGTERM keeps its default: multiprocessing ends workers with it
+(ignoring it hung a rank at exit, joining a worker that would not end).
 
 The loader's forkserver imports asr_dist.data.forkserver_preload at its start (multiprocessing's
 forkserver preload), which calls ``ignore_preemption_signals``, so every worker forked from it
@@ -11,7 +13,7 @@ started another way."""
 import os
 import signal
 
-PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+PREEMPTION_SIGNALS = (signal.SIGUSR1,)
 PR_SET_PDEATHSIG = 1
 
 

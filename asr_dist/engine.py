@@ -313,6 +313,11 @@ class Trainer:
             + "Free space (or lower train.keep_checkpoints, or move output_dir) and run the same command again to "
             "resume" + (f" from step {int(prev.name.split('-')[1])}" if prev else "")) from e
 
+    def _save_unless_saved(self, step: int) -> None:
+        latest = ckpt.latest(self.ckpt_dir)
+        if latest is None or latest.name != ckpt.tag_for(step):
+            self.save(step)
+
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -414,8 +419,7 @@ class Trainer:
                     raise SystemExit(EXIT_PREEMPTED)
         results = self.evaluate(step) if self.evals else {}
         self._record(step, results)
-        if not (ckpt.latest(self.ckpt_dir) and ckpt.latest(self.ckpt_dir).name == ckpt.tag_for(step)):
-            self.save(step)
+        self._save_unless_saved(step)
         from .export import export
 
         export(self, self.out / "model")
@@ -502,8 +506,7 @@ class Trainer:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if bool(ok.item()):
             return
-        if not (ckpt.latest(self.ckpt_dir) and ckpt.latest(self.ckpt_dir).name == ckpt.tag_for(step)):
-            self.save(step)
+        self._save_unless_saved(step)
         raise TrainingError(
             f"inf/NaN loss or gradients in optimizer step {step + 1} (loss {float(loss):.4g} on rank {self.rank}); "
             f"utterances on rank {self.rank}: {_keys_text(keys)}. The weights from before it were saved as checkpoint "

@@ -77,7 +77,7 @@ def build_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> di
     for k in range(2, order + 1):
         for g, c in counts[k].items():
             h = g[:-1]
-            lower = _interpolated(prob, g[1:])
+            lower = prob[k - 1][g[1:]]  # every suffix of a seen n-gram is a seen (k-1)-gram
             prob[k][g] = (max(c - discount[k], 0) + discount[k] * ctx_types[k][h] * lower) / ctx_total[k][h]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,11 +114,6 @@ def shard_transcripts(shard_dir: str | Path) -> Iterable[str]:
     for t in shards:
         for _, files in iter_shard(t):
             yield json.loads(files["json"])["text"]
-
-
-def _interpolated(prob: list[dict], g: tuple) -> float:
-    """P(g[-1] | g[:-1]) from the lower orders already computed (all suffixes of seen n-grams are seen)."""
-    return prob[len(g)][g]
 
 
 class LanguageModel:

@@ -45,6 +45,7 @@ class ModelArgs:
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
     attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
+    compile: bool = False  # torch.compile each transformer layer and conv block (regional: compiles once, reused by every layer)
     layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask
@@ -66,7 +67,7 @@ class OptimArgs:
     weight_decay: float = 0.0  # weight decay
     warmup_steps: int = 2000  # linear warmup from 0, then linear decay to 0 at the last step
     grad_clip: float = 1.0  # gradient norm clipping (0 disables it)
-    torch_adam: bool = False  # torch's Adam instead of DeepSpeed's fused one (which compiles at first use)
+    torch_adam: bool = True  # torch's AdamW (fused CUDA kernel on a GPU); false: DeepSpeed's FusedAdam, compiled with nvcc at first use
 
 
 @dataclass

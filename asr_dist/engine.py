@@ -52,8 +52,8 @@ class TrainingError(RuntimeError):
 # ───────────────────────────── the DeepSpeed config ─────────────────────────────
 
 
-def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
-    """The DeepSpeed JSON this config means on ``world_size`` ranks."""
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool = False) -> dict:
+    """The DeepSpeed JSON this config means on ``world_size`` ranks (``cuda``: the ranks train on GPUs)."""
     try:
         accumulation = check_batch_sizes(cfg.data.global_batch_size, cfg.data.micro_batch_size, world_size)
     except LoaderError as e:
@@ -86,6 +86,8 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if o.torch_adam and cuda:  # one kernel for every parameter tensor, no compilation
+        ds["optimizer"]["params"]["fused"] = True
     if d.zero_stage == 3:
         del ds["zero_optimization"]["allgather_bucket_size"]
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -206,7 +208,8 @@ class Trainer:
                                   seed=cfg.seed, bucket_batches=cfg.data.bucket_batches, on_corrupt=cfg.data.on_corrupt,
                                   pin_memory=torch.cuda.is_available())
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
-        self.ds_config = deepspeed_config(cfg, self.world, self.total_steps)
+        self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
+                                          cuda=get_accelerator().device_name() == "cuda")
         check_layerdrop(cfg, self.world)
         eval_sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
         for name, s in eval_sets.items():
@@ -221,9 +224,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)
-        from .model import build_model
+        from .model import build_model, compile_regions
 
         model = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
+        if cfg.model.compile:
+            compile_regions(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         ckpt.use_safe_loading(self.engine)

@@ -8,8 +8,12 @@ random weights and a frozen feature encoder. Every variant trains global batches
 fraction, peak GPU memory and MFU (GPU only: model FLOPs from asr_dist.flops, about 101 GFLOP per
 audio second for XLS-R-300M at 5.5 s utterances, encoder frozen; peak from --peak-tflops).
 
+Every variant runs in its own process with its own time limit (a crash or a hang costs that row, not
+the run); each result is also appended to --jsonl as it comes.
+
   python bench/train_throughput.py                      # CPU: tiny preset, fp32, a few steps (CI keeps it working)
   python bench/train_throughput.py --preset xlsr-300m --precision fp16 --steps 20   # on a GPU
+  python bench/train_throughput.py --list               # the variants
 -> one JSON object on stdout
 """
 
@@ -20,6 +24,7 @@ import io
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,30 +58,46 @@ def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
     return train_flops_per_audio_second(transformers.Wav2Vec2Config(**PRESETS[preset], vocab_size=40), seconds, True)
 
 
-def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device) -> dict:
-    """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2."""
+def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device,
+               micro: int = 16, accumulation: int = 2, bucketed: bool = False, compiled: bool = False) -> dict:
+    """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2. ``bucketed``: each
+    micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length)."""
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
+    from asr_dist.model import build_model, compile_regions
 
     samples, vocab = load_samples(shards)
     model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab).to(device).train()
     model.freeze_feature_encoder()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if compiled:
+        compile_regions(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")
     amp = device.type == "cuda" and precision in ("fp16", "bf16")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(enabled=amp and precision == "fp16")
     rng = random.Random(0)
+    queue: list = []
+
+    def next_batch() -> list:
+        if not bucketed:
+            return rng.sample(samples, micro)
+        if not queue:
+            pool = sorted(rng.sample(samples, min(len(samples), 32 * micro)), key=lambda s: len(s[1]))
+            queue.extend(pool[i:i + micro] for i in range(0, len(pool) - micro + 1, micro))
+            rng.shuffle(queue)
+        return queue.pop()
+
     audio_s, real, total, t0 = 0.0, 0, 0, None
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-        for _ in range(2):
-            b = collate(rng.sample(samples, 16))
+        for _ in range(accumulation):
+            b = collate(next_batch())
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 loss = model(input_values=b["input_values"].to(device), attention_mask=b["attention_mask"].to(device),
-                             labels=b["labels"].to(device)).loss / 2
+                             labels=b["labels"].to(device)).loss / accumulation
             scaler.scale(loss).backward()
             if step >= warmup:
                 audio_s += float(b["durations"].sum())
@@ -88,7 +109,52 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.time() - t0
-    return {"audio_seconds_per_second": audio_s / wall, "step_seconds": wall / steps, "padding_fraction": 1 - real / total}
+    return {"audio_seconds_per_second": audio_s / wall, "step_seconds": wall / steps, "padding_fraction": 1 - real / total,
+            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}
+
+
+def profile(shards: str, preset: str, precision: str, device: torch.device, micro: int = 32) -> dict:
+    """Where a step's GPU time goes: the plain model, one bucketed micro-batch of ``micro`` utterances,
+    torch.profiler over 3 steps after 3 of warm-up; the top kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model
+
+    samples, vocab = load_samples(shards)
+    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab).to(device).train()
+    model.freeze_feature_encoder()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    samples.sort(key=lambda s: len(s[1]))
+    middle = len(samples) // 2
+    b = collate(samples[middle - micro // 2: middle - micro // 2 + micro])
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    amp = device.type == "cuda" and precision != "fp32"
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = model(input_values=b["input_values"].to(device), attention_mask=b["attention_mask"].to(device),
+                         labels=b["labels"].to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device.type == "cuda" else "CPU")]
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1.0
+    top = sorted(events, key=lambda e: -getattr(e, key))[:25]
+    return {"audio_seconds_in_batch": round(float(b["durations"].sum()), 1),
+            "gpu_ms_per_step": round(total / 3 / 1000, 2),
+            "top": [{"name": e.key[:90], "ms_per_step": round(getattr(e, key) / 3 / 1000, 2),
+                     "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 3} for e in top]}
 
 
 def load_samples(shards: str) -> tuple[list, dict]:
@@ -158,24 +224,61 @@ def hf_trainer(shards: str, preset: str, precision: str, steps: int, warmup: int
 
 
 def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int, warmup: int, out: Path,
-                 extra: list[str]) -> dict:
+                 extra: list[str], workers: int = 2) -> dict:
     """asr-dist's engine (DeepSpeed, bucketing loader), throughput from its own metrics.jsonl."""
     from asr_dist.config import load_config
     from asr_dist.engine import train
 
     cfg = load_config(None, [f"output_dir={out}", f"data.train_shards=[{shards}]", f"model.preset={preset}",
                              "model.freeze_feature_encoder=true", "model.mask_time_prob=0.0",
-                             f"train.max_steps={warmup + steps}", f"train.log_every={warmup}" if warmup else "train.log_every=1",
+                             f"train.max_steps={warmup + steps}", f"train.log_every={max(1, min(3, warmup))}",
                              "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never",
                              f"distributed.precision={precision}", f"distributed.zero_stage={zero}",
-                             "data.micro_batch_size=16", "data.global_batch_size=32", "data.num_workers=2",
-                             f"optim.torch_adam={'true' if precision == 'fp32' else 'false'}", *extra])
+                             "data.micro_batch_size=16", "data.global_batch_size=32", f"data.num_workers={workers}",
+                             *extra])
     train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/audio_seconds_per_second" in r and r["step"] > warmup]
-    return {"audio_seconds_per_second": float(np.mean([r["perf/audio_seconds_per_second"] for r in rows])),
-            "data_wait_fraction": float(np.mean([r["perf/data_wait_fraction"] for r in rows])),
+    # the median window: a one-off (a recompilation for a new kind of batch) does not decide the figure
+    return {"audio_seconds_per_second": float(np.median([r["perf/audio_seconds_per_second"] for r in rows])),
+            "windows": [round(r["perf/audio_seconds_per_second"], 1) for r in rows],
+            "data_wait_fraction": float(np.median([r["perf/data_wait_fraction"] for r in rows])),
             "peak_gpu_memory_gb": max((r.get("perf/gpu_memory_gb", 0.0) for r in rows), default=0.0)}
+
+
+def variants(args, cuda: bool) -> dict:
+    """name -> (kind, keyword arguments). The seed recipe is 32 utterances per optimizer step."""
+    p, fast = args.precision, ("bf16" if cuda else args.precision)
+    v = {"baseline_plain_loop": ("plain", {"precision": p}),
+         "baseline_hf_trainer": ("trainer", {"precision": p})}
+    for z in args.zero:  # the recipe as a user would first write it: fp16, 16 x 2
+        v[f"asr_dist_zero{z}"] = ("asr_dist", {"precision": p, "zero": z, "extra": []})
+    # the seed recipe tuned: one micro-batch of 32 bucketed utterances, bf16 on a GPU (no loss-scale checks)
+    tuned = ["data.micro_batch_size=32", "data.global_batch_size=32"]
+    v["asr_dist_seed_fast"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": tuned})
+    v["asr_dist_seed_fast_compiled"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, "model.compile=true"]})
+    v["plain_loop_bucketed_32x1"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1, "bucketed": True})
+    if args.large_micro:
+        large = [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",
+                 "data.bucket_batches=8"]
+        v[f"asr_dist_large_batch_{fast}"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": large})
+        v[f"asr_dist_large_batch_{fast}_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                                   "extra": [*large, "model.compile=true"]})
+    v["profile_seed_fast"] = ("profile", {"precision": fast})  # by default on a GPU only
+    return v
+
+
+def run_one(args, name: str, kind: str, kw: dict, shards: str, tmp: Path) -> dict:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if kind == "plain":
+        return plain_loop(shards, args.preset, steps=args.steps, warmup=args.warmup, device=device, **kw)
+    if kind == "trainer":
+        return hf_trainer(shards, args.preset, kw["precision"], args.steps, args.warmup, device, tmp / name)
+    if kind == "profile":
+        return profile(shards, args.preset, kw["precision"], device)
+    return asr_dist_run(shards, args.preset, kw["precision"], kw["zero"], args.steps, args.warmup, tmp / name,
+                        kw["extra"], workers=args.workers)
 
 
 def main() -> None:
@@ -186,43 +289,74 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="measured optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--zero", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", type=int, default=None, help="loader workers per rank (default: 4 on a GPU, 2 on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense fp16/bf16 peak")
     ap.add_argument("--large-micro", type=int, default=64,
                     help="large-batch mode: utterances per micro-batch (of similar length: bucketed), global batch "
                          "2x this; 0 skips it (default: 64, about 350 s of audio a micro-batch)")
-    ap.add_argument("--no-trainer", action="store_true", help="skip the transformers Trainer baseline")
+    ap.add_argument("--only", nargs="+", default=None, help="run these variants only (see --list)")
+    ap.add_argument("--skip", nargs="+", default=[], help="leave these variants out")
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds one variant may take (it is stopped after)")
+    ap.add_argument("--jsonl", default=None, help="also append each variant's result here as it finishes")
+    ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shards", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
-    precision = args.precision or ("fp16" if cuda else "fp32")
-    device = torch.device("cuda" if cuda else "cpu")
-    result = {"benchmark": "train_throughput", "preset": args.preset, "precision": precision, "device":
-              torch.cuda.get_device_name() if cuda else "cpu", "global_batch": 32, "micro_batch": 16}
+    args.precision = args.precision or ("fp16" if cuda else "fp32")
+    args.workers = args.workers or (4 if cuda else 2)
+    table = variants(args, cuda)
+    if args.list:
+        print("\n".join(f"{n}: {k} {kw}" for n, (k, kw) in table.items()))
+        return
+    if args.run_one:  # a child: one variant, one JSON line
+        kind, kw = table[args.run_one]
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_one(args, args.run_one, kind, kw, args.shards, Path(tmp))
+        print("RESULT " + json.dumps(result))
+        return
+    unknown = set(args.only or []) - set(table)
+    if unknown:
+        ap.error(f"unknown variant(s) {sorted(unknown)}; --list shows them")
+    names = [n for n in (args.only or [n for n in table if cuda or table[n][0] != "profile"]) if n not in args.skip]
+    result = {"benchmark": "train_throughput", "preset": args.preset, "precision": args.precision, "device":
+              torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "loader_workers": args.workers}
+    found = {}
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp) / "data", args.utterances)
-        variants = {"baseline_plain_loop": plain_loop(shards, args.preset, precision, args.steps, args.warmup, device)}
-        if not args.no_trainer:
-            variants["baseline_hf_trainer"] = hf_trainer(shards, args.preset, precision, args.steps, args.warmup,
-                                                         device, Path(tmp) / "trainer")
-        for z in args.zero:
-            variants[f"asr_dist_zero{z}"] = asr_dist_run(shards, args.preset, precision, z, args.steps, args.warmup,
-                                                         Path(tmp) / f"run{z}", [])
-        if args.large_micro:
-            large = "bf16" if cuda else precision
-            variants[f"asr_dist_large_batch_{large}"] = asr_dist_run(
-                shards, args.preset, large, min(args.zero), args.steps, args.warmup, Path(tmp) / "large",
-                [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",
-                 "data.bucket_batches=8"])
-    base = variants["baseline_plain_loop"]["audio_seconds_per_second"]
-    trainer_base = variants.get("baseline_hf_trainer", {}).get("audio_seconds_per_second")
-    for v in variants.values():
-        v["ratio_vs_plain_loop"] = round(v["audio_seconds_per_second"] / base, 3)
+        for name in names:
+            cmd = [sys.executable, __file__, "--run-one", name, "--shards", shards]
+            for flag in ("preset", "precision", "utterances", "steps", "warmup", "workers", "large_micro"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            cmd += ["--zero", *map(str, args.zero)]
+            t = time.time()
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+                row = json.loads(lines[-1][7:]) if out.returncode == 0 and lines else \
+                    {"error": f"exit {out.returncode}: " + out.stderr.strip()[-1500:]}
+            except subprocess.TimeoutExpired:
+                row = {"error": f"stopped after {args.timeout:.0f} s"}
+            row["wall_seconds"] = round(time.time() - t, 1)
+            found[name] = row
+            print(f"{name}: {json.dumps(row)[:300]}", file=sys.stderr, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps({"variant": name, "device": result["device"], **row}) + "\n")
+    base = found.get("baseline_plain_loop", {}).get("audio_seconds_per_second")
+    trainer_base = found.get("baseline_hf_trainer", {}).get("audio_seconds_per_second")
+    for v in found.values():
+        if "audio_seconds_per_second" not in v:
+            continue
+        if base:
+            v["ratio_vs_plain_loop"] = round(v["audio_seconds_per_second"] / base, 3)
         if trainer_base:
             v["ratio_vs_hf_trainer"] = round(v["audio_seconds_per_second"] / trainer_base, 3)
         if cuda:
             v["mfu"] = round(v["audio_seconds_per_second"] * flops_per_audio_second(args.preset) / (args.peak_tflops * 1e12), 4)
         v["audio_seconds_per_second"] = round(v["audio_seconds_per_second"], 2)
-    result["variants"] = variants
+    result["variants"] = found
     print(json.dumps(result, indent=1))
 
 

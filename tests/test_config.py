@@ -80,6 +80,15 @@ def test_precision_blocks(yaml):
                             "hysteresis": 4, "min_loss_scale": 1.0}
 
 
+def test_optimizer_is_torch_fused_adamw_on_gpus(yaml):
+    cfg = load_config(yaml)
+    assert cfg.optim.torch_adam  # no nvcc needed at first use
+    assert deepspeed_config(cfg, 1, 10, cuda=True)["optimizer"]["params"]["fused"] is True
+    assert "fused" not in deepspeed_config(cfg, 1, 10, cuda=False)["optimizer"]["params"]  # no fused kernel on CPU
+    ds = deepspeed_config(load_config(yaml, ["optim.torch_adam=false"]), 1, 10, cuda=True)
+    assert "fused" not in ds["optimizer"]["params"] and not ds["optimizer"]["params"]["torch_adam"]
+
+
 def test_user_deepspeed_json_merges_and_contradictions_fail(yaml, tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"zero_optimization": {"round_robin_gradients": True}, "train_batch_size": "auto",
@@ -153,3 +162,37 @@ def test_attention_kernels_agree_and_typos_are_refused():
     with pytest.raises(ConfigError, match="model.attention='flash'"):
         load_config(None, ["output_dir=x", "data.train_shards=[x]", "train.max_steps=1", "model.preset=tiny",
                              "model.attention=flash"])
+
+
+def test_compiled_layers_train_like_eager_and_keep_their_names():
+    """model.compile: the same loss and gradients as eager at several batch lengths (one compiled graph
+    with a dynamic length: no recompilation per length), and the same state_dict keys (checkpoints and
+    exports do not change)."""
+    import copy
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model, compile_regions
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
+    eager = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), vocab).train()
+    compiled = copy.deepcopy(eager)
+    compile_regions(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    labels = torch.tensor([[3, 4, 2, 3], [4, 3, -100, -100]])
+    for t in (16000, 24000, 20000):
+        x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
+        mask[1, t // 2:] = False
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            out = model(input_values=x, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            grads.append((out.loss.detach(), model.wav2vec2.encoder.layers[0].feed_forward.output_dense.weight.grad))
+        assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-4)
+        assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-3)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one graph for every layer and length

@@ -35,6 +35,7 @@ class DataArgs:
     eval_micro_batch_size: int = 16  # utterances per evaluation forward pass
     num_workers: int = 2  # DataLoader worker processes per rank
     bucket_batches: int = 32  # length bucketing buffer, in micro-batches (1 = no bucketing)
+    pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
 
 

@@ -206,7 +206,7 @@ class Trainer:
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
                                   seed=cfg.seed, bucket_batches=cfg.data.bucket_batches, on_corrupt=cfg.data.on_corrupt,
-                                  pin_memory=torch.cuda.is_available())
+                                  pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")

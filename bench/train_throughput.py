@@ -59,7 +59,8 @@ def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
 
 
 def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device,
-               micro: int = 16, accumulation: int = 2, bucketed: bool = False, compiled: bool = False) -> dict:
+               micro: int = 16, accumulation: int = 2, bucketed: bool = False, compiled: bool = False,
+               pad: int = 1) -> dict:
     """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2. ``bucketed``: each
     micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length)."""
     from asr_dist.config import ModelArgs
@@ -94,7 +95,7 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
                 torch.cuda.synchronize()
             t0 = time.time()
         for _ in range(accumulation):
-            b = collate(next_batch())
+            b = collate(next_batch(), pad)
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
                 loss = model(input_values=b["input_values"].to(device), attention_mask=b["attention_mask"].to(device),
                              labels=b["labels"].to(device)).loss / accumulation
@@ -141,6 +142,13 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
 
     for _ in range(3):
         step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.time()
+    for _ in range(5):  # the same batch (shape) every step: no new cuDNN plans, no host work for data
+        step()
+    sync()
+    wall_ms = (time.time() - t) / 5 * 1000
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(3):
@@ -151,7 +159,8 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events) or 1.0
     top = sorted(events, key=lambda e: -getattr(e, key))[:25]
-    return {"audio_seconds_in_batch": round(float(b["durations"].sum()), 1),
+    return {"audio_seconds_in_batch": round(float(b["durations"].sum()), 1), "wall_ms_per_step": round(wall_ms, 2),
+            "audio_seconds_per_second": float(b["durations"].sum()) / wall_ms * 1000,
             "gpu_ms_per_step": round(total / 3 / 1000, 2),
             "top": [{"name": e.key[:90], "ms_per_step": round(getattr(e, key) / 3 / 1000, 2),
                      "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 3} for e in top]}
@@ -258,12 +267,20 @@ def variants(args, cuda: bool) -> dict:
     v["asr_dist_seed_fast"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": tuned})
     v["asr_dist_seed_fast_compiled"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, "model.compile=true"]})
     v["plain_loop_bucketed_32x1"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1, "bucketed": True})
+    # lengths padded to whole seconds: a few distinct shapes (cuDNN builds plans per new shape)
+    sec = "data.pad_to_multiple_of=16000"
+    v["plain_loop_bucketed_32x1_pad1s"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1, "bucketed": True,
+                                                     "pad": 16000})
+    v["asr_dist_seed_fast_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, sec]})
+    v["asr_dist_seed_fast_compiled_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                           "extra": [*tuned, sec, "model.compile=true"]})
     if args.large_micro:
         large = [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",
                  "data.bucket_batches=8"]
         v[f"asr_dist_large_batch_{fast}"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": large})
         v[f"asr_dist_large_batch_{fast}_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                                    "extra": [*large, "model.compile=true"]})
+        v[f"asr_dist_large_batch_{fast}_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*large, sec]})
     v["profile_seed_fast"] = ("profile", {"precision": fast})  # by default on a GPU only
     return v
 

@@ -38,7 +38,7 @@ def train(shards: Path, out: Path, *overrides: str) -> list[dict]:
                         f"output_dir={out}", f"data.train_shards=[{shards}]", "data.eval_shards={}",
                         "data.global_batch_size=32", "data.micro_batch_size=16", "data.num_workers=4",
                         "eval.every_steps=0", "train.checkpoint_every=0", "train.log_every=10", "optim.torch_adam=true",
-                        *overrides], env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1200)
+                        *overrides], env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -214,6 +214,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
     if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
+    if not 1 <= cfg.data.pad_to_multiple_of <= 16000 * 30:
+        raise ConfigError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: give samples, 1 (no rounding) to "
+                          f"480000 (30 s); 16000 rounds batches up to whole seconds")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -60,9 +60,11 @@ def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
 
 def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device,
                micro: int = 16, accumulation: int = 2, bucketed: bool = False, compiled: bool = False,
-               pad: int = 1) -> dict:
+               pad: int = 1, repeat: int = 0, cudnn_sdpa: bool = True) -> dict:
     """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2. ``bucketed``: each
-    micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length)."""
+    micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length).
+    ``repeat`` N: cycle through the first N batches (N shapes, seen again and again), to tell the cost of
+    a new batch length from the cost of the data. ``cudnn_sdpa`` false: no cuDNN attention backend."""
     from asr_dist.config import ModelArgs
     from asr_dist.model import build_model, compile_regions
 
@@ -76,10 +78,22 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
     amp = device.type == "cuda" and precision in ("fp16", "bf16")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(enabled=amp and precision == "fp16")
+    if not cudnn_sdpa and device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     rng = random.Random(0)
     queue: list = []
+    made: list = []
+    drawn = [0]
 
     def next_batch() -> list:
+        if not repeat:
+            return fresh_batch()
+        if len(made) < repeat:
+            made.append(fresh_batch())
+        drawn[0] += 1
+        return made[(drawn[0] - 1) % repeat]
+
+    def fresh_batch() -> list:
         if not bucketed:
             return rng.sample(samples, micro)
         if not queue:
@@ -88,12 +102,15 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
             rng.shuffle(queue)
         return queue.pop()
 
-    audio_s, real, total, t0 = 0.0, 0, 0, None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    audio_s, real, total, t0, step_ms = 0.0, 0, 0, None, []
     for step in range(warmup + steps):
         if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t0 = time.time()
+        if repeat and step >= warmup:  # per-step times (a sync per step) for the shape study only
+            sync()
+            step_ms.append(time.time())
         for _ in range(accumulation):
             b = collate(next_batch(), pad)
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
@@ -110,13 +127,18 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.time() - t0
+    times = [round((b - a) * 1000, 1) for a, b in zip(step_ms, step_ms[1:] + [time.time()])]
     return {"audio_seconds_per_second": audio_s / wall, "step_seconds": wall / steps, "padding_fraction": 1 - real / total,
+            **({"step_ms": times} if times else {}),
             "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}
 
 
-def profile(shards: str, preset: str, precision: str, device: torch.device, micro: int = 32) -> dict:
-    """Where a step's GPU time goes: the plain model, one bucketed micro-batch of ``micro`` utterances,
-    torch.profiler over 3 steps after 3 of warm-up; the top kernels by GPU time."""
+def profile(shards: str, preset: str, precision: str, device: torch.device, micro: int = 32,
+            varying: bool = False) -> dict:
+    """Where a step's time goes: the plain model, bucketed micro-batches of ``micro`` utterances,
+    torch.profiler over 3 steps after 3 of warm-up; the top kernels by GPU time and the top host-side
+    ops by their own CPU time. ``varying``: a new batch (of a new length) every step, as in training;
+    otherwise the same middle-length batch every step. Also the wall time of 5 unprofiled steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from asr_dist.config import ModelArgs
@@ -127,12 +149,18 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
     model.freeze_feature_encoder()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     samples.sort(key=lambda s: len(s[1]))
+    groups = [samples[i:i + micro] for i in range(0, len(samples) - micro + 1, micro)]
+    random.Random(0).shuffle(groups)
     middle = len(samples) // 2
-    b = collate(samples[middle - micro // 2: middle - micro // 2 + micro])
+    fixed = collate(samples[middle - micro // 2: middle - micro // 2 + micro])
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     amp = device.type == "cuda" and precision != "fp32"
+    audio, made = [], [0]
 
     def step():
+        made[0] += 1
+        b = collate(groups[made[0] % len(groups)]) if varying else fixed  # 11 steps: new lengths from 352 utterances
+        audio.append(float(b["durations"].sum()))
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = model(input_values=b["input_values"].to(device), attention_mask=b["attention_mask"].to(device),
                          labels=b["labels"].to(device)).loss
@@ -144,26 +172,32 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    t = time.time()
-    for _ in range(5):  # the same batch (shape) every step: no new cuDNN plans, no host work for data
+    t, audio = time.time(), []
+    for _ in range(5):
         step()
     sync()
-    wall_ms = (time.time() - t) / 5 * 1000
+    wall_ms, timed_audio, audio = (time.time() - t) / 5 * 1000, sum(audio), []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device.type == "cuda" else "CPU")]
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total = sum(getattr(e, key) for e in events) or 1.0
-    top = sorted(events, key=lambda e: -getattr(e, key))[:25]
-    return {"audio_seconds_in_batch": round(float(b["durations"].sum()), 1), "wall_ms_per_step": round(wall_ms, 2),
-            "audio_seconds_per_second": float(b["durations"].sum()) / wall_ms * 1000,
-            "gpu_ms_per_step": round(total / 3 / 1000, 2),
-            "top": [{"name": e.key[:90], "ms_per_step": round(getattr(e, key) / 3 / 1000, 2),
-                     "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 3} for e in top]}
+        sync()
+    averages = prof.key_averages()
+
+    def top(kind: str, key: str, n: int = 25) -> tuple[float, list]:
+        events = [e for e in averages if e.device_type.name == kind]
+        total = sum(getattr(e, key) for e in events) or 1.0
+        best = sorted(events, key=lambda e: -getattr(e, key))[:n]
+        return total, [{"name": e.key[:90], "ms_per_step": round(getattr(e, key) / 3 / 1000, 2),
+                        "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 3} for e in best]
+
+    device_total, kernels = top("CUDA" if device.type == "cuda" else "CPU",
+                                "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total")
+    host_total, host = top("CPU", "self_cpu_time_total", 15)
+    return {"varying_shapes": varying, "audio_seconds_per_step": round(timed_audio / 5, 1),
+            "wall_ms_per_step": round(wall_ms, 2), "audio_seconds_per_second": timed_audio / wall_ms * 1000 / 5,
+            "gpu_ms_per_step": round(device_total / 3 / 1000, 2), "host_ms_per_step": round(host_total / 3 / 1000, 2),
+            "top": kernels, "top_host": host}
 
 
 def load_samples(shards: str) -> tuple[list, dict]:
@@ -271,6 +305,16 @@ def variants(args, cuda: bool) -> dict:
     sec = "data.pad_to_multiple_of=16000"
     v["plain_loop_bucketed_32x1_pad1s"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1, "bucketed": True,
                                                      "pad": 16000})
+    # the shape study: the same 4 batches again and again; the profile over new batches; no cuDNN attention;
+    # the allocator's expandable segments (set in the variant's environment)
+    v["plain_loop_bucketed_32x1_repeat4"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1,
+                                                       "bucketed": True, "repeat": 4})
+    v["plain_loop_bucketed_32x1_no_cudnn_sdpa"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1,
+                                                             "bucketed": True, "cudnn_sdpa": False})
+    v["plain_loop_bucketed_32x1_expandable"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1,
+                                                          "bucketed": True,
+                                                          "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    v["profile_varying"] = ("profile", {"precision": fast, "varying": True})
     v["asr_dist_seed_fast_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, sec]})
     v["asr_dist_seed_fast_compiled_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                            "extra": [*tuned, sec, "model.compile=true"]})
@@ -288,12 +332,13 @@ def variants(args, cuda: bool) -> dict:
 def run_one(args, name: str, kind: str, kw: dict, shards: str, tmp: Path) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    kw = {k: v for k, v in kw.items() if k != "env"}  # the parent set it
     if kind == "plain":
         return plain_loop(shards, args.preset, steps=args.steps, warmup=args.warmup, device=device, **kw)
     if kind == "trainer":
         return hf_trainer(shards, args.preset, kw["precision"], args.steps, args.warmup, device, tmp / name)
     if kind == "profile":
-        return profile(shards, args.preset, kw["precision"], device)
+        return profile(shards, args.preset, device=device, **kw)
     return asr_dist_run(shards, args.preset, kw["precision"], kw["zero"], args.steps, args.warmup, tmp / name,
                         kw["extra"], workers=args.workers)
 
@@ -349,7 +394,8 @@ def main() -> None:
             cmd += ["--zero", *map(str, args.zero)]
             t = time.time()
             try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                env = {**os.environ, **table[name][1].get("env", {})}
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                 lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                 row = json.loads(lines[-1][7:]) if out.returncode == 0 and lines else \
                     {"error": f"exit {out.returncode}: " + out.stderr.strip()[-1500:]}

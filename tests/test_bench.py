@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the compiled variants are left to the GPU (inductor on 2 CPU cores takes minutes; tests/test_config.py
 # checks that compiled layers train like eager ones)
 TRAIN_VARIANTS = ["baseline_plain_loop", "baseline_hf_trainer", "asr_dist_zero2", "asr_dist_seed_fast",
-                  "plain_loop_bucketed_32x1", "asr_dist_large_batch_fp32", "profile_seed_fast"]
+                  "plain_loop_bucketed_32x1_repeat4", "asr_dist_large_batch_fp32", "profile_seed_fast"]
 
 
 @pytest.mark.parametrize("script, args, key", [
@@ -36,3 +36,4 @@ def test_benchmark_prints_json(script, args, key):
         assert profiled["top"] and all(0 < k["share"] <= 1 for k in profiled["top"]), profiled
         assert all(v["audio_seconds_per_second"] > 0 for v in result["variants"].values()), result["variants"]
         assert result["variants"]["asr_dist_seed_fast"]["ratio_vs_plain_loop"] > 0
+        assert len(result["variants"]["plain_loop_bucketed_32x1_repeat4"]["step_ms"]) == 2  # one per measured step

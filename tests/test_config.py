@@ -80,6 +80,12 @@ def test_precision_blocks(yaml):
                             "hysteresis": 4, "min_loss_scale": 1.0}
 
 
+def test_pad_to_multiple_of_is_checked(yaml):
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of=0"):
+        load_config(yaml, ["data.pad_to_multiple_of=0"])
+    assert load_config(yaml, ["data.pad_to_multiple_of=16000"]).data.pad_to_multiple_of == 16000
+
+
 def test_optimizer_is_torch_fused_adamw_on_gpus(yaml):
     cfg = load_config(yaml)
     assert cfg.optim.torch_adam  # no nvcc needed at first use

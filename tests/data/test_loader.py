@@ -197,6 +197,18 @@ def test_batches_match_what_transformers_would_feed(train_set, tmp_path):
     assert float(batch["input_values"][0, n:].abs().sum()) == 0.0
 
 
+def test_pad_to_multiple_of_rounds_lengths_up_and_keeps_the_audio(train_set):
+    plain = list(TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=4, global_batch_size=8, num_workers=0))
+    padded = list(TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=4, global_batch_size=8, num_workers=0,
+                              pad_to_multiple_of=4000))
+    assert len(plain) == len(padded)
+    for a, b in zip(plain, padded):
+        assert b["input_values"].shape[1] % 4000 == 0 and 0 <= b["input_values"].shape[1] - a["input_values"].shape[1] < 4000
+        assert a["keys"] == b["keys"] and torch.equal(a["attention_mask"].sum(1), b["attention_mask"].sum(1))
+        assert torch.equal(b["input_values"][:, :a["input_values"].shape[1]], a["input_values"])
+        assert float(b["input_values"][:, a["input_values"].shape[1]:].abs().sum()) == 0.0
+
+
 def test_bucketing_cuts_padding(tmp_path):
     rng = np.random.default_rng(0)
     d = tmp_path / "mix"

@@ -228,6 +228,8 @@ class StreamState:
     buffer_index: int = 0
     taken_from_buffer: int = 0
     delivered: int = 0
+    skipped_before_buffer: int = 0  # damaged samples this stream skipped this epoch before the buffer's fill
+    skipped_in_buffer: int = 0  # and in the buffer's batches already delivered (not decoded again on resume)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -248,12 +250,16 @@ class TrainStream(torch.utils.data.IterableDataset):
         layout, state = self.layouts[w], dataclasses.replace(self.states[w])
         encode = LabelEncoder(self.vocab)
         units = _units(layout)
-        counters: dict = {}
+        # after a restore the buffer is filled again (a damaged shard's loss is counted again: so it is left
+        # out of the saved count), but its delivered batches are not decoded again (their skips are carried)
+        counters: dict = {"skipped_samples": state.skipped_before_buffer}
+        carried = state.skipped_in_buffer
         buffer_size = layout.bucket_batches * layout.micro_batch_size
         pos, taken = state.cursor  # unit position, samples taken from that unit
         reader = None
         while state.delivered < layout.num_batches:
             start = (pos, taken)
+            before_buffer = counters["skipped_samples"]
             buffer: list[tuple[str, bytes, dict]] = []
             while len(buffer) < buffer_size:
                 if reader is None:  # opened once per unit; skipping only happens after a restore
@@ -273,6 +279,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             batches = [buffer[i:i + layout.micro_batch_size] for i in range(0, buffer_size, layout.micro_batch_size)]
             rng = random.Random(f"batches-{layout.seed}-{layout.epoch}-{layout.rank}-{w}-{state.buffer_index}{layout.tag}")
             rng.shuffle(batches)
+            after_fill = counters["skipped_samples"]
+            counters["skipped_samples"] += carried
+            carried = 0
             for b in range(state.taken_from_buffer, len(batches)):
                 if state.delivered == layout.num_batches:
                     break
@@ -290,7 +299,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                 batch = collate(samples, self.pad_to_multiple_of)
                 state.delivered += 1
                 batch["stream"] = (w, state.delivered - 1)
-                batch["state"] = dataclasses.asdict(dataclasses.replace(state, cursor=start))
+                batch["state"] = dataclasses.asdict(dataclasses.replace(
+                    state, cursor=start, skipped_before_buffer=before_buffer,
+                    skipped_in_buffer=counters["skipped_samples"] - after_fill))
                 batch["skipped_samples"] = counters.get("skipped_samples", 0)
                 yield batch
             state.buffer_index += 1
@@ -390,7 +401,8 @@ class TrainLoader:
             layouts.append(StreamLayout(tuple(self.shards.shards), self.seed, self.epoch, self.rank, self.world_size,
                                         w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag))
             s = self._states.get(w)
-            states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"])
+            states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"],
+                                      s.get("skipped_before_buffer", 0), s.get("skipped_in_buffer", 0))
                           if s else StreamState())
         return layouts, states
 
@@ -448,10 +460,16 @@ class TrainLoader:
             "quota_steps": self._quota_steps,
             "tag": self._tag,
             "streams": {str(k): v for k, v in self._states.items()},
+            # train/skipped_samples stays whole across a resume
+            "skipped_samples": self.skipped_samples,
+            "skipped_before_epoch": self._skipped_before,
+            "skipped_streams": {str(k): v for k, v in self._skipped.items()},
         }
 
     def load_state_dict(self, sd: dict) -> None:
         self.epoch = sd["epoch"]
+        self.skipped_samples = sd.get("skipped_samples", 0)
+        self._skipped_before, self._skipped = self.skipped_samples, {}  # another layout: new streams count anew
         layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples")
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
                 self.shards.num_samples)
@@ -459,6 +477,9 @@ class TrainLoader:
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]
             self._states = {int(k): v for k, v in sd["streams"].items()}
+            # the same streams go on: each reports its count for the whole epoch again
+            self._skipped_before = sd.get("skipped_before_epoch", 0)
+            self._skipped = {int(k): v for k, v in sd.get("skipped_streams", {}).items()}
             return
         # another layout: finish the epoch's remaining optimizer steps in a new deterministic order
         # consumed counts micro-batches of the saved layout since the epoch began; a partial step is redone

@@ -246,6 +246,33 @@ def test_damaged_shards_by_policy(train_set, tmp_path):
     assert len(batches) == skip.micro_batches_per_epoch  # the count holds: other shards stand in
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_samples_count_survives_a_resume(train_set, tmp_path, workers):
+    d = tmp_path / "s"
+    shutil.copytree(train_set, d)
+    data = (d / "shard-000003.tar").read_bytes()
+    (d / "shard-000003.tar").write_bytes(data[: len(data) // 2])  # the rest of a shard lost
+    for name in ("shard-000001.tar", "shard-000006.tar", "shard-000009.tar"):  # and one sample's audio in three
+        data = bytearray((d / name).read_bytes())
+        at = data.index(b"fLaC")
+        data[at:at + 4] = b"XXXX"
+        (d / name).write_bytes(bytes(data))
+    kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=workers, on_corrupt="skip",
+              bucket_batches=4)
+    whole = TrainLoader(str(d), **kw)
+    n = len(list(whole))
+    assert whole.skipped_samples > 3
+    for stop in (range(1, n - 1, 2) if workers == 0 else (1, n // 2, n - 2)):
+        first = TrainLoader(str(d), **kw)
+        for i, _ in enumerate(first):
+            if i == stop:
+                break
+        second = TrainLoader(str(d), **kw)
+        second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        list(second)
+        assert second.skipped_samples == whole.skipped_samples, (stop, first.skipped_samples)
+
+
 def test_loader_processes_ignore_preemption_signals(train_set):
     """SLURM signals every process of a job step: the forkserver and workers must survive USR1 (only
     the rank acts on it), or the rank dies on "DataLoader worker exited unexpectedly"."""

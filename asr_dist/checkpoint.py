@@ -7,6 +7,7 @@ A directory without COMPLETE (a save cut off by a kill or a full disk) is never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -73,6 +74,25 @@ def load_safely(path, map_location=None):
 
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within it, every ``torch.load`` is ``load_safely`` (weights only): for library code that asks for
+    weights_only=False itself, such as DeepSpeed's zero_to_fp32 gathering ZeRO-3 partitions."""
+    import torch
+
+    original = torch.load
+
+    def load(f, map_location=None, *args, weights_only=None, **kw):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return original(f, map_location, *args, weights_only=True, **kw)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def use_safe_loading(engine) -> None:

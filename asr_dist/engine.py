@@ -93,6 +93,11 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool 
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if d.deepspeed_config:
         merge_user_config(ds, d.deepspeed_config)
+    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
+    if offload in ("cpu", "nvme"):  # ZeRO-Offload steps on the CPU: torch's fused kernel needs CUDA tensors there,
+        # and DeepSpeed's CPU Adam (built with the C++ compiler at first use, about 30 s) is the fast one
+        ds["optimizer"]["params"]["torch_adam"] = False
+        ds["optimizer"]["params"].pop("fused", None)
     return ds
 
 

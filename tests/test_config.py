@@ -93,6 +93,11 @@ def test_optimizer_is_torch_fused_adamw_on_gpus(yaml):
     assert "fused" not in deepspeed_config(cfg, 1, 10, cuda=False)["optimizer"]["params"]  # no fused kernel on CPU
     ds = deepspeed_config(load_config(yaml, ["optim.torch_adam=false"]), 1, 10, cuda=True)
     assert "fused" not in ds["optimizer"]["params"] and not ds["optimizer"]["params"]["torch_adam"]
+    # ZeRO-Offload (from a user's DeepSpeed JSON) steps on the CPU with DeepSpeed's CPU Adam
+    offload = Path(yaml).parent / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    ds = deepspeed_config(load_config(yaml, [f"distributed.deepspeed_config={offload}"]), 1, 10, cuda=True)
+    assert "fused" not in ds["optimizer"]["params"] and not ds["optimizer"]["params"]["torch_adam"]
 
 
 def test_user_deepspeed_json_merges_and_contradictions_fail(yaml, tmp_path):

@@ -29,6 +29,7 @@ int64 padded with -100, ``keys`` list[str], ``texts`` list[str], ``durations`` (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -45,7 +46,7 @@ import torch
 from ..audio import SAMPLE_RATE
 from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER, load_vocab
 from . import index as fmt
-from .worker_signals import PREEMPTION_SIGNALS, ignore_preemption_signals
+from .worker_signals import BLOCKED_AT_START, loader_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +328,10 @@ def _worker_context():
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "asr_dist.data.forkserver_preload"])
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(PREEMPTION_SIGNALS))
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(BLOCKED_AT_START))
     try:
-        multiprocessing.resource_tracker.ensure_running()
+        multiprocessing.resource_tracker.ensure_running()  # it ignores TERM itself, and unblocks TERM here
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(BLOCKED_AT_START))
         multiprocessing.forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -419,7 +421,7 @@ class TrainLoader:
                                              # faults (measured: the step window after each epoch start ran at
                                              # 60-70 % speed with fork, at full speed with forkserver)
                                              multiprocessing_context=_worker_context(),
-                                             worker_init_fn=ignore_preemption_signals)
+                                             worker_init_fn=functools.partial(loader_worker_init, os.getpid()))
             source = iter(dl)
         else:
             source = ds.iter_stream(0)
@@ -555,4 +557,5 @@ class EvalLoader:
             return (self.dataset[i] for i in range(len(self.dataset)))
         return iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, shuffle=False,
                                                 num_workers=min(self.num_workers, max(1, len(self.dataset))),
-                                                pin_memory=self.pin_memory, worker_init_fn=ignore_preemption_signals))
+                                                pin_memory=self.pin_memory,
+                                                worker_init_fn=functools.partial(loader_worker_init, os.getpid())))

@@ -1,9 +1,12 @@
-"""Data loader processes ignore SIGUSR1, and die with the process that started them. SLURM delivers
---signal=USR1@T (and `scancel --signal=USR1`) to every process of a job step, the loader's forkserver
-and workers included; the default action would kill them, and the rank would then die on "DataLoader
-worker exited unexpectedly" instead of saving at its next step. Only the rank's main process acts on
-it (asr_dist.engine.Preemption). SIGTERM keeps its default: multiprocessing ends workers with it
-(ignoring it hung a rank at exit, joining a worker that would not end).
+"""Data loader processes ignore SIGUSR1, take SIGTERM only from their rank, and die with the process
+that started them. SLURM delivers --signal=USR1@T (and `scancel --signal=USR1`) to every process of a
+job step, the loader's forkserver and workers included, and SIGTERM likewise at a time limit, at
+`scancel` and at preemption; the default actions would kill them, and the rank would then die on
+"DataLoader worker exited unexpectedly" instead of saving at its next step. Only the rank's main
+process acts on them (asr_dist.engine.Preemption). A worker still ends on a SIGTERM from its rank:
+multiprocessing and the DataLoader stop workers that way (a worker that ignored every SIGTERM hung
+its rank at exit, joining a worker that would not end), so a worker waits for SIGTERM in a thread
+and looks at who sent it.
 
 The loader's forkserver imports asr_dist.data.forkserver_preload at its start (multiprocessing's
 forkserver preload), which calls ``ignore_preemption_signals``, so every worker forked from it
@@ -12,8 +15,12 @@ started another way."""
 
 import os
 import signal
+import threading
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1,)
+# blocked while the forkserver and the resource tracker start: they keep them blocked (a blocked
+# signal stays blocked across exec) and so does every worker forked from the forkserver
+BLOCKED_AT_START = (signal.SIGUSR1, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1
 
 
@@ -37,3 +44,23 @@ def die_with_parent() -> None:
     if os.getppid() != parent:  # the parent ended before prctl took effect
         os._exit(0)
 
+
+
+def loader_worker_init(owner: int, worker_id: int) -> None:
+    """A DataLoader worker's init function (with ``functools.partial(loader_worker_init, os.getpid())``
+    in the rank): ignore the preemption signals, die with the parent, take SIGTERM from ``owner`` only."""
+    ignore_preemption_signals(worker_id)
+    terminate_only_from(owner)
+
+
+def terminate_only_from(owner: int) -> None:
+    """SIGTERM ends this process only when ``owner`` (the rank) or the process itself sends it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid in (owner, os.getpid()):
+                os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-rank", daemon=True).start()

@@ -274,9 +274,12 @@ def test_skipped_samples_count_survives_a_resume(train_set, tmp_path, workers):
 
 
 def test_loader_processes_ignore_preemption_signals(train_set):
-    """SLURM signals every process of a job step: the forkserver and workers must survive USR1 (only
-    the rank acts on it), or the rank dies on "DataLoader worker exited unexpectedly"."""
+    """SLURM signals every process of a job step (USR1 before a time limit, TERM at scancel, preemption
+    and the limit): the forkserver and workers must survive them (only the rank acts on them), or the
+    rank dies on "DataLoader worker exited unexpectedly" instead of saving. A SIGTERM from the rank
+    itself (how multiprocessing and the DataLoader stop workers) still ends a worker."""
     import signal
+    import subprocess
     import time
 
     import psutil
@@ -287,11 +290,24 @@ def test_loader_processes_ignore_preemption_signals(train_set):
     # the forkserver and its workers (the resource tracker may predate this test in this session)
     helpers = [p for p in psutil.Process().children(recursive=True) if "forkserver" in " ".join(p.cmdline())]
     assert len(helpers) >= 3, helpers
-    for p in helpers:
-        p.send_signal(signal.SIGUSR1)
+    for sig in ("USR1", "TERM"):  # sent by another process, as slurmstepd does
+        subprocess.run(["kill", f"-{sig}", *(str(p.pid) for p in helpers)], check=True)
     time.sleep(0.5)
     dead = [p.pid for p in helpers if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
     assert not dead, dead
     assert 1 + len(list(batches)) == loader.micro_batches_per_epoch and first["keys"]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the main process is left as it was
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
+    # from the rank (this process), SIGTERM ends a worker
+    loader.set_epoch(1)
+    batches = iter(loader)
+    next(batches)
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "forkserver" in " ".join(p.cmdline()) and p.ppid() != os.getpid()]
+    assert workers
+    os.kill(workers[0].pid, signal.SIGTERM)
+    workers[0].wait(timeout=10)  # psutil.TimeoutExpired if it did not end
+    # the rank notices ("worker exited unexpectedly", or a batch it had queued can no longer be fetched)
+    with pytest.raises((RuntimeError, OSError)):
+        list(batches)

@@ -100,7 +100,8 @@ def test_two_node_training_job_produces_a_complete_run(two_node_run):
     assert client["world_size"] == 2
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_end(two_node_run, train_shards, tmp_path):
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_preemption_checkpoints_requeues_and_resumes_to_the_same_end(two_node_run, train_shards, tmp_path, sig):
     d0, job0, _ = two_node_run
     out = tmp_path / "run"
     job = sbatch("train.sbatch", train_args(train_shards, out), tmp_path,
@@ -110,8 +111,9 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_end(two_node_run, tra
     while time.time() < deadline and not (metrics.exists() and len(losses(out)) >= 3):
         time.sleep(0.2)
     assert len(losses(out)) >= 3, "the job did not start training"
-    # what SLURM does before a time limit (--signal=USR1@120) or on preemption: USR1 to every rank
-    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)
+    # what SLURM does before a time limit (--signal=USR1@120), or at scancel / preemption / the limit
+    # (TERM): the signal to every process of the step, ranks, loader forkservers and workers alike
+    subprocess.run(["scancel", f"--signal={sig}", str(job)], check=True)
     # SLURM holds a requeued job for about two minutes before it may start again; release it now
     deadline = time.time() + 300
     while time.time() < deadline and job_info(job).get("JobState") not in ("PENDING", "COMPLETED", "FAILED"):

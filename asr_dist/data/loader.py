@@ -46,7 +46,7 @@ import torch
 from ..audio import SAMPLE_RATE
 from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER, load_vocab
 from . import index as fmt
-from .worker_signals import BLOCKED_AT_START, loader_worker_init
+from .worker_signals import BLOCKED_AT_START, OWNER_ENV, loader_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,7 @@ def _worker_context():
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "asr_dist.data.forkserver_preload"])
+    os.environ[OWNER_ENV] = str(os.getpid())  # the forkserver's preload checks that its rank still lives
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(BLOCKED_AT_START))
     try:
         multiprocessing.resource_tracker.ensure_running()  # it ignores TERM itself, and unblocks TERM here

@@ -24,32 +24,53 @@ BLOCKED_AT_START = (signal.SIGUSR1, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1
 
 
-def ignore_preemption_signals(_worker_id: int | None = None) -> None:
+OWNER_ENV = "ASR_DIST_LOADER_OWNER"  # the rank's pid, for its forkserver (set before it starts)
+
+
+def ignore_preemption_signals(_worker_id: int | None = None, owner: int | None = None) -> None:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    die_with_parent()
+    if owner is None and os.environ.get(OWNER_ENV, "").isdigit():
+        owner = int(os.environ[OWNER_ENV])
+    die_with_parent(owner)
 
 
-def die_with_parent() -> None:
+def die_with_parent(owner: int | None = None) -> None:
     """Linux: SIGKILL this process when its parent ends. A rank that is killed (or ends through
     os._exit after losing a peer) would otherwise leave its forkserver and workers behind for good:
-    the workers' own watchdog watches their parent, the forkserver, which outlives the rank."""
-    parent = os.getppid()
+    the workers' own watchdog watches their parent, the forkserver, which outlives the rank.
+
+    The parent may already be gone when this runs (a worker forked just before the rank, and so its
+    forkserver, were killed: it is then a child of init, and measured, it waited forever), so after
+    setting the signal it checks that it still has a parent and that ``owner`` (the rank) lives."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return  # not Linux: the workers' watchdog still ends them with the forkserver
-    if os.getppid() != parent:  # the parent ended before prctl took effect
+    if os.getppid() == 1 or (owner is not None and not _alive(owner)):
         os._exit(0)
 
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed rank its launcher has not reaped yet is a zombie
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def loader_worker_init(owner: int, worker_id: int) -> None:
     """A DataLoader worker's init function (with ``functools.partial(loader_worker_init, os.getpid())``
     in the rank): ignore the preemption signals, die with the parent, take SIGTERM from ``owner`` only."""
-    ignore_preemption_signals(worker_id)
+    ignore_preemption_signals(worker_id, owner)
     terminate_only_from(owner)
 
 

@@ -329,6 +329,11 @@ def _worker_context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "asr_dist.data.forkserver_preload"])
     os.environ[OWNER_ENV] = str(os.getpid())  # the forkserver's preload checks that its rank still lives
+    # Python 3.11's forkserver ignores the sys.path it is handed: let it find asr_dist to preload it
+    root = str(Path(__file__).resolve().parents[2])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, root]))
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(BLOCKED_AT_START))
     try:
         multiprocessing.resource_tracker.ensure_running()  # it ignores TERM itself, and unblocks TERM here

@@ -24,6 +24,11 @@ CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", "--time=30"]
 
 
+def _nodes_in_state(state: str) -> int:
+    r = subprocess.run(["sinfo", "-h", "-N", "-t", state, "-o", "%N"], capture_output=True, text=True)
+    return len(set(r.stdout.split())) if r.returncode == 0 else 0
+
+
 def _idle_nodes() -> int:
     r = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix,alloc", "-o", "%N"], capture_output=True, text=True)
     return len(set(r.stdout.split())) if r.returncode == 0 else 0
@@ -118,6 +123,11 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_end(two_node_ru
     deadline = time.time() + 300
     while time.time() < deadline and job_info(job).get("JobState") not in ("PENDING", "COMPLETED", "FAILED"):
         time.sleep(0.5)
+    # ... but not before the nodes have cleaned up the first run and a second has passed: slurmd refuses
+    # a job credential made in the same second as the old run's revocation ("Job credential revoked")
+    while time.time() < deadline and _nodes_in_state("idle") < 2:
+        time.sleep(0.5)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     info = wait(job)
     log = (tmp_path / f"job-{job}.log").read_text()

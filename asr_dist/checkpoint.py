@@ -76,6 +76,12 @@ def load_safely(path, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def refusal(path, e: Exception) -> str:
+    """What to say of a checkpoint that ``load_safely`` refused."""
+    return (f"{path} holds objects other than tensors and plain data, refused for safety "
+            f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}")
+
+
 @contextlib.contextmanager
 def safe_torch_load():
     """Within it, every ``torch.load`` is ``load_safely`` (weights only): for library code that asks for

@@ -155,7 +155,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return EXIT_OK
-    configure_accelerator()
+    accelerator = configure_accelerator()
     if args.dry_run:
         from .data.loader import ShardSet, TrainLoader
         from .engine import deepspeed_config
@@ -165,10 +165,8 @@ def cmd_train(args) -> int:
         loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=cfg.data.micro_batch_size,
                              global_batch_size=cfg.data.global_batch_size, num_workers=0)
         total = cfg.train.max_steps or cfg.train.num_epochs * loader.steps_per_epoch
-        import torch
-
-        cuda = os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" and torch.cuda.is_available()
-        print(json.dumps(deepspeed_config(cfg, world, total, cuda=cuda), indent=1))  # as the ranks would run it
+        # as the ranks would get it
+        print(json.dumps(deepspeed_config(cfg, world, total, cuda=accelerator == "cuda"), indent=1))
         print(f"world size {world}: {shards.num_samples} utterances, {shards.audio_seconds / 3600:.2f} h of audio; "
               f"{loader.steps_per_epoch} steps per epoch (global batch {cfg.data.global_batch_size} = micro "
               f"{cfg.data.micro_batch_size} x accumulation {loader.accumulation} x {world} ranks); {total} steps in all")

@@ -46,7 +46,7 @@ class ModelArgs:
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
     attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
-    compile: bool = False  # torch.compile each transformer layer and conv block (regional: compiles once, reused by every layer)
+    compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length)
     layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask

@@ -86,18 +86,18 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if o.torch_adam and cuda:  # one kernel for every parameter tensor, no compilation
-        ds["optimizer"]["params"]["fused"] = True
     if d.zero_stage == 3:
         del ds["zero_optimization"]["allgather_bucket_size"]
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if d.deepspeed_config:
         merge_user_config(ds, d.deepspeed_config)
+    params = ds["optimizer"]["params"]
     offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
     if offload in ("cpu", "nvme"):  # ZeRO-Offload steps on the CPU: torch's fused kernel needs CUDA tensors there,
         # and DeepSpeed's CPU Adam (built with the C++ compiler at first use, about 30 s) is the fast one
-        ds["optimizer"]["params"]["torch_adam"] = False
-        ds["optimizer"]["params"].pop("fused", None)
+        params["torch_adam"] = False
+    elif params["torch_adam"] and cuda:  # one kernel for every parameter tensor, no compilation
+        params["fused"] = True
     return ds
 
 
@@ -267,8 +267,7 @@ class Trainer:
         try:
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         except pickle.UnpicklingError as e:
-            raise TrainingError(f"{path} holds objects other than tensors and plain data, refused for safety "
-                                f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}") from None
+            raise TrainingError(ckpt.refusal(path, e)) from None
         if client is None:
             raise TrainingError(f"DeepSpeed could not load {path}")
         same_world = client["world_size"] == self.world

@@ -152,8 +152,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
     try:
         state = ckpt_mod.load_safely(_model_states(ckpt), map_location="cpu")
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{ckpt} holds objects other than tensors and plain data, refused for safety "
-                         f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}") from None
+        raise ValueError(ckpt_mod.refusal(ckpt, e)) from None
     if "config" not in state:
         raise ValueError(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
@@ -172,8 +171,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
             with ckpt_mod.safe_torch_load():  # zero_to_fp32 itself loads with weights_only=False
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{ckpt}: its ZeRO-3 partitions hold objects other than tensors and plain data, refused "
-                             f"for safety (torch.load weights_only=True): {str(e).splitlines()[-1][:300]}") from None
+            raise ValueError(ckpt_mod.refusal(ckpt, e)) from None
     model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
     missing = [k for k in expected if k not in weights]
     if missing:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import random
@@ -58,23 +59,26 @@ def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
     return train_flops_per_audio_second(transformers.Wav2Vec2Config(**PRESETS[preset], vocab_size=40), seconds, True)
 
 
-def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device,
-               micro: int = 16, accumulation: int = 2, bucketed: bool = False, compiled: bool = False,
-               pad: int = 1, repeat: int = 0, cudnn_sdpa: bool = True) -> dict:
-    """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2. ``bucketed``: each
-    micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length).
-    ``repeat`` N: cycle through the first N batches (N shapes, seen again and again), to tell the cost of
-    a new batch length from the cost of the data. ``cudnn_sdpa`` false: no cuDNN attention backend."""
+def plain_model(shards: str, preset: str, device: torch.device) -> tuple[list, torch.nn.Module, torch.optim.Optimizer]:
+    """The decoded utterances, the model (feature encoder frozen) and a plain AdamW, for the plain loops."""
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model, compile_regions
+    from asr_dist.model import build_model
 
     samples, vocab = load_samples(shards)
     model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab).to(device).train()
     model.freeze_feature_encoder()
-    if compiled:
-        compile_regions(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    return samples, model, opt
+
+
+def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int, device: torch.device,
+               micro: int = 16, accumulation: int = 2, bucketed: bool = False, pad: int = 1, repeat: int = 0,
+               cudnn_sdpa: bool = True) -> dict:
+    """The baseline: a plain loop (AMP on GPU), random batches of 16, accumulation 2. ``bucketed``: each
+    micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length).
+    ``repeat`` N: cycle through the first N batches (N shapes, seen again and again), to tell the cost of
+    a new batch length from the cost of the data. ``cudnn_sdpa`` false: no cuDNN attention backend."""
+    samples, model, opt = plain_model(shards, preset, device)
     amp = device.type == "cuda" and precision in ("fp16", "bf16")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(enabled=amp and precision == "fp16")
@@ -82,16 +86,6 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
         torch.backends.cuda.enable_cudnn_sdp(False)
     rng = random.Random(0)
     queue: list = []
-    made: list = []
-    drawn = [0]
-
-    def next_batch() -> list:
-        if not repeat:
-            return fresh_batch()
-        if len(made) < repeat:
-            made.append(fresh_batch())
-        drawn[0] += 1
-        return made[(drawn[0] - 1) % repeat]
 
     def fresh_batch() -> list:
         if not bucketed:
@@ -101,6 +95,8 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
             queue.extend(pool[i:i + micro] for i in range(0, len(pool) - micro + 1, micro))
             rng.shuffle(queue)
         return queue.pop()
+
+    next_batch = itertools.cycle([fresh_batch() for _ in range(repeat)]).__next__ if repeat else fresh_batch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     audio_s, real, total, t0, step_ms = 0.0, 0, 0, None, []
@@ -141,13 +137,7 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
     otherwise the same middle-length batch every step. Also the wall time of 5 unprofiled steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
-
-    samples, vocab = load_samples(shards)
-    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab).to(device).train()
-    model.freeze_feature_encoder()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    samples, model, opt = plain_model(shards, preset, device)
     samples.sort(key=lambda s: len(s[1]))
     groups = [samples[i:i + micro] for i in range(0, len(samples) - micro + 1, micro)]
     random.Random(0).shuffle(groups)

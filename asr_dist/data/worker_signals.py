@@ -10,8 +10,8 @@ and looks at who sent it.
 
 The loader's forkserver imports asr_dist.data.forkserver_preload at its start (multiprocessing's
 forkserver preload), which calls ``ignore_preemption_signals``, so every worker forked from it
-inherits the dispositions; the function is also each DataLoader's worker_init_fn, for workers
-started another way."""
+inherits the dispositions; each DataLoader's worker_init_fn is ``loader_worker_init``, which does
+the same for workers started another way and adds the SIGTERM check."""
 
 import os
 import signal
@@ -22,12 +22,10 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1,)
 # signal stays blocked across exec) and so does every worker forked from the forkserver
 BLOCKED_AT_START = (signal.SIGUSR1, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1
-
-
 OWNER_ENV = "ASR_DIST_LOADER_OWNER"  # the rank's pid, for its forkserver (set before it starts)
 
 
-def ignore_preemption_signals(_worker_id: int | None = None, owner: int | None = None) -> None:
+def ignore_preemption_signals(owner: int | None = None) -> None:
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if owner is None and os.environ.get(OWNER_ENV, "").isdigit():
@@ -70,7 +68,7 @@ def _alive(pid: int) -> bool:
 def loader_worker_init(owner: int, worker_id: int) -> None:
     """A DataLoader worker's init function (with ``functools.partial(loader_worker_init, os.getpid())``
     in the rank): ignore the preemption signals, die with the parent, take SIGTERM from ``owner`` only."""
-    ignore_preemption_signals(worker_id, owner)
+    ignore_preemption_signals(owner)
     terminate_only_from(owner)
 
 

@@ -46,6 +46,7 @@ class ModelArgs:
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
     attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
+    cudnn_attention: bool = False  # let PyTorch use cuDNN's fused attention: fast per call, but it builds a graph for every new batch shape (off: flash / memory-efficient kernels)
     compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length)
     layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time

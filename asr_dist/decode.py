@@ -55,6 +55,9 @@ def load_model_dir(model_dir: str, device: torch.device):
     if not (d / "config.json").exists():
         raise ModelDirError(f"{d}: no config.json; give a model directory exported by training ({{output_dir}}/model "
                             f"or {{output_dir}}/best)")
+    from .model import set_attention_kernels
+
+    set_attention_kernels(False)  # evaluation batches change length at every step (see the function)
     model = transformers.Wav2Vec2ForCTC.from_pretrained(str(d), local_files_only=True).to(device).eval()
     vocab = load_vocab(d / "vocab.json")
     meta = json.loads((d / "asr_dist.json").read_text()) if (d / "asr_dist.json").exists() else {}

@@ -40,9 +40,21 @@ def model_overrides(args: ModelArgs, vocab: dict[str, int]) -> dict:
     )
 
 
+def set_attention_kernels(cudnn_attention: bool = False) -> None:
+    """Which fused attention kernels PyTorch's SDPA may pick (a process-wide setting).
+
+    On Hopper GPUs PyTorch prefers cuDNN's fused attention, and cuDNN builds (and compiles) an
+    execution graph for every new (batch, length) shape, forward and backward: reported at 55 ms to
+    1 s each. Speech batches change length at almost every step, so by default it is left out and
+    SDPA uses the flash or memory-efficient kernels, which need no per-shape planning
+    (``model.cudnn_attention=true`` lets cuDNN in again: for fixed shapes it is the faster kernel)."""
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+
+
 def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transformers.Wav2Vec2ForCTC:
     """A Wav2Vec2ForCTC with its feature encoder frozen (when asked), ready for DeepSpeed."""
     torch.manual_seed(seed)
+    set_attention_kernels(args.cudnn_attention)
     overrides = model_overrides(args, vocab)
     if args.pretrained:
         model = transformers.Wav2Vec2ForCTC.from_pretrained(args.pretrained, local_files_only=True,

@@ -59,13 +59,16 @@ def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
     return train_flops_per_audio_second(transformers.Wav2Vec2Config(**PRESETS[preset], vocab_size=40), seconds, True)
 
 
-def plain_model(shards: str, preset: str, device: torch.device) -> tuple[list, torch.nn.Module, torch.optim.Optimizer]:
-    """The decoded utterances, the model (feature encoder frozen) and a plain AdamW, for the plain loops."""
+def plain_model(shards: str, preset: str, device: torch.device,
+                cudnn_sdpa: bool = True) -> tuple[list, torch.nn.Module, torch.optim.Optimizer]:
+    """The decoded utterances, the model (feature encoder frozen) and a plain AdamW, for the plain loops.
+    ``cudnn_sdpa``: PyTorch's own choice of attention kernels (cuDNN's on Hopper), as a user of plain
+    PyTorch gets; false: asr-dist's default (``model.cudnn_attention=false``)."""
     from asr_dist.config import ModelArgs
     from asr_dist.model import build_model
 
     samples, vocab = load_samples(shards)
-    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab).to(device).train()
+    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0, cudnn_attention=cudnn_sdpa), vocab).to(device).train()
     model.freeze_feature_encoder()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     return samples, model, opt
@@ -78,12 +81,10 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
     micro-batch is drawn from utterances of similar length (a pool of 32 micro-batches sorted by length).
     ``repeat`` N: cycle through the first N batches (N shapes, seen again and again), to tell the cost of
     a new batch length from the cost of the data. ``cudnn_sdpa`` false: no cuDNN attention backend."""
-    samples, model, opt = plain_model(shards, preset, device)
+    samples, model, opt = plain_model(shards, preset, device, cudnn_sdpa)
     amp = device.type == "cuda" and precision in ("fp16", "bf16")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(enabled=amp and precision == "fp16")
-    if not cudnn_sdpa and device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
     rng = random.Random(0)
     queue: list = []
 
@@ -130,14 +131,14 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
 
 
 def profile(shards: str, preset: str, precision: str, device: torch.device, micro: int = 32,
-            varying: bool = False) -> dict:
+            varying: bool = False, cudnn_sdpa: bool = True) -> dict:
     """Where a step's time goes: the plain model, bucketed micro-batches of ``micro`` utterances,
     torch.profiler over 3 steps after 3 of warm-up; the top kernels by GPU time and the top host-side
     ops by their own CPU time. ``varying``: a new batch (of a new length) every step, as in training;
     otherwise the same middle-length batch every step. Also the wall time of 5 unprofiled steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    samples, model, opt = plain_model(shards, preset, device)
+    samples, model, opt = plain_model(shards, preset, device, cudnn_sdpa)
     samples.sort(key=lambda s: len(s[1]))
     groups = [samples[i:i + micro] for i in range(0, len(samples) - micro + 1, micro)]
     random.Random(0).shuffle(groups)
@@ -214,7 +215,7 @@ def hf_trainer(shards: str, preset: str, precision: str, steps: int, warmup: int
     from asr_dist.model import build_model
 
     samples, vocab = load_samples(shards)
-    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0), vocab)
+    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0, cudnn_attention=True), vocab)  # torch's choice
     model.freeze_feature_encoder()
     clock = {"audio": 0.0, "batches": 0, "counting": False, "t0": None, "t1": None}
 
@@ -304,8 +305,16 @@ def variants(args, cuda: bool) -> dict:
     v["plain_loop_bucketed_32x1_expandable"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1,
                                                           "bucketed": True,
                                                           "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    v["plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1,
+                                                                     "bucketed": True, "repeat": 4, "cudnn_sdpa": False})
     v["profile_varying"] = ("profile", {"precision": fast, "varying": True})
+    v["profile_varying_no_cudnn_sdpa"] = ("profile", {"precision": fast, "varying": True, "cudnn_sdpa": False})
     v["asr_dist_seed_fast_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, sec]})
+    # asr-dist leaves cuDNN's attention out by default; with it, as PyTorch would choose on Hopper
+    v["asr_dist_seed_fast_cudnn_attention"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                            "extra": [*tuned, "model.cudnn_attention=true"]})
+    v["asr_dist_seed_fast_pad1s_cudnn_attention"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                                  "extra": [*tuned, sec, "model.cudnn_attention=true"]})
     v["asr_dist_seed_fast_compiled_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                            "extra": [*tuned, sec, "model.compile=true"]})
     if args.large_micro:

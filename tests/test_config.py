@@ -175,6 +175,26 @@ def test_attention_kernels_agree_and_typos_are_refused():
                              "model.attention=flash"])
 
 
+def test_cudnn_attention_is_left_out_unless_asked():
+    """The model's attention setting reaches PyTorch's SDPA dispatcher (which kernels it may pick is a
+    process-wide flag; tests/gpu checks the kernels a GPU then runs)."""
+    import torch
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}
+    assert load_config(None, ["output_dir=x", "data.train_shards=[x]", "train.max_steps=1",
+                              "model.preset=tiny"]).model.cudnn_attention is False
+    try:
+        build_model(ModelArgs(preset="tiny"), vocab)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        build_model(ModelArgs(preset="tiny", cudnn_attention=True), vocab)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_compiled_layers_train_like_eager_and_keep_their_names():
     """model.compile: the same loss and gradients as eager at several batch lengths (one compiled graph
     with a dynamic length: no recompilation per length), and the same state_dict keys (checkpoints and

@@ -69,3 +69,32 @@ def test_zero3_export_is_the_full_model(synthetic_shards, tmp_path):
     model = transformers.Wav2Vec2ForCTC.from_pretrained(str(tmp_path / "z3" / "model"))
     assert sum(p.numel() for p in model.parameters()) > 90_000_000
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+@pytest.mark.parametrize("cudnn_attention", [False, True])
+def test_cudnn_attention_switch_decides_the_kernel(cudnn_attention):
+    """model.cudnn_attention=false (the default) keeps SDPA off cuDNN's attention, which builds a graph per
+    new batch shape; PyTorch's own choice on Hopper is cuDNN's. Kernels read from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}
+    model = build_model(ModelArgs(preset="base", mask_time_prob=0.0, cudnn_attention=cudnn_attention), vocab).cuda()
+    x = torch.randn(4, 48000, device="cuda")
+    mask = torch.ones(4, 48000, dtype=torch.bool, device="cuda")
+    mask[1, 30000:] = False
+    labels = torch.tensor([[3, 2, 3]] * 4, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_values=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    cudnn_sdpa = [n for n in names if "cudnn" in n.lower() and "sdpa" in n.lower()]
+    print(f"cudnn_attention={cudnn_attention}: cuDNN attention kernels {cudnn_sdpa[:3]}")
+    if not cudnn_attention:
+        assert not cudnn_sdpa, cudnn_sdpa
+        assert any("fmha" in n or "flash" in n or "attention" in n.lower() for n in names), names[:40]
+    torch.backends.cuda.enable_cudnn_sdp(True)  # back to PyTorch's default for the other tests

@@ -98,6 +98,7 @@ class TrainArgs:
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     resume: str = "auto"  # auto: from the latest checkpoint in output_dir; never; or a checkpoint path
+    profile_steps: list = field(default_factory=list)  # [first, last] optimizer steps to trace with torch.profiler: a trace per rank (chrome://tracing, Perfetto) and a table of the top kernels under {output_dir}/profile/; [] = off
 
 
 @dataclass
@@ -215,6 +216,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
     if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
+    ps = cfg.train.profile_steps
+    if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] <= ps[1]):
+        raise ConfigError(f"train.profile_steps={list(ps)}: give [first, last] optimizer steps, 1 <= first <= last "
+                          f"(e.g. [20, 22]: a few steps after the first ones), or [] for no profile")
     if not 1 <= cfg.data.pad_to_multiple_of <= 16000 * 30:
         raise ConfigError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: give samples, 1 (no rounding) to "
                           f"480000 (30 s); 16000 rounds batches up to whole seconds")

@@ -197,6 +197,48 @@ class Preemption:
         return bool(flag.item())
 
 
+class StepProfiler:
+    """``train.profile_steps: [first, last]``: torch.profiler over those optimizer steps (data wait,
+    forward, backward, DeepSpeed's step), then a Chrome/Perfetto trace per rank and a table of the ops
+    and kernels that took the most time, under {output_dir}/profile/. Steps counted like max_steps."""
+
+    def __init__(self, steps: list, out: Path, rank: int, device: torch.device):
+        self.first, self.last = (steps[0], steps[1]) if steps else (0, -1)
+        self.out, self.rank, self.device = out / "profile", rank, device
+        self.prof = None
+        self.done = not steps
+
+    def maybe_start(self, step: int) -> None:
+        """``step``: optimizer steps done; starts before step ``first`` (or later ones, after a resume)."""
+        if self.done or self.prof is not None or not self.first - 1 <= step < self.last:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.prof = profile(activities=activities, record_shapes=True)
+        self.prof.start()
+        self.started_at = step + 1
+
+    def maybe_stop(self, step: int, final: bool = False) -> None:
+        """After optimizer step ``step``; ``final``: the run's last step (a profile ends with it)."""
+        if self.prof is None or (step < self.last and not final):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prof.stop()
+        self.out.mkdir(parents=True, exist_ok=True)
+        name = f"rank{self.rank}-steps{self.started_at}-{step}"
+        self.prof.export_chrome_trace(str(self.out / f"{name}.json"))
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        (self.out / f"{name}-top.txt").write_text(
+            f"optimizer steps {self.started_at}-{step} on rank {self.rank} ({self.device}), sorted by {sort}\n{table}\n")
+        if self.rank == 0:
+            log.info("profile of steps %d-%d: %s (trace: open %s in Perfetto or chrome://tracing)",
+                     self.started_at, step, self.out / f"{name}-top.txt", self.out / f"{name}.json")
+        self.prof, self.done = None, True
+
+
 class Trainer:
     def __init__(self, cfg: Config, denv: DistEnv, preemption: Preemption | None = None):
         import deepspeed
@@ -368,9 +410,11 @@ class Trainer:
         skipped_run, last_skipped = 0, engine.skipped_steps
         step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
         start_time, start_step = time.time(), step
+        profiler = StepProfiler(cfg.train.profile_steps, self.out, self.rank, self.device)
         while step < self.total_steps:
             batches = iter(self.loader)
             while step < self.total_steps:
+                profiler.maybe_start(step)
                 t = time.time()
                 try:
                     batch = next(batches, None)
@@ -408,6 +452,7 @@ class Trainer:
                     continue
                 step = engine.global_steps
                 window["steps"] += 1
+                profiler.maybe_stop(step, final=step >= self.total_steps)
                 if engine.skipped_steps > last_skipped:
                     skipped_run += engine.skipped_steps - last_skipped
                 else:

@@ -3,7 +3,7 @@
 # Here, once (docopt has no wheel on PyPI: build it; drop the image's own packages from .whl):
 #   bash ../shared/gpu/make-wheels.sh num2words accelerate psutil py-cpuinfo msgpack einops ninja pytest pluggy iniconfig
 #   pip wheel --no-deps docopt -w .whl
-# Then run it there with carry=[".whl"] (PARTS=bench, timeout_s 480; then PARTS=tests, timeout_s 300):
+# Then run it there with carry=[".whl"] (PARTS=bench, timeout_s 500; then PARTS=tests, timeout_s 320, if that much device time is left):
 #   bash bench/gpu-check.sh     # $OUT/gpu-tests.log, bench.jsonl (a line per variant, as each ends), bench.json
 # Every figure comes with the card's name and the baselines measured in the same run.
 set -uo pipefail
@@ -13,7 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-# Two calls fit a 15-minute lend: PARTS=bench first (about 7 min), then PARTS=tests (about 4 min) if time is left.
+# Two calls fit a 15-minute lend: PARTS=bench first (about 8 min), then PARTS=tests (about 4 min) if time is left.
 # 1. throughput, each variant in its own process, results as each ends, most telling first. Session 3 found
 #    fixed-shape steps 2-2.5x faster than training's varying ones; session 4 made asr-dist leave cuDNN's attention
 #    out (it builds a graph per new shape). The A/B pairs: PyTorch's choice (cuDNN attention) against none, in the
@@ -21,21 +21,20 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 #    asr-dist's recipes side by side.
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)
 if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
-  timeout ${BENCH_S:-420} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
-    --utterances ${UTTS:-1536} --steps ${STEPS:-24} --warmup ${WARMUP:-8} --zero 1 --large-micro 48 --timeout 90 \
+  timeout ${BENCH_S:-450} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
+    --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 90 \
     --jsonl "$out/bench.jsonl" \
     --only plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa \
-           plain_loop_bucketed_32x1_repeat4 plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa \
-           asr_dist_seed_fast asr_dist_seed_fast_cudnn_attention asr_dist_seed_fast_pad1s \
-           baseline_plain_loop baseline_hf_trainer asr_dist_zero1 asr_dist_large_batch_bf16_pad1s \
-           profile_varying_no_cudnn_sdpa \
+           asr_dist_seed_fast asr_dist_seed_fast_cudnn_attention baseline_plain_loop baseline_hf_trainer \
+           asr_dist_seed_fast_pad1s_long asr_dist_zero1 asr_dist_large_batch_bf16_pad1s \
+           asr_dist_seed_fast_profiled plain_loop_bucketed_32x1_repeat4 plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa \
     > "$out/bench.json" 2> "$out/bench.err"
   echo "bench exit $?"
   cut -c1-400 "$out/bench.jsonl"
 fi
 # 2. fp16 loss scaling on XLS-R-300M for 200 steps, bf16, ZeRO-3 export, the attention switch (about 4 min)
 if [[ " ${PARTS:-bench tests} " == *" tests "* ]]; then
-  timeout ${TESTS_S:-250} python3 -m pytest -q -rA -s tests/gpu -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+  timeout ${TESTS_S:-280} python3 -m pytest -q -rA -s tests/gpu -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
   echo "tests exit $?"
   grep -E "PASSED|FAILED|ERROR|cudnn_attention=|passed|failed" "$out/gpu-tests.log" | tail -12
 fi

@@ -274,7 +274,10 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/audio_seconds_per_second" in r and r["step"] > warmup]
     # the median window: a one-off (a recompilation for a new kind of batch) does not decide the figure
+    # train.profile_steps: the engine's own table of the top kernels (or CPU ops) of those steps
+    top = [line.rstrip() for f in sorted((out / "profile").glob("rank0-*-top.txt")) for line in f.read_text().splitlines()[:40]]
     return {"audio_seconds_per_second": float(np.median([r["perf/audio_seconds_per_second"] for r in rows])),
+            **({"profile_top": top} if top else {}),
             "windows": [round(r["perf/audio_seconds_per_second"], 1) for r in rows],
             "data_wait_fraction": float(np.median([r["perf/data_wait_fraction"] for r in rows])),
             "peak_gpu_memory_gb": max((r.get("perf/gpu_memory_gb", 0.0) for r in rows), default=0.0)}
@@ -317,6 +320,15 @@ def variants(args, cuda: bool) -> dict:
                                                                   "extra": [*tuned, sec, "model.cudnn_attention=true"]})
     v["asr_dist_seed_fast_compiled_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                            "extra": [*tuned, sec, "model.compile=true"]})
+    # where asr-dist's step goes (DeepSpeed's step included): its own profiler over 3 steps after the warm-up
+    v["asr_dist_seed_fast_profiled"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [
+        *tuned, f"train.profile_steps=[{args.warmup + 1},{args.warmup + 3}]"]})
+    # a long run meets each padded length once and then again and again: its steady state, after a warm-up
+    # long enough to have met nearly every length (whole seconds: at most 15 shapes)
+    v["plain_loop_bucketed_32x1_pad1s_long"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1,
+                                                          "bucketed": True, "pad": 16000, "warmup": 60})
+    v["asr_dist_seed_fast_pad1s_long"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, sec],
+                                                       "warmup": 60})
     if args.large_micro:
         large = [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",
                  "data.bucket_batches=8"]
@@ -332,13 +344,14 @@ def run_one(args, name: str, kind: str, kw: dict, shards: str, tmp: Path) -> dic
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     kw = {k: v for k, v in kw.items() if k != "env"}  # the parent set it
+    warmup = kw.pop("warmup", args.warmup)  # a variant may warm up longer than --warmup
     if kind == "plain":
-        return plain_loop(shards, args.preset, steps=args.steps, warmup=args.warmup, device=device, **kw)
+        return plain_loop(shards, args.preset, steps=args.steps, warmup=warmup, device=device, **kw)
     if kind == "trainer":
         return hf_trainer(shards, args.preset, kw["precision"], args.steps, args.warmup, device, tmp / name)
     if kind == "profile":
         return profile(shards, args.preset, device=device, **kw)
-    return asr_dist_run(shards, args.preset, kw["precision"], kw["zero"], args.steps, args.warmup, tmp / name,
+    return asr_dist_run(shards, args.preset, kw["precision"], kw["zero"], args.steps, warmup, tmp / name,
                         kw["extra"], workers=args.workers)
 
 

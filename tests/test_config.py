@@ -86,6 +86,14 @@ def test_pad_to_multiple_of_is_checked(yaml):
     assert load_config(yaml, ["data.pad_to_multiple_of=16000"]).data.pad_to_multiple_of == 16000
 
 
+def test_profile_steps_are_checked(yaml):
+    for bad in ("[3]", "[0,2]", "[5,4]", "[a,b]"):
+        with pytest.raises(ConfigError, match="train.profile_steps="):
+            load_config(yaml, [f"train.profile_steps={bad}"])
+    assert load_config(yaml, ["train.profile_steps=[20,22]"]).train.profile_steps == [20, 22]
+    assert load_config(yaml, []).train.profile_steps == []
+
+
 def test_optimizer_is_torch_fused_adamw_on_gpus(yaml):
     cfg = load_config(yaml)
     assert cfg.optim.torch_adam  # no nvcc needed at first use

@@ -88,9 +88,15 @@ def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
 def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     out = tmp_path / "run"
     args = ["train.max_steps=6", "train.checkpoint_every=3", "eval.every_steps=0", "data.eval_shards={}",
-            "distributed.zero_stage=1"]
+            "distributed.zero_stage=1", "train.profile_steps=[2,3]"]
     r = launch("python", overrides(train_shards, out, *args))
     assert r.returncode == 0, r.stderr[-3000:]
+    # train.profile_steps: a trace of steps 2-3 and a table of the top ops (on a GPU: kernels)
+    assert sorted(p.name for p in (out / "profile").iterdir()) == ["rank0-steps2-3-top.txt", "rank0-steps2-3.json"]
+    events = json.loads((out / "profile" / "rank0-steps2-3.json").read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"aten::convolution", "aten::_ctc_loss", "Optimizer.step#AdamW.step"} <= names, sorted(names)[:50]
+    assert "Self CPU" in (out / "profile" / "rank0-steps2-3-top.txt").read_text()
     # a save cut off by a kill or a full disk: files there, no COMPLETE marker
     last = out / "checkpoints" / "step-00000006"
     (last / "COMPLETE").unlink()
@@ -100,3 +106,4 @@ def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ignoring incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
     assert "step-00000003 at step 3" in r.stderr
+    assert len(list((out / "profile").iterdir())) == 2  # resumed after the profiled steps: no second profile

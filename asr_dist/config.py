@@ -47,7 +47,8 @@ class ModelArgs:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
     attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
     cudnn_attention: bool = False  # let PyTorch use cuDNN's fused attention: fast per call, but it builds a graph for every new batch shape (off: flash / memory-efficient kernels)
-    compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length)
+    cudnn_benchmark: bool = False  # let cuDNN time every convolution algorithm for each new input shape and keep the fastest: pays only with few distinct shapes (data.pad_to_multiple_of=16000)
+    compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length) and the feature encoder's norm + GELU
     layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask

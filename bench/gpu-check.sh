@@ -19,15 +19,17 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 #    out (it builds a graph per new shape). The A/B pairs: PyTorch's choice (cuDNN attention) against none, in the
 #    plain loop (new shapes every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines and
 #    asr-dist's recipes side by side.
+# The list runs in order until BENCH_S; the first nine are about 450 s. VARIANTS="a b" runs others (--list names them).
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)
 if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
   timeout ${BENCH_S:-450} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
     --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 90 \
     --jsonl "$out/bench.jsonl" \
-    --only plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa \
-           asr_dist_seed_fast asr_dist_seed_fast_cudnn_attention baseline_plain_loop baseline_hf_trainer \
-           asr_dist_seed_fast_pad1s_long asr_dist_zero1 asr_dist_large_batch_bf16_pad1s \
-           asr_dist_seed_fast_profiled plain_loop_bucketed_32x1_repeat4 plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa \
+    --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \
+           baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_pad1s_long asr_dist_zero1 \
+           asr_dist_large_batch_bf16_pad1s asr_dist_seed_fast_profiled asr_dist_seed_fast_cudnn_attention \
+           asr_dist_seed_fast_pad1s_long_compiled asr_dist_seed_fast_pad1s_long_cudnn_benchmark \
+           plain_loop_bucketed_32x1_repeat4 plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa} \
     > "$out/bench.json" 2> "$out/bench.err"
   echo "bench exit $?"
   cut -c1-400 "$out/bench.jsonl"

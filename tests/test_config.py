@@ -184,7 +184,7 @@ def test_attention_kernels_agree_and_typos_are_refused():
 
 
 def test_cudnn_attention_is_left_out_unless_asked():
-    """The model's attention setting reaches PyTorch's SDPA dispatcher (which kernels it may pick is a
+    """The model's attention (and cuDNN autotuning) setting reaches PyTorch's SDPA dispatcher (which kernels it may pick is a
     process-wide flag; tests/gpu checks the kernels a GPU then runs)."""
     import torch
 
@@ -197,16 +197,18 @@ def test_cudnn_attention_is_left_out_unless_asked():
     try:
         build_model(ModelArgs(preset="tiny"), vocab)
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-        build_model(ModelArgs(preset="tiny", cudnn_attention=True), vocab)
-        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert not torch.backends.cudnn.benchmark
+        build_model(ModelArgs(preset="tiny", cudnn_attention=True, cudnn_benchmark=True), vocab)
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.benchmark
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def test_compiled_layers_train_like_eager_and_keep_their_names():
-    """model.compile: the same loss and gradients as eager at several batch lengths (one compiled graph
-    with a dynamic length: no recompilation per length), and the same state_dict keys (checkpoints and
-    exports do not change)."""
+    """model.compile: the same loss and gradients as eager at several batch lengths (the transformer
+    layers and the feature encoder's norm + GELU, each one compiled graph with a dynamic length: no
+    recompilation per length), and the same state_dict keys (checkpoints and exports do not change)."""
     import copy
 
     import torch
@@ -223,6 +225,7 @@ def test_compiled_layers_train_like_eager_and_keep_their_names():
     torch._dynamo.reset()
     counters.clear()
     labels = torch.tensor([[3, 4, 2, 3], [4, 3, -100, -100]])
+    graphs = []
     for t in (16000, 24000, 20000):
         x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
         mask[1, t // 2:] = False
@@ -231,7 +234,14 @@ def test_compiled_layers_train_like_eager_and_keep_their_names():
             model.zero_grad()
             out = model(input_values=x, attention_mask=mask, labels=labels)
             out.loss.backward()
-            grads.append((out.loss.detach(), model.wav2vec2.encoder.layers[0].feed_forward.output_dense.weight.grad))
+            grads.append((out.loss.detach(), model.wav2vec2.encoder.layers[0].feed_forward.output_dense.weight.grad,
+                          model.wav2vec2.feature_extractor.conv_layers[1].layer_norm.weight.grad,
+                          model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.grad))
         assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-4)
-        assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-3)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one graph for every layer and length
+        for a, b in zip(grads[0][1:], grads[1][1:]):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # one graph for every transformer layer and length; the feature encoder's norm + GELU: one for its large
+    # blocks and one for its small ones (inductor picks its reduction by size); no new graph for new lengths
+    assert graphs == [3, 3, 3], (graphs, dict(counters["stats"]))
+    assert type(compiled.wav2vec2.feature_extractor.conv_layers[3]).__name__ == "FusedLayerNormConvLayer"

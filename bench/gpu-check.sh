@@ -22,7 +22,10 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 # The list runs in order until BENCH_S; the first nine are about 450 s. VARIANTS="a b" runs others (--list names them).
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)
 if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
-  timeout ${BENCH_S:-450} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
+  # the feature encoder, eager against model.compile's fused norm + GELU (about 40 s with compilation)
+  timeout 120 python3 bench/feature_encoder.py --batch 32 --dtype bf16 > "$out/feature_encoder.json" 2>&1
+  grep -E '"(eager_ms|fused_ms|speedup|max_abs_difference|wall_seconds_with_compilation)"' "$out/feature_encoder.json"
+  timeout ${BENCH_S:-420} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
     --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 90 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \

@@ -7,6 +7,7 @@ set's vocab.json; [PAD] is the CTC blank. Hugging Face computes the CTC loss in 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -75,6 +76,8 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transf
         model.freeze_feature_encoder()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.fft_positional_conv:
+        use_fft_positional_conv(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("Wav2Vec2ForCTC %s: %.1f M parameters, %.1f M trainable", args.pretrained or args.preset,
              sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
@@ -103,6 +106,52 @@ class FusedLayerNormConvLayer(transformers.models.wav2vec2.modeling_wav2vec2.Wav
             _compiled_layer_norm_gelu = torch.compile(_layer_norm_gelu, dynamic=True)
         ln = self.layer_norm
         return _compiled_layer_norm_gelu(self.conv(hidden_states), ln.weight, ln.bias, ln.eps)
+
+
+def fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n: a length FFT libraries transform fast."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def fft_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+               groups: int) -> torch.Tensor:
+    """``torch.nn.functional.conv1d(x, weight, bias, padding=padding, groups=groups)`` computed with FFTs
+    in float32 (the result in x's dtype).
+
+    The cross-correlation of each padded channel with each kernel is a product in the frequency
+    domain (a transform of length >= T + 2 * padding, so nothing wraps around), and the sum over a
+    group's input channels is a small complex matrix product per frequency. For wav2vec2's positional
+    convolution (1024 channels, kernel 128, 16 groups) that is about 40x fewer FLOPs than the direct
+    convolution, which cuDNN ran at a few % of the GPU's peak (H200 profile: 8 ms of an 83 ms step)."""
+    b, c, t = x.shape
+    out_channels, per_group, k = weight.shape
+    n = fft_size(t + 2 * padding)
+    xf = torch.fft.rfft(torch.nn.functional.pad(x.float(), (padding, padding)), n=n)
+    wf = torch.fft.rfft(weight.float(), n=n)
+    f = xf.shape[-1]
+    yf = torch.einsum("bgcf,gocf->bgof", xf.view(b, groups, per_group, f),
+                      wf.view(groups, out_channels // groups, per_group, f).conj())
+    y = torch.fft.irfft(yf.reshape(b, out_channels, f), n=n)[..., : t + 2 * padding - k + 1]
+    if bias is not None:
+        y = y + bias.float()[:, None]
+    return y.to(x.dtype)
+
+
+def use_fft_positional_conv(model: transformers.Wav2Vec2ForCTC) -> None:
+    """The positional convolution computed by ``fft_conv1d``: the same module, parameters, weight norm
+    and hooks (DeepSpeed's too); only the arithmetic of its ``_conv_forward`` changes."""
+    conv = model.wav2vec2.encoder.pos_conv_embed.conv
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding[0], int):
+        raise ValueError(f"model.fft_positional_conv: unexpected positional convolution {conv}")
+    conv._conv_forward = functools.partial(fft_conv1d, padding=conv.padding[0], groups=conv.groups)
+    log.info("positional convolution (kernel %d, %d groups) computed with FFTs", conv.kernel_size[0], conv.groups)
 
 
 def compile_regions(model: transformers.Wav2Vec2ForCTC) -> None:

@@ -3,7 +3,7 @@
 # Here, once (docopt has no wheel on PyPI: build it; drop the image's own packages from .whl):
 #   bash ../shared/gpu/make-wheels.sh num2words accelerate psutil py-cpuinfo msgpack einops ninja pytest pluggy iniconfig
 #   pip wheel --no-deps docopt -w .whl
-# Then run it there with carry=[".whl"] (PARTS=bench, timeout_s 500; then PARTS=tests, timeout_s 320, if that much device time is left):
+# Then run it there with carry=[".whl"] (PARTS=bench, timeout_s 520; then PARTS=tests, timeout_s 320, if that much device time is left):
 #   bash bench/gpu-check.sh     # $OUT/gpu-tests.log, bench.jsonl (a line per variant, as each ends), bench.json
 # Every figure comes with the card's name and the baselines measured in the same run.
 set -uo pipefail
@@ -13,26 +13,28 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-# Two calls fit a 15-minute lend: PARTS=bench first (about 8 min), then PARTS=tests (about 4 min) if time is left.
+# Two calls fit a 15-minute lend: PARTS=bench first (at most 8 min), then PARTS=tests (about 4 min) if time is left.
 # 1. throughput, each variant in its own process, results as each ends, most telling first. Session 3 found
 #    fixed-shape steps 2-2.5x faster than training's varying ones; session 4 made asr-dist leave cuDNN's attention
 #    out (it builds a graph per new shape). The A/B pairs: PyTorch's choice (cuDNN attention) against none, in the
 #    plain loop (new shapes every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines and
 #    asr-dist's recipes side by side.
-# The list runs in order until BENCH_S; the first nine are about 450 s. VARIANTS="a b" runs others (--list names them).
+# The list runs in order until BENCH_S (the first seven: about 360 s). VARIANTS="a b" runs others (--list names them).
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)
 if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
-  # the feature encoder, eager against model.compile's fused norm + GELU (about 40 s with compilation)
-  timeout 120 python3 bench/feature_encoder.py --batch 32 --dtype bf16 > "$out/feature_encoder.json" 2>&1
-  grep -E '"(eager_ms|fused_ms|speedup|max_abs_difference|wall_seconds_with_compilation)"' "$out/feature_encoder.json"
-  timeout ${BENCH_S:-420} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
+  # kernel levers at XLS-R sizes, each against the direct computation: the feature encoder's fused norm + GELU
+  # (model.compile), the positional convolution by FFT (model.fft_positional_conv) and with cuDNN autotuning
+  timeout 100 python3 bench/kernel_levers.py --batch 32 --dtype bf16 > "$out/kernel_levers.json" 2>&1
+  grep -E '"(eager_ms|fused_ms|speedup.*|direct.*_ms|fft_ms|max_.*|wall_seconds_with_compilation)"' "$out/kernel_levers.json"
+  timeout ${BENCH_S:-360} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
     --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 90 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \
            baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_pad1s_long asr_dist_zero1 \
-           asr_dist_large_batch_bf16_pad1s asr_dist_seed_fast_profiled asr_dist_seed_fast_cudnn_attention \
-           asr_dist_seed_fast_pad1s_long_compiled asr_dist_seed_fast_pad1s_long_cudnn_benchmark \
-           plain_loop_bucketed_32x1_repeat4 plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa} \
+           asr_dist_large_batch_bf16_pad1s asr_dist_seed_fast_pad1s_long_fft_conv \
+           asr_dist_seed_fast_pad1s_long_compiled asr_dist_seed_fast_profiled asr_dist_seed_fast_cudnn_attention \
+           asr_dist_seed_fast_pad1s_long_cudnn_benchmark plain_loop_bucketed_32x1_repeat4 \
+           plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa} \
     > "$out/bench.json" 2> "$out/bench.err"
   echo "bench exit $?"
   cut -c1-400 "$out/bench.jsonl"

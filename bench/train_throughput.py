@@ -332,6 +332,10 @@ def variants(args, cuda: bool) -> dict:
     # the same steady state with the kernel levers that pay once per shape (compilation, cuDNN's autotuning)
     v["asr_dist_seed_fast_pad1s_long_compiled"] = ("asr_dist", {"precision": fast, "zero": 1, "warmup": 60,
                                                                 "extra": [*tuned, sec, "model.compile=true"]})
+    v["asr_dist_seed_fast_pad1s_long_fft_conv"] = ("asr_dist", {"precision": fast, "zero": 1, "warmup": 60,
+                                                                "extra": [*tuned, sec, "model.fft_positional_conv=true"]})
+    v["asr_dist_seed_fast_fft_conv"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                     "extra": [*tuned, "model.fft_positional_conv=true"]})
     v["asr_dist_seed_fast_pad1s_long_cudnn_benchmark"] = ("asr_dist", {"precision": fast, "zero": 1, "warmup": 60,
                                                                        "extra": [*tuned, sec, "model.cudnn_benchmark=true"]})
     if args.large_micro:

@@ -20,7 +20,7 @@ TRAIN_VARIANTS = ["baseline_plain_loop", "baseline_hf_trainer", "asr_dist_zero2"
 @pytest.mark.parametrize("script, args, key", [
     ("shards.py", ["--utterances", "40", "--repeats", "1"], "builder"),
     ("loader.py", ["--utterances", "64"], "padding_fraction"),
-    ("feature_encoder.py", ["--batch", "1", "--seconds", "1", "1.5", "--repeats", "1"], "speedup"),
+    ("kernel_levers.py", ["--batch", "1", "--seconds", "1", "1.5", "--repeats", "1"], "positional_conv"),
     ("train_throughput.py", ["--utterances", "64", "--steps", "2", "--warmup", "1", "--zero", "2", "--large-micro", "16",
                              "--only", *TRAIN_VARIANTS], "variants"),
 ])
@@ -31,8 +31,10 @@ def test_benchmark_prints_json(script, args, key):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{\n"):])  # libraries may print dicts on one line before it
     assert key in result
-    if script == "feature_encoder.py":  # the fused blocks compute what the eager ones do
-        assert result["max_abs_difference"] < 1e-3 and len(result["lengths"]) == 2, result
+    if script == "kernel_levers.py":  # the fused blocks and the FFT convolution compute what the eager ones do
+        fe, pc = result["feature_encoder"], result["positional_conv"]
+        assert fe["max_abs_difference"] < 1e-3 and len(fe["lengths"]) == 2, result
+        assert pc["max_relative_difference_fft"] < 1e-4 and pc["fft_ms"] > 0 and pc["speedup_fft"] > 0, result
     if script == "train_throughput.py":
         assert set(result["variants"]) == set(TRAIN_VARIANTS), result["variants"]
         profiled = result["variants"].pop("profile_seed_fast")

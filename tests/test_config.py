@@ -205,6 +205,48 @@ def test_cudnn_attention_is_left_out_unless_asked():
         torch.backends.cudnn.benchmark = False
 
 
+def test_fft_positional_conv_trains_like_the_direct_one():
+    """model.fft_positional_conv: the same loss and gradients (the weight-normed kernel's too) at several
+    lengths, the same parameters and names; a deep copy computes with its own weights."""
+    import copy
+
+    import torch
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model, fft_conv1d
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
+    direct = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), vocab).train()
+    fft = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0, fft_positional_conv=True), vocab).train()
+    fft.load_state_dict(direct.state_dict())
+    assert fft.wav2vec2.encoder.pos_conv_embed.conv._conv_forward.func is fft_conv1d
+    assert list(fft.state_dict()) == list(direct.state_dict())
+    labels = torch.tensor([[3, 4, 2, 3], [4, 3, -100, -100]])
+    for t in (16000, 23000):
+        x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
+        mask[1, t // 2:] = False
+        results = []
+        for model in (direct, fft):
+            model.zero_grad()
+            out = model(input_values=x, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            conv = model.wav2vec2.encoder.pos_conv_embed.conv
+            results.append((out.loss.detach(), conv.parametrizations.weight.original1.grad, conv.bias.grad,
+                            model.wav2vec2.feature_projection.projection.weight.grad))
+        for a, b in zip(*results):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+    twin = copy.deepcopy(fft)
+    with torch.no_grad():
+        twin.wav2vec2.encoder.pos_conv_embed.conv.bias.add_(1.0)
+    h = torch.randn(1, 50, 192)
+    assert not torch.allclose(twin.wav2vec2.encoder.pos_conv_embed(h), fft.wav2vec2.encoder.pos_conv_embed(h))
+    # the function itself, at XLS-R's sizes, in bf16 (computed in float32)
+    x, w, b = torch.randn(2, 1024, 90), torch.randn(1024, 64, 128) * 0.02, torch.randn(1024)
+    ref = torch.nn.functional.conv1d(x, w, b, padding=64, groups=16)
+    assert torch.allclose(fft_conv1d(x, w, b, 64, 16), ref, atol=1e-4)
+    assert fft_conv1d(x.bfloat16(), w.bfloat16(), b.bfloat16(), 64, 16).dtype == torch.bfloat16
+
+
 def test_compiled_layers_train_like_eager_and_keep_their_names():
     """model.compile: the same loss and gradients as eager at several batch lengths (the transformer
     layers and the feature encoder's norm + GELU, each one compiled graph with a dynamic length: no

@@ -1,0 +1,106 @@
+"""Two kernel levers at XLS-R-300M's sizes, each against the eager/direct computation in the same run.
+
+1. feature_encoder: the conv feature encoder (7 layer-norm conv blocks, 512 channels) frozen, forward
+   only (as when fine-tuning a pretrained model): eager against `model.compile`'s fused norm + GELU.
+2. positional_conv: the positional convolution (1024 channels, kernel 128, 16 groups), forward and
+   backward: PyTorch's conv1d (cuDNN on a GPU), the same with cuDNN's autotuning
+   (`model.cudnn_benchmark`), and `model.fft_positional_conv`.
+
+Random data at several batch lengths; prints one JSON object: milliseconds for each, ratios, and the
+largest difference from the baseline.
+
+    python bench/kernel_levers.py                               # CPU: fp32, batch 4
+    python bench/kernel_levers.py --batch 32 --dtype bf16       # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import transformers
+
+from asr_dist.model import PRESETS, FusedLayerNormConvLayer, fft_conv1d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=None, help="utterances per batch (default: 32 on a GPU, 4 on CPU)")
+    ap.add_argument("--seconds", type=float, nargs="+", default=[4.5, 5.0, 6.0, 5.5], help="batch lengths")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    batch = args.batch or (32 if cuda else 4)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    config = transformers.Wav2Vec2Config(**PRESETS["xlsr-300m"], vocab_size=40)
+    eager = transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2FeatureEncoder(config).to(device, dtype).eval()
+    fused = transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2FeatureEncoder(config).to(device, dtype).eval()
+    fused.load_state_dict(eager.state_dict())
+    for block in fused.conv_layers:
+        block.__class__ = FusedLayerNormConvLayer
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(model, x) -> float:
+        sync()
+        t = time.time()
+        for _ in range(args.repeats):
+            model(x)
+        sync()
+        return (time.time() - t) / args.repeats * 1000
+
+    result = {"benchmark": "kernels", "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
+              "batch": batch}
+    rows, worst = [], 0.0
+    t0 = time.time()
+    with torch.no_grad():
+        for seconds in args.seconds:
+            x = torch.randn(batch, int(seconds * 16000), device=device, dtype=dtype)
+            a, b = eager(x), fused(x)  # the first call at a length compiles or plans
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+            rows.append({"seconds": seconds, "eager_ms": round(timed(eager, x), 2), "fused_ms": round(timed(fused, x), 2)})
+    e, f = sum(r["eager_ms"] for r in rows), sum(r["fused_ms"] for r in rows)
+    result["feature_encoder"] = {"lengths": rows, "eager_ms": round(e / len(rows), 2), "fused_ms": round(f / len(rows), 2),
+                                 "speedup": round(e / f, 3), "max_abs_difference": worst,
+                                 "wall_seconds_with_compilation": round(time.time() - t0, 1)}
+
+    # the positional convolution, forward + backward, as training runs it (50 frames per audio second)
+    weight = (torch.randn(1024, 64, 128, device=device) * 0.02).to(dtype).requires_grad_()
+    bias = torch.zeros(1024, device=device, dtype=dtype, requires_grad=True)
+    ways = {"direct": lambda h: torch.nn.functional.conv1d(h, weight, bias, padding=64, groups=16),
+            "fft": lambda h: fft_conv1d(h, weight, bias, 64, 16)}
+    rows, worst = [], 0.0
+    for seconds in args.seconds:
+        h = torch.randn(batch, 1024, int(seconds * 50), device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch, 1024, int(seconds * 50) + 1, device=device, dtype=dtype)
+        row = {"seconds": seconds}
+        outs = {}
+        for name in ("direct", "direct_cudnn_benchmark", "fft"):
+            torch.backends.cudnn.benchmark = name == "direct_cudnn_benchmark"
+            fn = ways["direct" if name.startswith("direct") else name]
+
+            def step():
+                out = fn(h)
+                out.backward(grad)
+                return out
+
+            outs[name] = step().detach().float()  # the first call plans (and autotunes)
+            row[f"{name}_ms"] = round(timed(lambda _: step(), None), 2)
+        torch.backends.cudnn.benchmark = False
+        worst = max(worst, float((outs["fft"] - outs["direct"]).abs().max() / outs["direct"].abs().max()))
+        rows.append(row)
+    d = sum(r["direct_ms"] for r in rows)
+    result["positional_conv"] = {
+        "lengths": rows, **{f"{k}_ms": round(sum(r[f"{k}_ms"] for r in rows) / len(rows), 2)
+                            for k in ("direct", "direct_cudnn_benchmark", "fft")},
+        "speedup_fft": round(d / sum(r["fft_ms"] for r in rows), 3),
+        "speedup_cudnn_benchmark": round(d / sum(r["direct_cudnn_benchmark_ms"] for r in rows), 3),
+        "max_relative_difference_fft": worst}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

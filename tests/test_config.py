@@ -205,6 +205,20 @@ def test_cudnn_attention_is_left_out_unless_asked():
         torch.backends.cudnn.benchmark = False
 
 
+def _loss_and_grads(model, t: int, grads_of) -> list:
+    """One padded batch of two utterances of ``t`` samples through ``model``: its loss and the gradients
+    of the parameters ``grads_of(model)`` names."""
+    import torch
+
+    torch.manual_seed(t)
+    x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
+    mask[1, t // 2:] = False
+    model.zero_grad()
+    out = model(input_values=x, attention_mask=mask, labels=torch.tensor([[3, 4, 2, 3], [4, 3, -100, -100]]))
+    out.loss.backward()
+    return [out.loss.detach(), *(p.grad for p in grads_of(model))]
+
+
 def test_fft_positional_conv_trains_like_the_direct_one():
     """model.fft_positional_conv: the same loss and gradients (the weight-normed kernel's too) at several
     lengths, the same parameters and names; a deep copy computes with its own weights."""
@@ -221,19 +235,12 @@ def test_fft_positional_conv_trains_like_the_direct_one():
     fft.load_state_dict(direct.state_dict())
     assert fft.wav2vec2.encoder.pos_conv_embed.conv._conv_forward.func is fft_conv1d
     assert list(fft.state_dict()) == list(direct.state_dict())
-    labels = torch.tensor([[3, 4, 2, 3], [4, 3, -100, -100]])
+    def params(m):
+        conv = m.wav2vec2.encoder.pos_conv_embed.conv
+        return conv.parametrizations.weight.original1, conv.bias, m.wav2vec2.feature_projection.projection.weight
+
     for t in (16000, 23000):
-        x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
-        mask[1, t // 2:] = False
-        results = []
-        for model in (direct, fft):
-            model.zero_grad()
-            out = model(input_values=x, attention_mask=mask, labels=labels)
-            out.loss.backward()
-            conv = model.wav2vec2.encoder.pos_conv_embed.conv
-            results.append((out.loss.detach(), conv.parametrizations.weight.original1.grad, conv.bias.grad,
-                            model.wav2vec2.feature_projection.projection.weight.grad))
-        for a, b in zip(*results):
+        for a, b in zip(_loss_and_grads(direct, t, params), _loss_and_grads(fft, t, params)):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
     twin = copy.deepcopy(fft)
     with torch.no_grad():
@@ -266,19 +273,13 @@ def test_compiled_layers_train_like_eager_and_keep_their_names():
     assert list(compiled.state_dict()) == list(eager.state_dict())
     torch._dynamo.reset()
     counters.clear()
-    labels = torch.tensor([[3, 4, 2, 3], [4, 3, -100, -100]])
+    def params(m):
+        fe = m.wav2vec2.feature_extractor.conv_layers
+        return m.wav2vec2.encoder.layers[0].feed_forward.output_dense.weight, fe[1].layer_norm.weight, fe[0].conv.weight
+
     graphs = []
     for t in (16000, 24000, 20000):
-        x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
-        mask[1, t // 2:] = False
-        grads = []
-        for model in (eager, compiled):
-            model.zero_grad()
-            out = model(input_values=x, attention_mask=mask, labels=labels)
-            out.loss.backward()
-            grads.append((out.loss.detach(), model.wav2vec2.encoder.layers[0].feed_forward.output_dense.weight.grad,
-                          model.wav2vec2.feature_extractor.conv_layers[1].layer_norm.weight.grad,
-                          model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.grad))
+        grads = [_loss_and_grads(eager, t, params), _loss_and_grads(compiled, t, params)]
         assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-4)
         for a, b in zip(grads[0][1:], grads[1][1:]):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)

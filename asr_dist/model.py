@@ -86,9 +86,9 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transf
 
 def _layer_norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """What a layer-norm conv block of the feature encoder does after its convolution: layer norm over
-    the channels of (batch, channels, time), then GELU. Eager, that is a transposed copy, the norm, and
-    the activation and the next convolution's contiguous copy on the transposed result: four passes
-    over the largest activations of the model (512 channels at 3200 frames per audio second);
+    the channels of (batch, channels, time), then GELU. Eager, that is four passes over the largest
+    activations of the model (512 channels at 3200 frames per audio second): a transposed copy for
+    the norm, the norm, GELU on its transposed result, and the next convolution's contiguous copy;
     compiled, one read and one write."""
     y = torch.nn.functional.layer_norm(x.transpose(-2, -1), (x.shape[-2],), weight, bias, eps)
     return torch.nn.functional.gelu(y.transpose(-2, -1)).contiguous()
@@ -164,7 +164,8 @@ def compile_regions(model: transformers.Wav2Vec2ForCTC) -> None:
     The layers hold about 95 % of the FLOPs. The convolutions (feature encoder, positional) stay eager:
     compiled, they recompiled at every new batch length even when asked for dynamic shapes (measured,
     torch 2.13), and batch lengths vary at every step; the memory-bound norm and GELU between the
-    feature encoder's convolutions compile as one graph for all 7 blocks and every length."""
+    feature encoder's convolutions compile as one function for all 7 blocks and every length (two
+    graphs: inductor picks one reduction for the large blocks and one for the small)."""
     layers = model.wav2vec2.encoder.layers
     for layer in layers:
         layer.compile(dynamic=True)
@@ -174,4 +175,4 @@ def compile_regions(model: transformers.Wav2Vec2ForCTC) -> None:
             block.__class__ = FusedLayerNormConvLayer  # same parameters and names, the forward above
             fused += 1
     log.info("torch.compile: %d transformer layers (one shared graph, dynamic length)%s", len(layers),
-             f", the norm + GELU of {fused} feature-encoder blocks (one graph)" if fused else "")
+             f", the norm + GELU of {fused} feature-encoder blocks" if fused else "")

@@ -27,7 +27,7 @@ if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
   timeout 100 python3 bench/kernel_levers.py --batch 32 --dtype bf16 > "$out/kernel_levers.json" 2>&1
   grep -E '"(eager_ms|fused_ms|speedup.*|direct.*_ms|fft_ms|max_.*|wall_seconds_with_compilation)"' "$out/kernel_levers.json"
   timeout ${BENCH_S:-360} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
-    --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 90 \
+    --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 120 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \
            baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_pad1s_long asr_dist_zero1 \
@@ -37,7 +37,23 @@ if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
            plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa} \
     > "$out/bench.json" 2> "$out/bench.err"
   echo "bench exit $?"
-  cut -c1-400 "$out/bench.jsonl"
+  # a table from the lines written so far (the run may have been cut by BENCH_S), ratios to this run's baselines
+  python3 - "$out/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+base = {r["variant"]: r.get("audio_seconds_per_second") for r in rows}
+plain, trainer = base.get("baseline_plain_loop"), base.get("baseline_hf_trainer")
+for r in rows:
+    a = r.get("audio_seconds_per_second")
+    extra = (f"  windows {r['windows']}" if "windows" in r else "") + (f"  step_ms {r['step_ms']}" if "step_ms" in r else "")
+    if a is None:
+        print(f"{r['variant']:48s} {r.get('error', '?')[:200]}")
+        continue
+    ratios = "".join(f"  {a / b:5.2f}x {n}" for n, b in (("plain", plain), ("trainer", trainer)) if b)
+    print(f"{r['variant']:48s} {a:8.1f} audio s/s{ratios}  {r.get('peak_gpu_memory_gb', 0):.1f} GB{extra}")
+    for line in r.get("profile_top", [])[:20]:
+        print("    " + line[:160])
+PY
 fi
 # 2. fp16 loss scaling on XLS-R-300M for 200 steps, bf16, ZeRO-3 export, the attention switch (about 4 min)
 if [[ " ${PARTS:-bench tests} " == *" tests "* ]]; then

@@ -77,7 +77,7 @@ class OptimArgs:
 @dataclass
 class DistributedArgs:
     precision: str = "fp16"  # fp16 (dynamic loss scaling), bf16, or fp32
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3; 1 reduces gradients once per optimizer step (2: at every micro-batch, for less memory; 3: parameters partitioned too)
     overlap_comm: bool = True  # overlap gradient reduction with backward
     contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
     reduce_bucket_size: int = 200_000_000  # elements per gradient reduction bucket

@@ -57,7 +57,7 @@ def test_generated_deepspeed_config(yaml, world, micro, accumulation):
     assert ds["scheduler"]["params"] == {"total_num_steps": 1000, "warmup_min_lr": 0.0, "warmup_max_lr": 1e-4,
                                          "warmup_num_steps": 1000, "warmup_type": "linear"}
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic
-    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 1
 
 
 @pytest.mark.parametrize("world, micro, global_batch, hint", [

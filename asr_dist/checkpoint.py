@@ -68,18 +68,25 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_safely(path, map_location=None):
-    """torch.load with weights_only=True: a checkpoint from elsewhere cannot run code when loaded."""
+def load_safely(path, map_location=None, *args, torch_load=None, **kw):
+    """torch.load with weights_only=True: a checkpoint from elsewhere cannot run code when loaded.
+    (``torch_load``: the real torch.load, while ``safe_torch_load`` has replaced it.)"""
     import torch
 
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return (torch_load or torch.load)(path, map_location, *args, weights_only=True, **kw)
 
 
-def refusal(path, e: Exception) -> str:
-    """What to say of a checkpoint that ``load_safely`` refused."""
-    return (f"{path} holds objects other than tensors and plain data, refused for safety "
-            f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}")
+@contextlib.contextmanager
+def refused_as(path, error: type[Exception]):
+    """Within it, a checkpoint that ``load_safely`` refuses raises ``error`` saying so, naming ``path``."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise error(f"{path} holds objects other than tensors and plain data, refused for safety "
+                    f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}") from None
 
 
 @contextlib.contextmanager
@@ -89,12 +96,8 @@ def safe_torch_load():
     import torch
 
     original = torch.load
-
-    def load(f, map_location=None, *args, weights_only=None, **kw):
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return original(f, map_location, *args, weights_only=True, **kw)
-
-    torch.load = load
+    torch.load = lambda f, map_location=None, *args, weights_only=None, **kw: load_safely(
+        f, map_location, *args, torch_load=original, **kw)
     try:
         yield
     finally:

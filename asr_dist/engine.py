@@ -18,7 +18,6 @@ import json
 import logging
 import errno
 import math
-import pickle
 import random
 import shutil
 import signal
@@ -203,14 +202,13 @@ class StepProfiler:
     and kernels that took the most time, under {output_dir}/profile/. Steps counted like max_steps."""
 
     def __init__(self, steps: list, out: Path, rank: int, device: torch.device):
-        self.first, self.last = (steps[0], steps[1]) if steps else (0, -1)
+        self.first, self.last = steps or (0, -1)  # []: no step is in the window
         self.out, self.rank, self.device = out / "profile", rank, device
-        self.prof = None
-        self.done = not steps
+        self.prof, self.started_at = None, None
 
     def maybe_start(self, step: int) -> None:
         """``step``: optimizer steps done; starts before step ``first`` (or later ones, after a resume)."""
-        if self.done or self.prof is not None or not self.first - 1 <= step < self.last:
+        if self.prof is not None or not self.first - 1 <= step < self.last:
             return
         from torch.profiler import ProfilerActivity, profile
 
@@ -236,7 +234,7 @@ class StepProfiler:
         if self.rank == 0:
             log.info("profile of steps %d-%d: %s (trace: open %s in Perfetto or chrome://tracing)",
                      self.started_at, step, self.out / f"{name}-top.txt", self.out / f"{name}.json")
-        self.prof, self.done = None, True
+        self.prof = None
 
 
 class Trainer:
@@ -306,10 +304,8 @@ class Trainer:
             return
         if not (path / ckpt.MARKER).exists():
             raise TrainingError(f"{path} is not a complete checkpoint (no {ckpt.MARKER}); give another train.resume")
-        try:
+        with ckpt.refused_as(path, TrainingError):
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        except pickle.UnpicklingError as e:
-            raise TrainingError(ckpt.refusal(path, e)) from None
         if client is None:
             raise TrainingError(f"DeepSpeed could not load {path}")
         same_world = client["world_size"] == self.world

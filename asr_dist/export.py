@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import platform
 import shutil
 import tempfile
@@ -149,10 +148,8 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
     if not (ckpt / ckpt_mod.MARKER).exists():
         raise ValueError(f"{ckpt} is not a complete checkpoint (no {ckpt_mod.MARKER}: its save was cut off); "
                          f"give another one, or the exported {{output_dir}}/model")
-    try:
+    with ckpt_mod.refused_as(ckpt, ValueError):
         state = ckpt_mod.load_safely(_model_states(ckpt), map_location="cpu")
-    except pickle.UnpicklingError as e:
-        raise ValueError(ckpt_mod.refusal(ckpt, e)) from None
     if "config" not in state:
         raise ValueError(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
@@ -167,11 +164,9 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
     if any(k not in weights or weights[k].shape != v.shape for k, v in expected.items()):  # ZeRO-3 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        try:
-            with ckpt_mod.safe_torch_load():  # zero_to_fp32 itself loads with weights_only=False
-                weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        except pickle.UnpicklingError as e:
-            raise ValueError(ckpt_mod.refusal(ckpt, e)) from None
+        # zero_to_fp32 itself loads with weights_only=False
+        with ckpt_mod.refused_as(ckpt, ValueError), ckpt_mod.safe_torch_load():
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
     missing = [k for k in expected if k not in weights]
     if missing:

@@ -3,7 +3,7 @@
 # Here, once (docopt has no wheel on PyPI: build it; drop the image's own packages from .whl):
 #   bash ../shared/gpu/make-wheels.sh num2words accelerate psutil py-cpuinfo msgpack einops ninja pytest pluggy iniconfig
 #   pip wheel --no-deps docopt -w .whl
-# Then run it there with carry=[".whl"] (PARTS=bench, timeout_s 520; then PARTS=tests, timeout_s 320, if that much device time is left):
+# Then run it there in ONE call (a machine's start costs minutes of the 15): carry=[".whl"], timeout_s 595:
 #   bash bench/gpu-check.sh     # $OUT/gpu-tests.log, bench.jsonl (a line per variant, as each ends), bench.json
 # Every figure comes with the card's name and the baselines measured in the same run.
 set -uo pipefail
@@ -13,20 +13,21 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-# Two calls fit a 15-minute lend: PARTS=bench first (at most 8 min), then PARTS=tests (about 4 min) if time is left.
+# One call: PARTS="bench tests" (the default) runs the kernel levers (<= 70 s), the throughput variants (<= BENCH_S,
+# 330 s) and tests/gpu (<= TESTS_S, 160 s); PARTS=bench or PARTS=tests runs one of them.
 # 1. throughput, each variant in its own process, results as each ends, most telling first. Session 3 found
 #    fixed-shape steps 2-2.5x faster than training's varying ones; session 4 made asr-dist leave cuDNN's attention
 #    out (it builds a graph per new shape). The A/B pairs: PyTorch's choice (cuDNN attention) against none, in the
 #    plain loop (new shapes every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines and
 #    asr-dist's recipes side by side.
-# The list runs in order until BENCH_S (the first seven: about 360 s). VARIANTS="a b" runs others (--list names them).
+# The list runs in order until BENCH_S (the first six or seven in 330 s). VARIANTS="a b" runs others (--list names them).
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)
 if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
   # kernel levers at XLS-R sizes, each against the direct computation: the feature encoder's fused norm + GELU
   # (model.compile), the positional convolution by FFT (model.fft_positional_conv) and with cuDNN autotuning
-  timeout 100 python3 bench/kernel_levers.py --batch 32 --dtype bf16 > "$out/kernel_levers.json" 2>&1
+  timeout 70 python3 bench/kernel_levers.py --batch 32 --dtype bf16 > "$out/kernel_levers.json" 2>&1
   grep -E '"(eager_ms|fused_ms|speedup.*|direct.*_ms|fft_ms|max_.*|wall_seconds_with_compilation)"' "$out/kernel_levers.json"
-  timeout ${BENCH_S:-360} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
+  timeout ${BENCH_S:-330} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
     --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 120 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \
@@ -55,9 +56,9 @@ for r in rows:
         print("    " + line[:160])
 PY
 fi
-# 2. fp16 loss scaling on XLS-R-300M for 200 steps, bf16, ZeRO-3 export, the attention switch (about 4 min)
+# 2. fp16 loss scaling on XLS-R-300M for 200 steps (1-4 s utterances), bf16, ZeRO-3 export, the attention switch
 if [[ " ${PARTS:-bench tests} " == *" tests "* ]]; then
-  timeout ${TESTS_S:-280} python3 -m pytest -q -rA -s tests/gpu -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+  timeout ${TESTS_S:-160} python3 -m pytest -q -rA -s tests/gpu -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
   echo "tests exit $?"
   grep -E "PASSED|FAILED|ERROR|cudnn_attention=|passed|failed" "$out/gpu-tests.log" | tail -12
 fi

@@ -13,13 +13,14 @@ import soundfile as sf
 WORDS = "det regner i københavn jeg drikker en kop kaffe hunden løber over marken vi skal spise middag".split()
 
 
-def make_corpus(d: Path, n: int, seed: int = 0) -> str:
-    """Write ``n`` utterances under ``d``; returns the manifest path for `shards build`."""
+def make_corpus(d: Path, n: int, seed: int = 0, median: float = 5.0, low: float = 1.5, high: float = 15.0) -> str:
+    """Write ``n`` utterances under ``d`` (log-normal durations around ``median`` seconds, clipped to
+    ``low``-``high``); returns the manifest path for `shards build`."""
     rng = np.random.default_rng(seed)
     (d / "audio").mkdir(parents=True)
     lines = []
     for i in range(n):
-        seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.5, 15.0))
+        seconds = float(np.clip(rng.lognormal(np.log(median), 0.6), low, high))
         t = int(seconds * 16000)
         x = np.convolve(rng.standard_normal(t), np.ones(8) / 8, mode="same")
         x *= 0.2 * (1 + np.sin(np.arange(t) * 2 * np.pi * 4 / 16000))

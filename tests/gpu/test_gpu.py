@@ -19,17 +19,26 @@ from trainkit import REPO
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(scope="module")
-def synthetic_shards(tmp_path_factory):
+def shards_of(root: Path, **durations) -> Path:
     sys.path.insert(0, str(REPO / "bench"))
     from synthetic import make_corpus
 
     from asr_dist.data.writer import BuildOptions, build
 
-    root = tmp_path_factory.mktemp("gpu")
-    build(BuildOptions(inputs=[make_corpus(root / "corpus", 512)], output=str(root / "shards"), shard_size=32,
-                       progress=False, max_duration=16))
+    build(BuildOptions(inputs=[make_corpus(root / "corpus", 512, **durations)], output=str(root / "shards"),
+                       shard_size=32, progress=False, max_duration=16))
     return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(tmp_path_factory):
+    return shards_of(tmp_path_factory.mktemp("gpu"))
+
+
+@pytest.fixture(scope="module")
+def short_shards(tmp_path_factory):
+    """1-4 s utterances: the loss scale's dynamics in a few hundred steps, without a training run's minutes."""
+    return shards_of(tmp_path_factory.mktemp("gpu-short"), median=2.0, low=1.0, high=4.0)
 
 
 def train(shards: Path, out: Path, *overrides: str) -> list[dict]:
@@ -43,8 +52,8 @@ def train(shards: Path, out: Path, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fp16_xlsr_300m_loss_scale_settles(synthetic_shards, tmp_path):
-    rows = train(synthetic_shards, tmp_path / "fp16", "model.preset=xlsr-300m", "distributed.precision=fp16",
+def test_fp16_xlsr_300m_loss_scale_settles(short_shards, tmp_path):
+    rows = train(short_shards, tmp_path / "fp16", "model.preset=xlsr-300m", "distributed.precision=fp16",
                  "train.max_steps=200", "optim.lr=1e-4", "optim.warmup_steps=50", "distributed.zero_stage=2")
     logged = [r for r in rows if "train/loss" in r]
     assert logged and all(math.isfinite(r["train/loss"]) for r in logged)

@@ -162,14 +162,18 @@ def cmd_train(args) -> int:
 
         world = args.world_size or get_env().world_size
         shards = ShardSet.open(cfg.data.train_shards)
-        loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=cfg.data.micro_batch_size,
-                             global_batch_size=cfg.data.global_batch_size, num_workers=0)
+        d = cfg.data
+        loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=d.micro_batch_size,
+                             global_batch_size=d.global_batch_size, num_workers=0,
+                             micro_batch_seconds=d.micro_batch_seconds, global_batch_seconds=d.global_batch_seconds)
         total = cfg.train.max_steps or cfg.train.num_epochs * loader.steps_per_epoch
         # as the ranks would get it
         print(json.dumps(deepspeed_config(cfg, world, total, cuda=accelerator == "cuda"), indent=1))
+        batch = (f"{d.global_batch_size} = micro {d.micro_batch_size}" if d.micro_batch_seconds is None else
+                 f"{d.global_batch_seconds:g} s = micro {d.micro_batch_seconds:g} s")
         print(f"world size {world}: {shards.num_samples} utterances, {shards.audio_seconds / 3600:.2f} h of audio; "
-              f"{loader.steps_per_epoch} steps per epoch (global batch {cfg.data.global_batch_size} = micro "
-              f"{cfg.data.micro_batch_size} x accumulation {loader.accumulation} x {world} ranks); {total} steps in all")
+              f"{loader.steps_per_epoch} steps per epoch (global batch {batch} x accumulation {loader.accumulation} "
+              f"x {world} ranks); {total} steps in all")
         return EXIT_OK
     from .engine import TrainingError, train
 

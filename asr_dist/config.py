@@ -33,6 +33,8 @@ class DataArgs:
     global_batch_size: int = 32  # utterances per optimizer step, over all ranks and accumulation
     micro_batch_size: int = 16  # utterances per forward pass on one rank
     eval_micro_batch_size: int = 16  # utterances per evaluation forward pass
+    micro_batch_seconds: Optional[float] = None  # large-batch mode: fill each micro-batch with as many similar-length utterances as fit in this many seconds of audio, padding included (size it to the GPU's memory); then data.global_batch_seconds replaces the two batch sizes above
+    global_batch_seconds: Optional[float] = None  # large-batch mode: audio seconds (padding included) per optimizer step over all ranks and accumulation; a multiple of data.micro_batch_seconds x ranks
     num_workers: int = 2  # DataLoader worker processes per rank
     bucket_batches: int = 32  # length bucketing buffer, in micro-batches (1 = no bucketing)
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
@@ -218,6 +220,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
     if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
+    seconds = (cfg.data.micro_batch_seconds, cfg.data.global_batch_seconds)
+    if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and not x > 0 for x in seconds):
+        raise ConfigError("the large-batch mode takes both data.micro_batch_seconds and data.global_batch_seconds, "
+                          "above 0 (e.g. 600 and 1200 for one GPU: two micro-batches of up to 600 s per step)")
     ps = cfg.train.profile_steps
     if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] <= ps[1]):
         raise ConfigError(f"train.profile_steps={list(ps)}: give [first, last] optimizer steps, 1 <= first <= last "

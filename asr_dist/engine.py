@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .data.index import ShardError
 from .flops import peak_flops, train_flops_per_audio_second
-from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, check_batch_sizes
+from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, accumulation_steps
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
@@ -53,14 +53,18 @@ class TrainingError(RuntimeError):
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool = False) -> dict:
     """The DeepSpeed JSON this config means on ``world_size`` ranks (``cuda``: the ranks train on GPUs)."""
+    data = cfg.data
     try:
-        accumulation = check_batch_sizes(cfg.data.global_batch_size, cfg.data.micro_batch_size, world_size)
+        accumulation = accumulation_steps(data.global_batch_size, data.micro_batch_size, world_size,
+                                          data.micro_batch_seconds, data.global_batch_seconds)
     except LoaderError as e:
         raise ConfigError(str(e)) from None
+    # in the large-batch mode a micro-batch's utterance count varies: DeepSpeed counts micro-batches
+    micro = data.micro_batch_size if data.micro_batch_seconds is None else 1
     d, o = cfg.distributed, cfg.optim
     ds = {
-        "train_batch_size": cfg.data.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "train_batch_size": micro * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": o.grad_clip,
         "optimizer": {
@@ -251,7 +255,9 @@ class Trainer:
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
                                   seed=cfg.seed, bucket_batches=cfg.data.bucket_batches, on_corrupt=cfg.data.on_corrupt,
-                                  pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+                                  pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+                                  micro_batch_seconds=cfg.data.micro_batch_seconds,
+                                  global_batch_seconds=cfg.data.global_batch_seconds)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")
@@ -429,10 +435,11 @@ class Trainer:
                     engine.backward(out.loss)
                 except torch.OutOfMemoryError:
                     # one rank cannot skip a batch alone (the others would wait in its gradient reduction)
+                    micro_key = "data.micro_batch_" + ("size" if self.cfg.data.micro_batch_seconds is None else "seconds")
                     raise TrainingError(
                         f"out of memory on rank {self.rank} in a micro-batch of {len(batch['keys'])} utterances, "
                         f"{float(batch['durations'].max()):.1f} s the longest, {inputs.shape[1] / 16000:.1f} s padded "
-                        f"({_keys_text(batch['keys'])}). Lower data.micro_batch_size (accumulation makes up the "
+                        f"({_keys_text(batch['keys'])}). Lower {micro_key} (accumulation makes up the "
                         f"global batch), set model.gradient_checkpointing=true, or rebuild the shards with a lower "
                         f"--max-duration") from None
                 boundary = engine.is_gradient_accumulation_boundary()

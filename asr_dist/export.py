@@ -61,10 +61,13 @@ def export(trainer, out: Path) -> None:
 
 def model_card(trainer) -> str:
     cfg = trainer.cfg
+    d = cfg.data
+    sizes = ((d.micro_batch_size, d.global_batch_size) if d.micro_batch_seconds is None else
+             (f"{d.micro_batch_seconds:g} s of audio", f"{d.global_batch_seconds:g} s of audio"))
     hp = [
-        ("learning_rate", cfg.optim.lr), ("train_batch_size (per device)", cfg.data.micro_batch_size),
+        ("learning_rate", cfg.optim.lr), ("train_batch_size (per device)", sizes[0]),
         ("gradient_accumulation_steps", trainer.loader.accumulation), ("num_devices", trainer.world),
-        ("total_train_batch_size", cfg.data.global_batch_size), ("seed", cfg.seed),
+        ("total_train_batch_size", sizes[1]), ("seed", cfg.seed),
         ("optimizer", f"{cfg.optim.name} with betas={tuple(cfg.optim.betas)} and epsilon={cfg.optim.eps}"),
         ("lr_scheduler_type", "linear"), ("lr_scheduler_warmup_steps", cfg.optim.warmup_steps),
         ("training_steps", trainer.total_steps), ("mixed_precision_training", cfg.distributed.precision),

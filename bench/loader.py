@@ -4,7 +4,10 @@
 Per audio format (FLAC, WAV): audio seconds delivered per second by one loader stream (read from the
 tar, decode, normalise, encode labels, pad into micro-batches of 16), with the bare soundfile decode
 of the same bytes in the same run as the baseline (the bound). Then the padding fraction of
-micro-batches with and without length bucketing on a log-normal duration mix of 1.5 to 15 s.
+micro-batches with and without length bucketing on a log-normal duration mix of 1.5 to 15 s, and how
+evenly micro-batches fill memory: a fixed utterance count against the large-batch mode
+(``data.micro_batch_seconds``: as many utterances as fit in that many seconds, padding included), whose
+budget is the fixed count's largest micro-batch (16 x 15 s).
 
   python bench/loader.py [--utterances 400] [--workers 2]   -> one JSON object on stdout
 """
@@ -66,6 +69,21 @@ def padding(shards: str, bucket_batches: int) -> float:
     return round(1 - real / total, 4)
 
 
+def fill(shards: str, **mode) -> dict:
+    """Padded and audio seconds per micro-batch over one epoch (a micro-batch's memory follows its padded size)."""
+    loader = TrainLoader(shards, rank=0, world_size=1, num_workers=0, bucket_batches=8, **mode)
+    padded, audio, sizes = [], [], []
+    for b in loader:
+        padded.append(b["attention_mask"].numel() / 16000)
+        audio.append(float(b["attention_mask"].sum()) / 16000)
+        sizes.append(len(b["keys"]))
+    n = len(padded)
+    return {"micro_batches": n, "utterances_min_max": [min(sizes), max(sizes)],
+            "padded_seconds_mean": round(sum(padded) / n, 1), "padded_seconds_max": round(max(padded), 1),
+            "audio_seconds_mean": round(sum(audio) / n, 1),
+            "mean_over_max_padded": round(sum(padded) / n / max(padded), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--utterances", type=int, default=400)
@@ -92,6 +110,12 @@ def main() -> None:
         out["padding_fraction"] = {f"bucket_batches_{n}" + (" (no bucketing)" if n == 1 else ""): padding(shards, n)
                                    for n in (1, 8, 32, 64)}
         out["default_bucket_batches"] = TrainLoader.__init__.__kwdefaults__["bucket_batches"]
+        fixed = fill(shards, micro_batch_size=16, global_batch_size=16)
+        by_seconds = fill(shards, micro_batch_size=16, global_batch_size=16, micro_batch_seconds=240,
+                          global_batch_seconds=240)
+        out["large_batch_fill"] = {"fixed_16_utterances": fixed, "micro_batch_seconds_240": by_seconds,
+                                   "audio_per_micro_batch_ratio": round(by_seconds["audio_seconds_mean"]
+                                                                        / fixed["audio_seconds_mean"], 2)}
     print(json.dumps(out, indent=1))
 
 

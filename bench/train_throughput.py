@@ -345,6 +345,11 @@ def variants(args, cuda: bool) -> dict:
         v[f"asr_dist_large_batch_{fast}_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                                    "extra": [*large, "model.compile=true"]})
         v[f"asr_dist_large_batch_{fast}_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*large, sec]})
+    if args.large_seconds:  # the large-batch mode proper: micro-batches filled to a number of seconds of audio
+        filled = [f"data.micro_batch_seconds={args.large_seconds:g}", f"data.global_batch_seconds={2 * args.large_seconds:g}",
+                  "data.bucket_batches=8"]
+        v[f"asr_dist_large_seconds_{fast}"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": filled})
+        v[f"asr_dist_large_seconds_{fast}_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*filled, sec]})
     v["profile_seed_fast"] = ("profile", {"precision": fast})  # by default on a GPU only
     return v
 
@@ -377,6 +382,10 @@ def main() -> None:
     ap.add_argument("--large-micro", type=int, default=64,
                     help="large-batch mode: utterances per micro-batch (of similar length: bucketed), global batch "
                          "2x this; 0 skips it (default: 64, about 350 s of audio a micro-batch)")
+    ap.add_argument("--large-seconds", type=float, default=None,
+                    help="large-batch mode proper (data.micro_batch_seconds): micro-batches of as many similar-length "
+                         "utterances as fit in this many seconds, padding included, global batch 2x; 0 skips it "
+                         "(default: 600 on a GPU, 60 on CPU)")
     ap.add_argument("--only", nargs="+", default=None, help="run these variants only (see --list)")
     ap.add_argument("--skip", nargs="+", default=[], help="leave these variants out")
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
@@ -389,6 +398,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     args.precision = args.precision or ("fp16" if cuda else "fp32")
     args.workers = args.workers or (4 if cuda else 2)
+    args.large_seconds = (600 if cuda else 60) if args.large_seconds is None else args.large_seconds
     table = variants(args, cuda)
     if args.list:
         print("\n".join(f"{n}: {k} {kw}" for n, (k, kw) in table.items()))
@@ -410,7 +420,7 @@ def main() -> None:
         shards = make_shards(Path(tmp) / "data", args.utterances)
         for name in names:
             cmd = [sys.executable, __file__, "--run-one", name, "--shards", shards]
-            for flag in ("preset", "precision", "utterances", "steps", "warmup", "workers", "large_micro"):
+            for flag in ("preset", "precision", "utterances", "steps", "warmup", "workers", "large_micro", "large_seconds"):
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             cmd += ["--zero", *map(str, args.zero)]
             t = time.time()

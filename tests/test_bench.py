@@ -14,14 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 # the compiled variants are left to the GPU (inductor on 2 CPU cores takes minutes; tests/test_config.py
 # checks that compiled layers train like eager ones)
 TRAIN_VARIANTS = ["baseline_plain_loop", "baseline_hf_trainer", "asr_dist_zero2", "asr_dist_seed_fast",
-                  "plain_loop_bucketed_32x1_repeat4", "asr_dist_large_batch_fp32", "profile_seed_fast"]
+                  "plain_loop_bucketed_32x1_repeat4", "asr_dist_large_seconds_fp32", "profile_seed_fast"]
 
 
 @pytest.mark.parametrize("script, args, key", [
     ("shards.py", ["--utterances", "40", "--repeats", "1"], "builder"),
     ("loader.py", ["--utterances", "64"], "padding_fraction"),
     ("kernel_levers.py", ["--batch", "1", "--seconds", "1", "1.5", "--repeats", "1"], "positional_conv"),
-    ("train_throughput.py", ["--utterances", "64", "--steps", "2", "--warmup", "1", "--zero", "2", "--large-micro", "16",
+    ("train_throughput.py", ["--utterances", "64", "--steps", "2", "--warmup", "1", "--zero", "2", "--large-seconds", "30",
                              "--only", *TRAIN_VARIANTS], "variants"),
 ])
 def test_benchmark_prints_json(script, args, key):
@@ -38,7 +38,8 @@ def test_benchmark_prints_json(script, args, key):
     if script == "train_throughput.py":
         assert set(result["variants"]) == set(TRAIN_VARIANTS), result["variants"]
         profiled = result["variants"].pop("profile_seed_fast")
-        assert profiled["top"] and all(0 < k["share"] <= 1 for k in profiled["top"]), profiled
+        shares = [k["share"] for k in profiled["top"]]  # rounded to 0.001: the smallest may show 0
+        assert shares and shares[0] > 0 and all(0 <= x <= 1 for x in shares) and sum(shares) <= 1.01, profiled
         assert all(v["audio_seconds_per_second"] > 0 for v in result["variants"].values()), result["variants"]
         assert result["variants"]["asr_dist_seed_fast"]["ratio_vs_plain_loop"] > 0
         assert len(result["variants"]["plain_loop_bucketed_32x1_repeat4"]["step_ms"]) == 2  # one per measured step

@@ -36,6 +36,8 @@ def test_defaults_yaml_overrides(yaml):
     (["model.preset=null", "model.pretrained=/nowhere"], "no config.json there"),
     (["train.num_epochs=3"], "exactly one of train.max_steps or train.num_epochs"),
     (["lr"], "is not key=value"),
+    (["data.micro_batch_seconds=600"], "takes both data.micro_batch_seconds and data.global_batch_seconds"),
+    (["data.micro_batch_seconds=0", "data.global_batch_seconds=600"], "above 0"),
 ])
 def test_mistakes_say_what_to_change(yaml, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -58,6 +60,15 @@ def test_generated_deepspeed_config(yaml, world, micro, accumulation):
                                          "warmup_num_steps": 1000, "warmup_type": "linear"}
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic
     assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 1
+
+
+def test_large_batch_mode_deepspeed_config(yaml):
+    """data.micro_batch_seconds: DeepSpeed counts micro-batches (their utterance counts vary)."""
+    cfg = load_config(yaml, ["data.micro_batch_seconds=600", "data.global_batch_seconds=4800"])
+    ds = deepspeed_config(cfg, 4, 100)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 1, 2)
+    with pytest.raises(ConfigError, match=r"micro-batch seconds that divide it on 3 rank\(s\): 1600, 800"):
+        deepspeed_config(cfg, 3, 100)
 
 
 @pytest.mark.parametrize("world, micro, global_batch, hint", [

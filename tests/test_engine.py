@@ -15,11 +15,16 @@ import pytest
 from trainkit import REPO, TAGS, env, launch, losses, overrides
 
 
-@pytest.mark.parametrize("stage, launcher", [(0, "torchrun"), (1, "deepspeed"), (2, "torchrun"), (3, "torchrun")])
-def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, launcher):
+# the large-batch mode (micro-batches of up to 6 s of audio, 2 x 2 of them a step) in the ZeRO-1 run
+LARGE = ("data.micro_batch_seconds=6", "data.global_batch_seconds=24")
+
+
+@pytest.mark.parametrize("stage, launcher, mode", [(0, "torchrun", ()), (1, "deepspeed", LARGE), (2, "torchrun", ()),
+                                                   (3, "torchrun", ())])
+def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, launcher, mode):
     out = tmp_path / "run"
     r = launch(launcher, overrides(train_shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
-                                   "eval.every_steps=6", "train.checkpoint_every=6"))
+                                   "eval.every_steps=6", "train.checkpoint_every=6", *mode))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     curve = losses(out)
     assert sorted(curve) == list(range(1, 13))

@@ -11,6 +11,10 @@ Training, per rank (R ranks, W workers per rank, S streams = R x W):
 
 Every rank yields exactly steps_per_epoch x accumulation micro-batches per epoch, where
 steps_per_epoch = utterances in index.json // global batch: unequal counts hang NCCL collectives.
+In the large-batch mode (``micro_batch_seconds``) a buffer holds bucket_batches x that many seconds
+of audio and is cut into micro-batches of as many utterances as fit (utterances x longest, padding
+included), and steps_per_epoch = audio seconds in index.json // global batch seconds (padding makes
+an epoch's steps hold a little less than all the audio; the rest comes in a later epoch's order).
 
 Each micro-batch carries its stream's position after it (buffer start, buffer number, batches
 taken from the buffer), so ``state_dict`` after any batch lets a new loader reproduce the rest of
@@ -74,6 +78,7 @@ class ShardSet:
     vocab: dict[str, int]
     audio_format: str
     text_normalizer: dict
+    max_seconds: float | None = None  # every utterance is shorter (the index's duration histogram)
 
     @property
     def num_samples(self) -> int:
@@ -88,16 +93,20 @@ class ShardSet:
         dirs = [str(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
         if not dirs:
             raise LoaderError("no shard directory given")
-        shards, first = [], None
+        shards, first, longest = [], None, []
         for d in dirs:
             index = fmt.read_index(d)
+            hist = index.get("duration_histogram") or {}
+            if hist.get("counts"):
+                longest.append((max(int(b) for b in hist["counts"]) + 1) * hist["bin_seconds"])
             vocab = load_vocab(Path(d) / fmt.VOCAB_NAME)
             if first is None:
                 first = (index, vocab)
             elif index["vocab_sha256"] != first[0]["vocab_sha256"] or index["audio_format"] != first[0]["audio_format"]:
                 raise LoaderError(f"{d} has another vocab.json or audio format than {dirs[0]}; build them with the same --vocab")
             shards += [ShardInfo(str(Path(d) / s["name"]), s["num_samples"], s["audio_seconds"]) for s in index["shards"]]
-        return cls(dirs, shards, first[1], first[0]["audio_format"], first[0]["text_normalizer"])
+        return cls(dirs, shards, first[1], first[0]["audio_format"], first[0]["text_normalizer"],
+                   max(longest) if len(longest) == len(dirs) else None)
 
 
 class LabelEncoder:
@@ -169,6 +178,45 @@ def check_batch_sizes(global_batch_size: int, micro_batch_size: int, world_size:
     return global_batch_size // per_step
 
 
+def check_batch_seconds(global_batch_seconds: float, micro_batch_seconds: float, world_size: int) -> int:
+    """Gradient accumulation steps of the large-batch mode (micro-batches filled to a number of seconds)."""
+    if not micro_batch_seconds > 0 or not global_batch_seconds > 0:
+        raise LoaderError("data.micro_batch_seconds and data.global_batch_seconds must both be set, above 0")
+    per_step = micro_batch_seconds * world_size
+    accumulation = round(global_batch_seconds / per_step)
+    if accumulation < 1 or abs(accumulation * per_step - global_batch_seconds) > 1e-6 * global_batch_seconds:
+        good = [global_batch_seconds / (a * world_size) for a in range(1, 9)]
+        raise LoaderError(
+            f"data.global_batch_seconds {global_batch_seconds:g} is not a multiple of data.micro_batch_seconds "
+            f"{micro_batch_seconds:g} x world size {world_size}; micro-batch seconds that divide it on {world_size} "
+            f"rank(s): {', '.join(f'{g:g}' for g in good)} … (or change data.global_batch_seconds)")
+    return accumulation
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int,
+                       micro_batch_seconds: float | None = None, global_batch_seconds: float | None = None) -> int:
+    """Micro-batches per rank per optimizer step: of utterances, or of seconds in the large-batch mode."""
+    if micro_batch_seconds is None and global_batch_seconds is None:
+        return check_batch_sizes(global_batch_size, micro_batch_size, world_size)
+    return check_batch_seconds(global_batch_seconds, micro_batch_seconds, world_size)
+
+
+def cut_by_seconds(lengths: list[int], seconds: float, pad_to_multiple_of: int = 1) -> list[tuple[int, int]]:
+    """Cut utterances sorted by length (samples, ascending) into consecutive micro-batches whose padded
+    size, utterances x longest (rounded up to ``pad_to_multiple_of``), stays within ``seconds`` of audio:
+    (start, end) index pairs. An utterance longer than that alone is a micro-batch of its own."""
+    budget = seconds * SAMPLE_RATE
+    cuts, start = [], 0
+    for i, n in enumerate(lengths):
+        padded = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if i > start and (i - start + 1) * padded > budget:
+            cuts.append((start, i))
+            start = i
+    if start < len(lengths):
+        cuts.append((start, len(lengths)))
+    return cuts
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamLayout:
     """Everything that fixes the micro-batch sequence of one stream (a rank's worker)."""
@@ -184,6 +232,7 @@ class StreamLayout:
     num_batches: int  # this stream's quota for the epoch
     bucket_batches: int
     tag: str = ""  # set when an epoch continues under another world size or worker count
+    micro_batch_seconds: float | None = None  # large-batch mode: micro-batches filled to this many padded seconds
 
 
 def _units(layout: StreamLayout) -> list[tuple[int, int, int]]:
@@ -255,14 +304,18 @@ class TrainStream(torch.utils.data.IterableDataset):
         # out of the saved count), but its delivered batches are not decoded again (their skips are carried)
         counters: dict = {"skipped_samples": state.skipped_before_buffer}
         carried = state.skipped_in_buffer
-        buffer_size = layout.bucket_batches * layout.micro_batch_size
+        by_seconds = layout.micro_batch_seconds is not None
+        # the buffer holds bucket_batches micro-batches: of micro_batch_size utterances, or of micro_batch_seconds
+        buffer_size = layout.bucket_batches * (layout.micro_batch_seconds * SAMPLE_RATE if by_seconds
+                                               else layout.micro_batch_size)
         pos, taken = state.cursor  # unit position, samples taken from that unit
         reader = None
         while state.delivered < layout.num_batches:
             start = (pos, taken)
             before_buffer = counters["skipped_samples"]
             buffer: list[tuple[str, bytes, dict]] = []
-            while len(buffer) < buffer_size:
+            filled = 0  # utterances, or samples of audio in the large-batch mode
+            while filled < buffer_size:
                 if reader is None:  # opened once per unit; skipping only happens after a restore
                     reader = _unit_samples(layout, units[pos % len(units)], taken, self.on_corrupt, counters)
                 item = next(reader, None)
@@ -272,12 +325,19 @@ class TrainStream(torch.utils.data.IterableDataset):
                 taken += 1
                 key, files = item
                 try:
-                    buffer.append((key, files[self.audio_format], json.loads(files["json"])))
+                    sample = (key, files[self.audio_format], json.loads(files["json"]))
+                    filled += sample[2]["num_samples"] if by_seconds else 1
+                    buffer.append(sample)
                 except (KeyError, ValueError) as e:
                     self._bad(layout, pos, units, key, f"no .{self.audio_format} or unreadable JSON ({e})", counters)
             # similar lengths together: the padding of a micro-batch is what its longest utterance adds
             buffer.sort(key=lambda s: (s[2]["num_samples"], s[0]))
-            batches = [buffer[i:i + layout.micro_batch_size] for i in range(0, buffer_size, layout.micro_batch_size)]
+            if by_seconds:
+                cuts = cut_by_seconds([m["num_samples"] for _, _, m in buffer], layout.micro_batch_seconds,
+                                      self.pad_to_multiple_of)
+                batches = [buffer[a:b] for a, b in cuts]
+            else:
+                batches = [buffer[i:i + layout.micro_batch_size] for i in range(0, buffer_size, layout.micro_batch_size)]
             rng = random.Random(f"batches-{layout.seed}-{layout.epoch}-{layout.rank}-{w}-{state.buffer_index}{layout.tag}")
             rng.shuffle(batches)
             after_fill = counters["skipped_samples"]
@@ -353,19 +413,32 @@ class TrainLoader:
     def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
                  global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int = 32,
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
-                 prefetch_factor: int = 4):
+                 prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
+                 global_batch_seconds: float | None = None):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         if on_corrupt not in ("stop", "skip"):
             raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
-        self.accumulation = check_batch_sizes(global_batch_size, micro_batch_size, world_size)
-        self.steps_per_epoch = self.shards.num_samples // global_batch_size
-        if self.steps_per_epoch == 0:
-            raise LoaderError(
-                f"{self.shards.num_samples} utterances in {', '.join(self.shards.dirs)} are fewer than one global "
-                f"batch of {global_batch_size}; lower data.global_batch_size or add data"
-            )
+        self.micro_batch_seconds, self.global_batch_seconds = micro_batch_seconds, global_batch_seconds
+        where = ", ".join(self.shards.dirs)
+        self.accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size, micro_batch_seconds,
+                                               global_batch_seconds)
+        if micro_batch_seconds is None:
+            self.steps_per_epoch = self.shards.num_samples // global_batch_size
+            if self.steps_per_epoch == 0:
+                raise LoaderError(f"{self.shards.num_samples} utterances in {where} are fewer than one global "
+                                  f"batch of {global_batch_size}; lower data.global_batch_size or add data")
+        else:  # large-batch mode: an epoch is as many steps as the audio fills
+            longest = self.shards.max_seconds
+            if longest is not None and longest > micro_batch_seconds:
+                raise LoaderError(f"data.micro_batch_seconds={micro_batch_seconds:g}: {where} has utterances of up to "
+                                  f"{longest:g} s (index.json's duration histogram), longer than a micro-batch; "
+                                  f"raise it or rebuild the shards with --max-duration {micro_batch_seconds:g}")
+            self.steps_per_epoch = int(self.shards.audio_seconds // global_batch_seconds)
+            if self.steps_per_epoch == 0:
+                raise LoaderError(f"{self.shards.audio_seconds:.0f} s of audio in {where} is less than one global "
+                                  f"batch of {global_batch_seconds:g} s; lower data.global_batch_seconds or add data")
         self.num_workers, self.seed, self.bucket_batches = num_workers, seed, bucket_batches
         self.on_corrupt, self.pin_memory, self.pad_to_multiple_of = on_corrupt, pin_memory, pad_to_multiple_of
         self.prefetch_factor = prefetch_factor
@@ -407,7 +480,8 @@ class TrainLoader:
         for w in range(w_count):
             quota = total // w_count + (1 if w < total % w_count else 0)
             layouts.append(StreamLayout(tuple(self.shards.shards), self.seed, self.epoch, self.rank, self.world_size,
-                                        w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag))
+                                        w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag,
+                                        self.micro_batch_seconds))
             s = self._states.get(w)
             states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"],
                                       s.get("skipped_before_buffer", 0), s.get("skipped_in_buffer", 0))
@@ -464,6 +538,9 @@ class TrainLoader:
             "micro_batch_size": self.micro_batch_size,
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
+            "micro_batch_seconds": self.micro_batch_seconds,
+            "global_batch_seconds": self.global_batch_seconds,
+            "accumulation": self.accumulation,
             "num_samples": self.shards.num_samples,
             "quota_steps": self._quota_steps,
             "tag": self._tag,
@@ -478,10 +555,11 @@ class TrainLoader:
         self.epoch = sd["epoch"]
         self.skipped_samples = sd.get("skipped_samples", 0)
         self._skipped_before, self._skipped = self.skipped_samples, {}  # another layout: new streams count anew
-        layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples")
+        layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples",
+                  "micro_batch_seconds", "global_batch_seconds")
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
-                self.shards.num_samples)
-        same = tuple(sd[k] for k in layout) == mine
+                self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds)
+        same = tuple(sd.get(k) for k in layout) == mine
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]
             self._states = {int(k): v for k, v in sd["streams"].items()}
@@ -491,7 +569,8 @@ class TrainLoader:
             return
         # another layout: finish the epoch's remaining optimizer steps in a new deterministic order
         # consumed counts micro-batches of the saved layout since the epoch began; a partial step is redone
-        steps_done = min(self.steps_per_epoch, sd["consumed"] // (sd["global_batch_size"] // (sd["micro_batch_size"] * sd["world_size"])))
+        saved_accumulation = sd.get("accumulation") or sd["global_batch_size"] // (sd["micro_batch_size"] * sd["world_size"])
+        steps_done = min(self.steps_per_epoch, sd["consumed"] // saved_accumulation)
         log.warning(
             "resuming with world size %d x %d workers x micro batch %d (saved: %d x %d x %d): the rest of epoch %d "
             "(%d of %d steps) continues in a new deterministic order; utterances may repeat within this epoch",

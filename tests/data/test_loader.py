@@ -114,13 +114,18 @@ def test_evaluation_is_sorted_by_length(eval_set):
     assert durations == sorted(durations) and len(durations) == 25
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_the_identical_sequence(train_set, workers):
-    kw = dict(rank=1, world_size=2, micro_batch_size=2, global_batch_size=8, num_workers=workers, bucket_batches=3)
+SECONDS = dict(micro_batch_seconds=10.0, global_batch_seconds=40.0)  # the large-batch mode, at this corpus' scale
+
+
+@pytest.mark.parametrize("workers, mode", [(0, {}), (2, {}), (0, SECONDS), (2, SECONDS)])
+def test_resume_continues_the_identical_sequence(train_set, workers, mode):
+    kw = dict(rank=1, world_size=2, micro_batch_size=2, global_batch_size=8, num_workers=workers, bucket_batches=3,
+              **mode)
     whole = TrainLoader(train_set, **kw)
     whole.set_epoch(3)
     expected = [b["keys"] for b in whole]
-    for stop in (0, 5, 11, len(expected) - 1):
+    assert len(expected) >= 6
+    for stop in sorted({0, 5, 11, len(expected) - 1} & set(range(len(expected)))):
         first = TrainLoader(train_set, **kw)
         first.set_epoch(3)
         got = []
@@ -156,6 +161,41 @@ def test_resume_with_another_layout_finishes_the_epoch(train_set, caplog):
     assert "new deterministic order" in caplog.text
     rest = list(second)
     assert len(rest) == (12 - 4) * 2 and all(len(b["keys"]) == 4 for b in rest)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_large_batch_mode_fills_micro_batches_with_seconds_of_audio(train_set, workers):
+    """data.micro_batch_seconds: as many similar-length utterances as fit, padding included; every rank the
+    same number of micro-batches (steps x accumulation), well filled."""
+    per_rank, fill = [], []
+    for rank in range(2):
+        loader = TrainLoader(train_set, rank=rank, world_size=2, micro_batch_size=2, global_batch_size=8,
+                             num_workers=workers, bucket_batches=4, pad_to_multiple_of=1600, **SECONDS)
+        assert loader.accumulation == 2 and loader.steps_per_epoch == int(loader.shards.audio_seconds // 40)
+        batches = list(loader)
+        assert len(batches) == loader.micro_batches_per_epoch
+        per_rank.append(batches)
+        for b in batches:
+            n, t = b["input_values"].shape
+            assert n * t <= 10 * 16000 and t % 1600 == 0  # padding included, within the budget
+            fill.append(float(b["durations"].sum()) / 10)
+    assert len(per_rank[0]) == len(per_rank[1]) == 2 * loader.steps_per_epoch
+    sizes = {len(b["keys"]) for bs in per_rank for b in bs}
+    assert len(sizes) >= 3  # short utterances come many to a batch, long ones few
+    assert sum(fill) / len(fill) > 0.75, fill  # the micro-batches are full, not a few utterances each
+    keys = [k for bs in per_rank for b in bs for k in b["keys"]]
+    assert len(set(keys)) >= 0.95 * len(keys)  # an epoch reads (almost) nothing twice
+
+
+def test_large_batch_mode_mistakes_say_what_to_change(train_set):
+    base = dict(rank=0, world_size=2, micro_batch_size=2, global_batch_size=8)
+    with pytest.raises(LoaderError, match=r"utterances of up to 3 s .* --max-duration 2"):
+        TrainLoader(train_set, **base, micro_batch_seconds=2, global_batch_seconds=8)
+    with pytest.raises(LoaderError, match=r"not a multiple of data.micro_batch_seconds 10 x world size 2; "
+                                          r"micro-batch seconds that divide it on 2 rank\(s\): 25, 12.5"):
+        TrainLoader(train_set, **base, micro_batch_seconds=10, global_batch_seconds=50)
+    with pytest.raises(LoaderError, match="less than one global batch of 400 s"):
+        TrainLoader(train_set, **base, micro_batch_seconds=100, global_batch_seconds=400)
 
 
 def test_batch_sizes_that_do_not_divide_say_which_would(train_set):

@@ -529,6 +529,10 @@ class TrainLoader:
         self._consumed, self._states, self._tag = 0, {}, ""
         self._quota_steps = self.steps_per_epoch
 
+    def _cut_padding(self) -> int | None:
+        """The padding multiple when it decides where micro-batches are cut (the large-batch mode)."""
+        return self.pad_to_multiple_of if self.micro_batch_seconds is not None else None
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
@@ -541,6 +545,7 @@ class TrainLoader:
             "micro_batch_seconds": self.micro_batch_seconds,
             "global_batch_seconds": self.global_batch_seconds,
             "accumulation": self.accumulation,
+            "cut_padding": self._cut_padding(),
             "num_samples": self.shards.num_samples,
             "quota_steps": self._quota_steps,
             "tag": self._tag,
@@ -556,9 +561,9 @@ class TrainLoader:
         self.skipped_samples = sd.get("skipped_samples", 0)
         self._skipped_before, self._skipped = self.skipped_samples, {}  # another layout: new streams count anew
         layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples",
-                  "micro_batch_seconds", "global_batch_seconds")
+                  "micro_batch_seconds", "global_batch_seconds", "cut_padding")
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
-                self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds)
+                self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds, self._cut_padding())
         same = tuple(sd.get(k) for k in layout) == mine
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]

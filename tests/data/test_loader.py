@@ -187,6 +187,22 @@ def test_large_batch_mode_fills_micro_batches_with_seconds_of_audio(train_set, w
     assert len(set(keys)) >= 0.95 * len(keys)  # an epoch reads (almost) nothing twice
 
 
+def test_large_batch_mode_resumes_in_place_unless_the_cuts_change(train_set, caplog):
+    kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0, **SECONDS)
+    first = TrainLoader(train_set, **kw)
+    batches = iter(first)
+    next(batches), next(batches)
+    state = json.loads(json.dumps(first.state_dict()))
+    same = TrainLoader(train_set, **kw)
+    same.load_state_dict(state)
+    assert [b["keys"] for b in same] == [b["keys"] for b in batches]
+    # the padding multiple decides where a buffer is cut: another one starts a new order for the epoch's rest
+    other = TrainLoader(train_set, pad_to_multiple_of=16000, **kw)
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(state)
+    assert "new deterministic order" in caplog.text
+
+
 def test_large_batch_mode_mistakes_say_what_to_change(train_set):
     base = dict(rank=0, world_size=2, micro_batch_size=2, global_batch_size=8)
     with pytest.raises(LoaderError, match=r"utterances of up to 3 s .* --max-duration 2"):

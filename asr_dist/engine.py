@@ -48,6 +48,15 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a diagnosis, not a traceback)."""
 
 
+def utterance_weighted(loss: torch.Tensor, utterances: int, mean_utterances: float | None) -> torch.Tensor:
+    """A micro-batch's loss for backward. The model's CTC loss is a mean over the micro-batch's
+    utterances; in the large-batch mode (``mean_utterances`` set: utterances per micro-batch on
+    average) it is scaled by utterances / that mean, so every utterance weighs the same in an
+    optimizer step whichever micro-batch it landed in (100 short ones and 10 long ones would
+    otherwise count alike). With a fixed utterance count the loss is left as it is."""
+    return loss if mean_utterances is None else loss * (utterances / mean_utterances)
+
+
 # ───────────────────────────── the DeepSpeed config ─────────────────────────────
 
 
@@ -283,6 +292,9 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         ckpt.use_safe_loading(self.engine)
+        # the large-batch mode's micro-batches hold different numbers of utterances: see utterance_weighted
+        self.utterances_per_micro = None if cfg.data.micro_batch_seconds is None else (
+            self.shards.num_samples / (self.loader.steps_per_epoch * self.loader.accumulation * self.world))
         self.frozen_encoder = not any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
@@ -407,7 +419,7 @@ class Trainer:
             log.info("training %d steps (%d per epoch, accumulation %d, %d ranks) into %s", self.total_steps,
                      self.loader.steps_per_epoch, self.loader.accumulation, self.world, self.out)
         engine.train()
-        window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "micro": 0, "audio": 0.0,
+        window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "audio": 0.0,
                   "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
         skipped_run, last_skipped = 0, engine.skipped_steps
         step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
@@ -432,7 +444,7 @@ class Trainer:
                     out = engine(input_values=inputs,
                                  attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
                                  labels=batch["labels"].to(self.device, non_blocking=True))
-                    engine.backward(out.loss)
+                    engine.backward(utterance_weighted(out.loss, len(batch["keys"]), self.utterances_per_micro))
                 except torch.OutOfMemoryError:
                     # one rank cannot skip a batch alone (the others would wait in its gradient reduction)
                     micro_key = "data.micro_batch_" + ("size" if self.cfg.data.micro_batch_seconds is None else "seconds")
@@ -447,8 +459,7 @@ class Trainer:
                 if boundary and self.check_finite:
                     self._stop_if_not_finite(engine.global_steps, out.loss, step_keys)
                 engine.step()
-                window["loss"] += out.loss.detach().to(torch.float64)
-                window["micro"] += 1
+                window["loss"] += out.loss.detach().to(torch.float64) * len(batch["keys"])  # per utterance
                 window["audio"] += float(batch["durations"].sum())
                 window["utts"] += len(batch["keys"])
                 if not boundary:
@@ -504,11 +515,11 @@ class Trainer:
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
         engine = self.engine
-        totals = torch.stack([window["loss"], torch.tensor(float(window["micro"]), dtype=torch.float64, device=self.device),
+        totals = torch.stack([window["loss"], torch.tensor(float(window["utts"]), dtype=torch.float64, device=self.device),
                               torch.tensor(window["audio"], dtype=torch.float64, device=self.device),
                               torch.tensor(float(self.loader.skipped_samples), dtype=torch.float64, device=self.device)])
         if self.world > 1:
-            dist.all_reduce(totals)  # sums over ranks: mean loss, and the audio of all ranks
+            dist.all_reduce(totals)  # sums over ranks: the mean loss per utterance, and the audio of all ranks
         elapsed = time.time() - window["t0"]
         loss = float(totals[0] / totals[1]) if float(totals[1]) else float("nan")
         metrics = {
@@ -535,7 +546,7 @@ class Trainer:
         log.info("step %d/%d loss %.4f lr %.2e %.0f audio s/s ETA %s", step, self.total_steps, loss, metrics["train/lr"],
                  metrics["perf/audio_seconds_per_second"], time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
         self.last_train_loss = loss
-        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), micro=0, audio=0.0, utts=0,
+        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), audio=0.0, utts=0,
                       wait=0.0, t0=time.time(), steps=0)
 
     def _overflow_storm(self, step: int, keys: list[str]) -> None:

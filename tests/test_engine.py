@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from trainkit import REPO, TAGS, env, launch, losses, overrides
 
@@ -112,3 +113,38 @@ def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     assert "ignoring incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
     assert "step-00000003 at step 3" in r.stderr
     assert len(list((out / "profile").iterdir())) == 2  # resumed after the profiled steps: no second profile
+
+
+def test_large_batch_mode_weighs_every_utterance_alike():
+    """With micro-batches of varying utterance counts, a step's gradient does not depend on how its
+    utterances were cut into micro-batches (padding is neutral for layer-norm wav2vec2s)."""
+    from asr_dist.config import ModelArgs
+    from asr_dist.engine import utterance_weighted
+    from asr_dist.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4})
+    lengths = [4000, 5200, 6100, 7000, 9000, 12000]
+    audio = [torch.randn(n) for n in lengths]
+    labels = [torch.randint(2, 5, (3 + i,)) for i in range(6)]
+
+    def step_gradient(cuts, mean_utterances):
+        model.zero_grad()
+        for a, b in cuts:
+            t, l_max = max(lengths[a:b]), max(len(x) for x in labels[a:b])
+            x, mask = torch.zeros(b - a, t), torch.zeros(b - a, t, dtype=torch.bool)
+            y = torch.full((b - a, l_max), -100)
+            for i in range(a, b):
+                x[i - a, : lengths[i]], mask[i - a, : lengths[i]] = audio[i], True
+                y[i - a, : len(labels[i])] = labels[i]
+            loss = model(input_values=x, attention_mask=mask, labels=y).loss
+            utterance_weighted(loss, b - a, mean_utterances).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = step_gradient([(0, 6)], 6.0)
+    for cuts in ([(0, 4), (4, 6)], [(0, 1), (1, 6)], [(0, 2), (2, 4), (4, 6)]):
+        got = step_gradient(cuts, 6.0)
+        assert torch.allclose(got, whole, rtol=1e-4, atol=1e-6), (cuts, float((got - whole).abs().max()))
+    # a plain mean per micro-batch (no weighting) gives the one utterance of (0, 1) a fifth of the step
+    unweighted = step_gradient([(0, 1), (1, 6)], None)
+    assert not torch.allclose(unweighted / 2, whole, rtol=1e-2, atol=1e-4)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import io
 import json
 import logging
@@ -235,18 +236,40 @@ class StreamLayout:
     micro_batch_seconds: float | None = None  # large-batch mode: micro-batches filled to this many padded seconds
 
 
-def _units(layout: StreamLayout) -> list[tuple[int, int, int]]:
-    """This stream's read order for the epoch: (shard, slice, slices) units, its own first, then
-    the other streams' as a reserve, so a stream never runs dry."""
+def unit_owners(layout: StreamLayout) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """The epoch's (shard, slice, slices) units in their shuffled order, and the stream that owns each.
+    With a fixed utterance count every stream owns as many units (shards hold equal counts); in the
+    large-batch mode about the same audio (shards of several corpora can differ many times over)."""
     num_streams = layout.world_size * layout.num_workers
     k = max(1, math.ceil(num_streams / len(layout.shards)))  # split shards when there are too few
     units = [(s, i, k) for s in range(len(layout.shards)) for i in range(k)]
     random.Random(f"units-{layout.seed}-{layout.epoch}{layout.tag}").shuffle(units)
+    if layout.micro_batch_seconds is None:
+        return units, [j % num_streams for j in range(len(units))]
+    return units, _balance([layout.shards[u[0]].audio_seconds / u[2] for u in units], num_streams)
+
+
+def _units(layout: StreamLayout) -> list[tuple[int, int, int]]:
+    """This stream's read order for the epoch: its own units first, then the other streams' as a
+    reserve, so a stream never runs dry."""
+    units, owner = unit_owners(layout)
+    num_streams = layout.world_size * layout.num_workers
     stream = layout.rank * layout.num_workers + layout.worker
-    own = units[stream::num_streams]
-    others = [u for j, u in enumerate(units) if j % num_streams != stream]
+    own = [u for j, u in enumerate(units) if owner[j] == stream]
+    others = [u for j, u in enumerate(units) if owner[j] != stream]
     shift = (stream * len(others)) // num_streams if others else 0
     return own + others[shift:] + others[:shift]
+
+
+def _balance(sizes: list[float], bins: int) -> list[int]:
+    """A bin for each item so that the bins' totals differ by at most the largest item: largest first,
+    each to the bin with the least so far (ties to the lowest bin)."""
+    owner, heap = [0] * len(sizes), [(0.0, b) for b in range(bins)]
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        total, b = heapq.heappop(heap)
+        owner[j] = b
+        heapq.heappush(heap, (total + sizes[j], b))
+    return owner
 
 
 def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int], skip: int, on_corrupt: str,

@@ -203,6 +203,40 @@ def test_large_batch_mode_resumes_in_place_unless_the_cuts_change(train_set, cap
     assert "new deterministic order" in caplog.text
 
 
+def test_large_batch_mode_gives_every_reader_the_same_audio(tmp_path):
+    """Shards of a corpus of short utterances and of one of long ones: in the large-batch mode the readers
+    (ranks x workers) own shards of about equal audio, so none runs dry and borrows while others leave
+    audio unread. (With a fixed utterance count they own equal shard counts: shards hold equal counts.)"""
+    import sys
+
+    from asr_dist.data.loader import StreamLayout, unit_owners
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from synthetic import make_corpus
+
+    dirs = []
+    for name, median in (("short", 1.5), ("long", 8.0)):
+        manifest = make_corpus(tmp_path / name, 24, seed=len(dirs), median=median, low=median / 1.5, high=median * 1.25)
+        build(BuildOptions(inputs=[manifest], output=str(tmp_path / f"s-{name}"), shard_size=4, progress=False,
+                           vocab=str(tmp_path / "s-short" / "vocab.json") if dirs else None))
+        dirs.append(str(tmp_path / f"s-{name}"))
+    kw = dict(world_size=2, micro_batch_size=2, global_batch_size=8, num_workers=2, bucket_batches=2,
+              micro_batch_seconds=20, global_batch_seconds=80)
+    shards = TrainLoader(dirs, rank=0, **kw).shards.shards
+    for epoch in range(3):
+        units, owner = unit_owners(StreamLayout(tuple(shards), 0, epoch, 0, 2, 0, 2, 2, 1, 4, micro_batch_seconds=20.0))
+        audio = [0.0] * 4
+        for (s, _, k), o in zip(units, owner):
+            audio[o] += shards[s].audio_seconds / k
+        assert max(audio) - min(audio) <= max(x.audio_seconds for x in shards), audio
+        assert max(audio) < 1.5 * min(audio), audio  # 12 shards: 6 of about 6 s, 6 of about 33 s
+    keys = []
+    for rank in (0, 1):
+        keys += [kt for b in TrainLoader(dirs, rank=rank, **kw) for kt in zip(b["keys"], b["texts"])]
+    # read once, not borrowed twice (the two corpora reuse keys: a key and its text name an utterance)
+    assert len(set(keys)) >= 0.9 * len(keys), len(keys) - len(set(keys))
+
+
 def test_large_batch_mode_mistakes_say_what_to_change(train_set):
     base = dict(rank=0, world_size=2, micro_batch_size=2, global_batch_size=8)
     with pytest.raises(LoaderError, match=r"utterances of up to 3 s .* --max-duration 2"):

@@ -191,8 +191,8 @@ def cmd_evaluate(args) -> int:
     from .decode import evaluate_model
 
     r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
-                       micro_batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
-                       decoder=_decoder_options(args))
+                       micro_batch_size=args.batch_size, micro_batch_seconds=args.batch_seconds,
+                       num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args))
     if r["world_size"] == 1 or get_rank_zero():
         print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
                                             "insertions", "audio_hours", "real_time_factor")}, indent=1))
@@ -324,6 +324,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE.json", help="write wer, cer, counts, hours and real-time factor here")
     p.add_argument("--predictions", metavar="FILE.tsv", help="write key, reference, hypothesis, word errors per utterance")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass (default: 16)")
+    p.add_argument("--batch-seconds", type=float, default=None, metavar="S",
+                   help="instead: forward passes of as many utterances as fit in S seconds of audio, padding "
+                        "included (sorted by length: many short ones or a few long ones; size it to the GPU)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     p.add_argument("--no-progress", action="store_true")
     add_decoder_arguments(p)

@@ -33,6 +33,7 @@ class DataArgs:
     global_batch_size: int = 32  # utterances per optimizer step, over all ranks and accumulation
     micro_batch_size: int = 16  # utterances per forward pass on one rank
     eval_micro_batch_size: int = 16  # utterances per evaluation forward pass
+    eval_micro_batch_seconds: Optional[float] = None  # or evaluation forward passes of as many utterances as fit in this many seconds of audio, padding included
     micro_batch_seconds: Optional[float] = None  # large-batch mode: fill each micro-batch with as many similar-length utterances as fit in this many seconds of audio, padding included (size it to the GPU's memory); then data.global_batch_seconds replaces the two batch sizes above
     global_batch_seconds: Optional[float] = None  # large-batch mode: audio seconds (padding included) per optimizer step over all ranks and accumulation; a multiple of data.micro_batch_seconds x ranks
     num_workers: int = 2  # DataLoader worker processes per rank
@@ -220,6 +221,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
     if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
+    if cfg.data.eval_micro_batch_seconds is not None and not cfg.data.eval_micro_batch_seconds > 0:
+        raise ConfigError("data.eval_micro_batch_seconds must be above 0 (or null: data.eval_micro_batch_size)")
     seconds = (cfg.data.micro_batch_seconds, cfg.data.global_batch_seconds)
     if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and not x > 0 for x in seconds):
         raise ConfigError("the large-batch mode takes both data.micro_batch_seconds and data.global_batch_seconds, "

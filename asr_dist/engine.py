@@ -300,6 +300,7 @@ class Trainer:
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
         self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
                                        micro_batch_size=cfg.data.eval_micro_batch_size,
+                                       micro_batch_seconds=cfg.data.eval_micro_batch_seconds,
                                        num_workers=cfg.data.num_workers) for name, s in eval_sets.items()}
         self.decoder = GreedyDecoder(self.shards.vocab)
         self.writer = MetricWriter(self.out, enabled=denv.is_main)

@@ -643,18 +643,26 @@ class EvalBatches(torch.utils.data.Dataset):
 
 
 class EvalLoader:
-    """Every evaluation utterance exactly once across ranks, sorted by length, keys carried along."""
+    """Every evaluation utterance exactly once across ranks, sorted by length, keys carried along;
+    micro-batches of ``micro_batch_size`` utterances or, given ``micro_batch_seconds``, of as many as
+    fit in that many seconds of audio, padding included."""
 
     def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
-                 num_workers: int = 2, pin_memory: bool = False):
+                 num_workers: int = 2, pin_memory: bool = False, micro_batch_seconds: float | None = None):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+        if micro_batch_seconds is not None and not micro_batch_seconds > 0:
+            raise LoaderError(f"evaluation micro-batches of {micro_batch_seconds:g} seconds: give more than 0")
         self.rank, self.world_size, self.num_workers, self.pin_memory = rank, world_size, num_workers, pin_memory
         locs = [loc for s in self.shards.shards for loc in fmt.list_shard(s.path)]
         if len(locs) != self.shards.num_samples:
             raise LoaderError(f"{self.shards.dirs}: {len(locs)} samples in the shards, index.json says "
                               f"{self.shards.num_samples}; run `asr-dist shards verify`")
         locs.sort(key=lambda loc: (json.loads(loc.meta)["num_samples"], loc.key))
-        batches = [locs[i:i + micro_batch_size] for i in range(0, len(locs), micro_batch_size)]
+        if micro_batch_seconds is None:
+            batches = [locs[i:i + micro_batch_size] for i in range(0, len(locs), micro_batch_size)]
+        else:  # as many as fit in that many seconds, padding included
+            cuts = cut_by_seconds([json.loads(loc.meta)["num_samples"] for loc in locs], micro_batch_seconds)
+            batches = [locs[a:b] for a, b in cuts]
         self.num_batches_per_rank = -(-len(batches) // world_size)
         self.mine = batches[rank::world_size]
         self.num_utterances = sum(len(b) for b in self.mine)

@@ -108,6 +108,23 @@ def test_evaluation_sees_every_utterance_once(eval_set, tmp_path, world):
     assert len(fillers) == world * -(-9 // world) - 9  # 25 utterances / 3 = 9 batches
 
 
+def test_evaluation_by_seconds_sees_every_utterance_once(eval_set):
+    loaders = [EvalLoader(eval_set, rank=r, world_size=2, micro_batch_size=4, num_workers=0, micro_batch_seconds=8)
+               for r in (0, 1)]
+    assert len(loaders[0]) == len(loaders[1])
+    keys, sizes = [], set()
+    for loader in loaders:
+        for b in loader:
+            n, t = b["input_values"].shape
+            assert n * t <= 8 * 16000 or n == 1
+            keys += [k for k, v in zip(b["keys"], b["valid"].tolist()) if v]
+            sizes.add(n)
+    assert sorted(keys) == sorted({loc.key for s in Path(eval_set).glob("shard-*.tar") for loc in fmt.list_shard(s)})
+    assert len(keys) == 25 and len(sizes) > 1  # more of the short utterances to a batch
+    with pytest.raises(LoaderError, match="give more than 0"):
+        EvalLoader(eval_set, rank=0, world_size=1, micro_batch_size=4, micro_batch_seconds=0)
+
+
 def test_evaluation_is_sorted_by_length(eval_set):
     loader = EvalLoader(eval_set, rank=0, world_size=1, micro_batch_size=4, num_workers=0)
     durations = [d for b in loader for d in b["durations"].tolist()]

@@ -88,7 +88,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
     ``source``, on every rank of the job. ``decoder``: None for greedy decoding, else
     BeamSearchDecoder's arguments (lm, beam_width, alpha, beta)."""
     with model_directory(model_dir) as d:
-        result = _evaluate_model(d, source, report, predictions, (micro_batch_size, micro_batch_seconds), num_workers,
+        result = _evaluate_model(d, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers,
                                  denv, progress, decoder)
     result["model"] = str(model_dir)
     if report and result.pop("_write_report", False):
@@ -97,8 +97,8 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
     return result
 
 
-def _evaluate_model(model_dir, source, report, predictions, batching, num_workers, denv, progress,
-                    decoder) -> dict:
+def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers, denv,
+                    progress, decoder) -> dict:
     denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
@@ -121,8 +121,8 @@ def _evaluate_model(model_dir, source, report, predictions, batching, num_worker
         if shards.vocab != vocab:
             raise ModelDirError(f"{shards_dir}: its vocab.json differs from the model's; build it with "
                                 f"--vocab {Path(model_dir) / 'vocab.json'} (or give the corpus itself)")
-        loader = EvalLoader(shards, rank=denv.rank, world_size=denv.world_size, micro_batch_size=batching[0],
-                            micro_batch_seconds=batching[1], num_workers=num_workers)
+        loader = EvalLoader(shards, rank=denv.rank, world_size=denv.world_size, micro_batch_size=micro_batch_size,
+                            micro_batch_seconds=micro_batch_seconds, num_workers=num_workers)
         t0 = time.time()
         with tqdm(total=len(loader), unit="batch", desc="evaluating", disable=not (progress and denv.is_main)) as bar:
             r = evaluate_set(lambda x, m: model(input_values=x, attention_mask=m).logits,

@@ -241,7 +241,9 @@ def test_large_batch_mode_gives_every_reader_the_same_audio(tmp_path):
               micro_batch_seconds=20, global_batch_seconds=80)
     shards = TrainLoader(dirs, rank=0, **kw).shards.shards
     for epoch in range(3):
-        units, owner = unit_owners(StreamLayout(tuple(shards), 0, epoch, 0, 2, 0, 2, 2, 1, 4, micro_batch_seconds=20.0))
+        units, owner = unit_owners(StreamLayout(tuple(shards), seed=0, epoch=epoch, rank=0, world_size=2, worker=0,
+                                                num_workers=2, micro_batch_size=2, num_batches=1, bucket_batches=4,
+                                                micro_batch_seconds=20.0))
         audio = [0.0] * 4
         for (s, _, k), o in zip(units, owner):
             audio[o] += shards[s].audio_seconds / k

@@ -61,7 +61,9 @@ def synthesise_corpora(out: Path, num_utterances: int, rebuild: bool) -> tuple[l
 
 
 def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -> float:
-    """Seconds one optimizer step of the demo's model takes on this machine (two timed steps)."""
+    """Seconds one optimizer step of the demo's model takes on this machine: the fastest of five timed
+    steps after a warm-up one (a moment of other work on the cores, as a test suite ending, doubled a
+    two-step estimate and halved the demo's training)."""
     from .model import build_model
 
     model = build_model(cfg.model, vocab).to(device)
@@ -70,7 +72,7 @@ def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -
     x = torch.randn(n, int(audio_seconds * 16000), device=device)
     labels = torch.randint(3, len(vocab), (n, int(audio_seconds * 12)), device=device)
     times = []
-    for _ in range(3):
+    for _ in range(6):
         t = time.time()
         model(input_values=x, labels=labels).loss.backward()
         opt.step()

@@ -59,25 +59,22 @@ def loader_speed(shards: str, workers: int, epochs: int = 2) -> dict:
             "per_worker": round(seconds / wall / max(1, workers), 1)}
 
 
+def batch_samples(loader: TrainLoader) -> list[tuple[int, int, int]]:
+    """(padded samples, audio samples, utterances) of every micro-batch of one epoch."""
+    return [(b["attention_mask"].numel(), int(b["attention_mask"].sum()), len(b["keys"])) for b in loader]
+
+
 def padding(shards: str, bucket_batches: int) -> float:
-    loader = TrainLoader(shards, rank=0, world_size=1, micro_batch_size=16, global_batch_size=32, num_workers=0,
-                         bucket_batches=bucket_batches)
-    real = total = 0
-    for b in loader:
-        real += int(b["attention_mask"].sum())
-        total += b["attention_mask"].numel()
-    return round(1 - real / total, 4)
+    rows = batch_samples(TrainLoader(shards, rank=0, world_size=1, micro_batch_size=16, global_batch_size=32,
+                                     num_workers=0, bucket_batches=bucket_batches))
+    return round(1 - sum(r[1] for r in rows) / sum(r[0] for r in rows), 4)
 
 
 def fill(shards: str, **mode) -> dict:
     """Padded and audio seconds per micro-batch over one epoch (a micro-batch's memory follows its padded size)."""
-    loader = TrainLoader(shards, rank=0, world_size=1, num_workers=0, bucket_batches=8, **mode)
-    padded, audio, sizes = [], [], []
-    for b in loader:
-        padded.append(b["attention_mask"].numel() / 16000)
-        audio.append(float(b["attention_mask"].sum()) / 16000)
-        sizes.append(len(b["keys"]))
-    n = len(padded)
+    rows = batch_samples(TrainLoader(shards, rank=0, world_size=1, num_workers=0, bucket_batches=8, **mode))
+    padded, audio, sizes = ([r[0] / 16000 for r in rows], [r[1] / 16000 for r in rows], [r[2] for r in rows])
+    n = len(rows)
     return {"micro_batches": n, "utterances_min_max": [min(sizes), max(sizes)],
             "padded_seconds_mean": round(sum(padded) / n, 1), "padded_seconds_max": round(max(padded), 1),
             "audio_seconds_mean": round(sum(audio) / n, 1),

@@ -657,11 +657,12 @@ class EvalLoader:
         if len(locs) != self.shards.num_samples:
             raise LoaderError(f"{self.shards.dirs}: {len(locs)} samples in the shards, index.json says "
                               f"{self.shards.num_samples}; run `asr-dist shards verify`")
-        locs.sort(key=lambda loc: (json.loads(loc.meta)["num_samples"], loc.key))
+        order = sorted((json.loads(loc.meta)["num_samples"], loc.key, i) for i, loc in enumerate(locs))
+        locs, lengths = [locs[i] for _, _, i in order], [n for n, _, _ in order]
         if micro_batch_seconds is None:
             batches = [locs[i:i + micro_batch_size] for i in range(0, len(locs), micro_batch_size)]
         else:  # as many as fit in that many seconds, padding included
-            cuts = cut_by_seconds([json.loads(loc.meta)["num_samples"] for loc in locs], micro_batch_seconds)
+            cuts = cut_by_seconds(lengths, micro_batch_seconds)
             batches = [locs[a:b] for a, b in cuts]
         self.num_batches_per_rank = -(-len(batches) // world_size)
         self.mine = batches[rank::world_size]

@@ -284,11 +284,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)
-        from .model import build_model, compile_regions
+        from .model import build_model, compile_regions, use_sync_free_forward
 
         model = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
         if cfg.model.compile:
             compile_regions(model)
+        self.sync_free = cfg.model.sync_free_forward and use_sync_free_forward(model)
+        if self.sync_free and cfg.distributed.zero_stage == 3 and hasattr(model.wav2vec2, "masked_spec_embed"):
+            # SpecAugment's embedding is used by the model's own forward, not by its owner's: ZeRO-3 gathers it there
+            deepspeed.zero.register_external_parameter(model, model.wav2vec2.masked_spec_embed)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         ckpt.use_safe_loading(self.engine)
@@ -442,9 +446,12 @@ class Trainer:
                     break  # the epoch ended
                 inputs = batch["input_values"].to(self.device, self.input_dtype, non_blocking=True)
                 try:
-                    out = engine(input_values=inputs,
-                                 attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
-                                 labels=batch["labels"].to(self.device, non_blocking=True))
+                    if self.sync_free:  # masks and lengths made on the host, from these
+                        out = engine(input_values=inputs, lengths=batch["attention_mask"].sum(-1), labels=batch["labels"])
+                    else:
+                        out = engine(input_values=inputs,
+                                     attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
+                                     labels=batch["labels"].to(self.device, non_blocking=True))
                     engine.backward(utterance_weighted(out.loss, len(batch["keys"]), self.utterances_per_micro))
                 except torch.OutOfMemoryError:
                     # one rank cannot skip a batch alone (the others would wait in its gradient reduction)

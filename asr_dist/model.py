@@ -176,3 +176,107 @@ def compile_regions(model: transformers.Wav2Vec2ForCTC) -> None:
             fused += 1
     log.info("torch.compile: %d transformer layers (one shared graph, dynamic length)%s", len(layers),
              f", the norm + GELU of {fused} feature-encoder blocks" if fused else "")
+
+
+def use_sync_free_forward(model: transformers.Wav2Vec2ForCTC) -> bool:
+    """``model(input_values, lengths=…, labels=…)`` runs ``sync_free_forward``; a call without
+    ``lengths`` (evaluation, user code) still runs transformers' own forward. False: not for this model."""
+    if model.config.add_adapter:
+        log.info("model.sync_free_forward: not for a model with an adapter; transformers' forward is used")
+        return False
+    model.forward = functools.partial(sync_free_forward, model, model.forward)
+    return True
+
+
+def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_values: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                      lengths: torch.Tensor | None = None, **kwargs):
+    """Wav2Vec2ForCTC's forward and CTC loss, with every mask and length made on the host.
+
+    transformers' forward makes the host wait for the GPU five times per micro-batch: the label check
+    (``labels.max()``), SpecAugment's mask (lengths ``.tolist()``, then a boolean index), the zeroing
+    of padded frames (a boolean index over batch x frames x 1024) and the test whether the batch has
+    padding at all (``mask.all()``); each wait drains the GPU's queue while Python runs. Here the
+    audio ``lengths`` (samples, on the CPU) come from the loader, so the frame mask, SpecAugment's
+    masks (transformers' own ``_compute_mask_indices``, drawn from numpy's generator in the same
+    order), the padding test and the CTC lengths are computed on the CPU and copied without waiting;
+    padded frames are zeroed with ``masked_fill``. Same modules, same order, same random draws:
+    the same loss and gradients as transformers' forward (tested). ``labels`` (on the CPU) are moved
+    here. What is left is PyTorch's CUDA CTC loss, which copies its offsets to the GPU itself."""
+    if lengths is None or kwargs:
+        return hf_forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.masking_utils import create_bidirectional_mask
+    from transformers.modeling_outputs import CausalLMOutput
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+    cfg, w2v = model.config, model.wav2vec2
+    enc, device = w2v.encoder, input_values.device
+    batch, frames = input_values.shape[0], int(model._get_feat_extract_output_lengths(input_values.shape[1]))
+    frame_lengths = model._get_feat_extract_output_lengths(lengths.cpu()).long()
+    frame_mask = torch.arange(frames) < frame_lengths[:, None]  # (batch, frames), host
+    if labels is not None and labels.max() >= cfg.vocab_size:  # host: labels are on the CPU
+        raise ValueError(f"Label values must be <= vocab_size: {cfg.vocab_size}")
+
+    time_mask = feature_mask = None  # SpecAugment, as transformers draws it: time, then channels
+    if model.training and getattr(cfg, "apply_spec_augment", True):
+        if cfg.mask_time_prob > 0:
+            time_mask = _to_device(torch.from_numpy(_compute_mask_indices(
+                (batch, frames), mask_prob=cfg.mask_time_prob, mask_length=cfg.mask_time_length,
+                attention_mask=frame_mask, min_masks=cfg.mask_time_min_masks)), device)
+        if cfg.mask_feature_prob > 0:
+            feature_mask = _to_device(torch.from_numpy(_compute_mask_indices(
+                (batch, cfg.hidden_size), mask_prob=cfg.mask_feature_prob, mask_length=cfg.mask_feature_length,
+                min_masks=cfg.mask_feature_min_masks)), device)
+
+    hidden, _ = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
+    if time_mask is not None:
+        hidden = torch.where(time_mask[..., None], w2v.masked_spec_embed.to(hidden.dtype), hidden)
+    if feature_mask is not None:
+        hidden = hidden.masked_fill(feature_mask[:, None, :], 0)
+    attention = None
+    if bool((frame_lengths < frames).any()):  # padding: zero its frames and keep attention off them
+        mask = _to_device(frame_mask, device)
+        hidden = hidden.masked_fill(~mask[..., None], 0)
+        attention = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask,
+                                              allow_is_bidirectional_skip=False)
+    hidden = hidden + enc.pos_conv_embed(hidden)
+    hidden = enc.dropout(hidden if cfg.do_stable_layer_norm else enc.layer_norm(hidden))
+    every_layer = is_deepspeed_zero3_enabled()  # ZeRO-3 gathers each layer's weights on every rank
+    for layer in enc.layers:
+        skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
+        if not skip or every_layer:
+            hidden = layer(hidden, attention_mask=attention)
+    if cfg.do_stable_layer_norm:
+        hidden = enc.layer_norm(hidden)
+    logits = model.lm_head(model.dropout(hidden))
+    loss = None
+    if labels is not None:
+        loss = ctc_loss(logits, labels.cpu(), frame_lengths, cfg.pad_token_id, cfg.ctc_loss_reduction,
+                        cfg.ctc_zero_infinity)
+    return CausalLMOutput(loss=loss, logits=logits)
+
+
+def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Tensor, blank: int,
+             reduction: str = "mean", zero_infinity: bool = True) -> torch.Tensor:
+    """transformers' CTC loss (fp32 log-softmax; labels -100 and blank dropped; "mean": per target
+    length, then over the batch) from labels and lengths on the CPU: the targets are packed there, as
+    a (batch, longest) block, and the lengths stay there, so ``F.ctc_loss`` copies nothing back from
+    the GPU (given lengths on the GPU, it would)."""
+    keep = (labels >= 0) & (labels != blank)
+    target_lengths = keep.sum(-1)
+    targets = torch.full((labels.shape[0], max(1, int(target_lengths.max()))), blank, dtype=torch.long)
+    for row, (label, k) in enumerate(zip(labels, keep)):
+        targets[row, : int(target_lengths[row])] = label[k]
+    log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+    with torch.backends.cudnn.flags(enabled=False):
+        nll = torch.nn.functional.ctc_loss(log_probs, _to_device(targets, logits.device), frame_lengths,
+                                           target_lengths, blank=blank, reduction="none", zero_infinity=zero_infinity)
+    if reduction == "mean":  # done here: F.ctc_loss would divide by the lengths where they are, on the CPU
+        return (nll / _to_device(target_lengths.clamp(min=1), nll.device)).mean()
+    return nll.sum() if reduction == "sum" else nll
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to ``device`` without waiting for it (pinned first, so the copy is asynchronous)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

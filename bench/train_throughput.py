@@ -294,6 +294,11 @@ def variants(args, cuda: bool) -> dict:
     tuned = ["data.micro_batch_size=32", "data.global_batch_size=32"]
     v["asr_dist_seed_fast"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": tuned})
     v["asr_dist_seed_fast_compiled"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, "model.compile=true"]})
+    # transformers' own forward, which waits for the GPU 5 times per micro-batch (model.sync_free_forward=false)
+    v["asr_dist_seed_fast_hf_forward"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                       "extra": [*tuned, "model.sync_free_forward=false"]})
+    for z in args.zero:
+        v[f"asr_dist_zero{z}_hf_forward"] = ("asr_dist", {"precision": p, "zero": z, "extra": ["model.sync_free_forward=false"]})
     v["plain_loop_bucketed_32x1"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1, "bucketed": True})
     # lengths padded to whole seconds: a few distinct shapes (cuDNN builds plans per new shape)
     sec = "data.pad_to_multiple_of=16000"

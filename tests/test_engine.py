@@ -65,7 +65,9 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
 
 
 def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
-    args = ["train.max_steps=16", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}"]
+    # SpecAugment on: its masks are drawn from numpy's generator, whose state the checkpoint holds
+    args = ["train.max_steps=16", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}",
+            "model.mask_time_prob=0.2", "model.mask_time_length=2"]
     whole = tmp_path / "whole"
     r = launch("torchrun", overrides(train_shards, whole, *args))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -113,6 +115,23 @@ def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     assert "ignoring incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
     assert "step-00000003 at step 3" in r.stderr
     assert len(list((out / "profile").iterdir())) == 2  # resumed after the profiled steps: no second profile
+
+
+def test_sync_free_forward_trains_as_transformers_forward_does(train_shards, tmp_path):
+    """model.sync_free_forward (the default) against transformers' own forward in real runs: the same
+    loss at every step with SpecAugment, dropout and LayerDrop drawing random numbers, under ZeRO-3
+    (which must gather SpecAugment's embedding for a forward that is not its owner's)."""
+    args = ["train.max_steps=4", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}",
+            "distributed.zero_stage=3", "model.mask_time_prob=0.3", "model.mask_time_length=2", "model.layerdrop=0.2",
+            "model.hidden_dropout=0.1", "model.final_dropout=0.1"]
+    runs = {}
+    for sync_free in ("true", "false"):
+        out = tmp_path / sync_free
+        r = launch("python", overrides(train_shards, out, *args, f"model.sync_free_forward={sync_free}"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[sync_free] = losses(out)
+    assert len(runs["true"]) == 4
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
 
 
 def test_large_batch_mode_weighs_every_utterance_alike():

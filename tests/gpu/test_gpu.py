@@ -108,3 +108,46 @@ def test_cudnn_attention_switch_decides_the_kernel(cudnn_attention):
         # the memory-efficient (cutlass "fmha") or flash kernels, not the math fallback (plain matmuls + softmax)
         assert any("fmha" in n or "flash_fwd" in n for n in names), names[:40]
     torch.backends.cuda.enable_cudnn_sdp(True)  # back to PyTorch's default
+
+
+def test_sync_free_forward_waits_for_the_gpu_less():
+    """model.sync_free_forward (the default): one training forward + backward with SpecAugment and padding
+    makes fewer host-device synchronisations than transformers' forward (counted by PyTorch's sync debug
+    mode; what is left is PyTorch's CUDA CTC loss copying its offsets), with the same loss."""
+    import copy
+    import warnings
+
+    import numpy as np
+
+    from asr_dist.config import ModelArgs
+    from asr_dist.model import build_model, use_sync_free_forward
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
+    hf = build_model(ModelArgs(preset="base", mask_time_prob=0.2, mask_time_length=2), vocab).cuda().train()
+    ours = copy.deepcopy(hf)
+    assert use_sync_free_forward(ours)
+    lengths = torch.tensor([48000, 40000, 30000, 20000])
+    mask = torch.arange(48000)[None] < lengths[:, None]
+    x = torch.randn(4, 48000, device="cuda") * mask.cuda()
+    labels = torch.tensor([[3, 2, 4, 3], [4, 4, -100, -100], [3, 2, 3, -100], [4, -100, -100, -100]])
+
+    def syncs(model, **inputs):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(x, **inputs).loss
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return float(loss), sum("synchroniz" in str(w.message) for w in caught)
+
+    loss_hf, n_hf = syncs(hf, attention_mask=mask.cuda(), labels=labels.cuda())
+    loss_ours, n_ours = syncs(ours, lengths=mask.sum(-1), labels=labels)
+    print(f"host-device synchronisations in one forward + backward: transformers' forward {n_hf}, sync-free {n_ours}")
+    assert n_ours < n_hf
+    assert loss_ours == pytest.approx(loss_hf, rel=1e-3)

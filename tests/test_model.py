@@ -1,0 +1,128 @@
+"""model.sync_free_forward: transformers' Wav2Vec2ForCTC forward and CTC loss with every mask and
+length made on the host. The same numbers as transformers' forward, and nothing read back from the
+device (checked on PyTorch's meta device, which holds no data: any read of it fails)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from asr_dist.config import ModelArgs
+from asr_dist.model import PRESETS, build_model, ctc_loss, model_overrides, use_sync_free_forward
+
+VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
+ARGS = ModelArgs(preset="tiny", mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2, mask_feature_length=8,
+                 hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, feat_proj_dropout=0.1,
+                 final_dropout=0.1, layerdrop=0.3)
+
+
+def _model(stable_layer_norm: bool) -> transformers.Wav2Vec2ForCTC:
+    """The tiny preset with SpecAugment (time and channels), every dropout and LayerDrop on; XLS-R's
+    layout (layer norm first) or wav2vec2-base's (layer norm after each block)."""
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(**{**PRESETS["tiny"], "do_stable_layer_norm": stable_layer_norm},
+                                         **model_overrides(ARGS, VOCAB))
+    return transformers.Wav2Vec2ForCTC(config).train()
+
+
+def _batch(lengths: list[int]):
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor(lengths)
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    x = torch.randn(len(lengths), mask.shape[1], generator=g) * mask
+    labels = torch.full((len(lengths), 8), -100)
+    for i in range(len(lengths)):
+        labels[i, : 3 + i] = torch.randint(3, len(VOCAB), (3 + i,), generator=g)
+    return x, mask, labels
+
+
+def _run(model, x, **inputs):
+    torch.manual_seed(5)  # dropout, LayerDrop
+    np.random.seed(5)  # SpecAugment's masks (transformers draws them from numpy)
+    model.zero_grad()
+    out = model(x, **inputs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("stable_layer_norm", [True, False], ids=["xlsr-layout", "base-layout"])
+@pytest.mark.parametrize("lengths", [[16000, 12000, 9000], [12000, 12000]], ids=["padded", "no-padding"])
+def test_sync_free_forward_trains_like_transformers(stable_layer_norm, lengths):
+    """The same loss, logits and gradients (every parameter's, SpecAugment's embedding's too) as
+    transformers' forward, with SpecAugment, dropout and LayerDrop drawing from the same generators."""
+    hf = _model(stable_layer_norm)
+    ours = copy.deepcopy(hf)
+    assert use_sync_free_forward(ours)
+    x, mask, labels = _batch(lengths)
+    a, grads_a = _run(hf, x, attention_mask=mask, labels=labels)
+    b, grads_b = _run(ours, x, lengths=mask.sum(-1), labels=labels)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and "wav2vec2.masked_spec_embed" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+    # without lengths (evaluation, user code) the model runs transformers' forward
+    ours.eval(), hf.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, attention_mask=mask).logits, hf(x, attention_mask=mask).logits)
+
+
+class MetaCTC(torch.utils._python_dispatch.TorchDispatchMode):
+    """PyTorch's CTC loss has no meta kernel: this stands in for it (and its backward) on meta tensors,
+    recording on which device each of its tensor arguments was."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "ctc_loss" not in func.name() or "_ctc_loss" not in func.name():
+            return func(*args, **(kwargs or {}))
+        self.devices[func.name()] = [a.device.type for a in args if isinstance(a, torch.Tensor)]
+        if "backward" in func.name():
+            return torch.empty_like(args[1])  # (grad, log_probs, …): the gradient of log_probs
+        log_probs, targets = args[0], args[1]
+        return (torch.empty(log_probs.shape[1], device="meta", dtype=log_probs.dtype),
+                torch.empty(log_probs.shape[1], log_probs.shape[0], 2 * targets.shape[-1] + 1, device="meta",
+                            dtype=log_probs.dtype))
+
+
+def test_sync_free_forward_never_reads_the_device():
+    """On the meta device (shapes, no data) the whole forward, loss and backward run: no mask, length
+    or check looks at a value on the device, and the CTC loss gets its lengths from the host (its
+    targets are copied to the device). transformers' forward cannot: it reads the labels' maximum,
+    the lengths for SpecAugment and the padding mask, and selects the targets on the device."""
+    model = build_model(ARGS, VOCAB).to("meta").train()
+    stock = copy.deepcopy(model)
+    use_sync_free_forward(model)
+    _, mask, labels = _batch([16000, 12000, 9000])
+    x = torch.empty(mask.shape, device="meta")
+    with MetaCTC() as ctc:
+        out = model(x, lengths=mask.sum(-1), labels=labels)
+        assert out.loss.device.type == "meta" and out.logits.shape[:2] == (3, 49)
+        out.loss.backward()
+    assert model.wav2vec2.masked_spec_embed.grad is not None
+    (forward,) = [d for name, d in ctc.devices.items() if "backward" not in name]
+    assert forward == ["meta", "meta", "cpu", "cpu"], ctc.devices  # log_probs, targets, frame and target lengths
+    assert any("backward" in name for name in ctc.devices)
+    with MetaCTC(), pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        stock(x, attention_mask=mask.to("meta"), labels=labels.to("meta"))
+
+
+def test_ctc_loss_from_host_targets():
+    """transformers' CTC loss (blank and -100 dropped from the targets, mean per target length) and its
+    gradient, from labels and lengths on the host."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20, len(VOCAB), requires_grad=True)
+    labels = torch.tensor([[3, 4, 0, 5, -100], [6, 6, 7, -100, -100], [3, -100, -100, -100, -100]])  # 0: blank
+    frames = torch.tensor([20, 15, 9])
+    hf = transformers.loss.loss_ctc.ForCTCLoss(logits, labels, frames, blank_token_id=0, zero_infinity=True)
+    ours = ctc_loss(logits, labels, frames, blank=0)
+    assert ours.item() == pytest.approx(hf.item(), rel=1e-6)
+    (g_hf,) = torch.autograd.grad(hf, logits)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    torch.testing.assert_close(g_hf, g_ours)

@@ -103,6 +103,11 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool 
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if d.deepspeed_config:
         merge_user_config(ds, d.deepspeed_config)
+    # DeepSpeed's throughput timer (on unless told otherwise) synchronises the whole device when each
+    # forward starts and each engine.step() ends: every micro-batch, the GPU drains its queue and waits
+    # while the host fetches the next batch and launches its forward. asr-dist measures throughput
+    # itself (perf/*); a user's JSON may turn the timer on again
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     params = ds["optimizer"]["params"]
     offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
     if offload in ("cpu", "nvme"):  # ZeRO-Offload steps on the CPU: torch's fused kernel needs CUDA tensors there,

@@ -218,6 +218,8 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     if labels is not None and labels.max() >= cfg.vocab_size:  # host: labels are on the CPU
         raise ValueError(f"Label values must be <= vocab_size: {cfg.vocab_size}")
 
+    # the feature encoder first: the GPU runs it while the host draws SpecAugment's masks
+    hidden, _ = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
     time_mask = feature_mask = None  # SpecAugment, as transformers draws it: time, then channels
     if model.training and getattr(cfg, "apply_spec_augment", True):
         if cfg.mask_time_prob > 0:
@@ -228,8 +230,6 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
             feature_mask = _to_device(torch.from_numpy(_compute_mask_indices(
                 (batch, cfg.hidden_size), mask_prob=cfg.mask_feature_prob, mask_length=cfg.mask_feature_length,
                 min_masks=cfg.mask_feature_min_masks)), device)
-
-    hidden, _ = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
     if time_mask is not None:
         hidden = torch.where(time_mask[..., None], w2v.masked_spec_embed.to(hidden.dtype), hidden)
     if feature_mask is not None:

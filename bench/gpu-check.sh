@@ -31,7 +31,7 @@ if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
     --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 120 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \
-           baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_hf_forward asr_dist_seed_fast_pad1s_long asr_dist_large_seconds_bf16_pad1s \
+           baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_hf_forward asr_dist_seed_fast_ds_timer asr_dist_seed_fast_pad1s_long asr_dist_large_seconds_bf16_pad1s \
            asr_dist_zero1 asr_dist_zero1_hf_forward asr_dist_large_batch_bf16_pad1s asr_dist_seed_fast_pad1s_long_fft_conv \
            asr_dist_seed_fast_pad1s_long_compiled asr_dist_seed_fast_profiled asr_dist_seed_fast_cudnn_attention \
            asr_dist_seed_fast_pad1s_long_cudnn_benchmark plain_loop_bucketed_32x1_repeat4 \

@@ -297,7 +297,11 @@ def variants(args, cuda: bool) -> dict:
     # transformers' own forward, which waits for the GPU 5 times per micro-batch (model.sync_free_forward=false)
     v["asr_dist_seed_fast_hf_forward"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                        "extra": [*tuned, "model.sync_free_forward=false"]})
+    # DeepSpeed's throughput timer on (its default; asr-dist turns it off): a device synchronise per micro-batch
+    timer = f"distributed.deepspeed_config={Path(__file__).parent / 'deepspeed_throughput_timer.json'}"
+    v["asr_dist_seed_fast_ds_timer"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, timer]})
     for z in args.zero:
+        v[f"asr_dist_zero{z}_ds_timer"] = ("asr_dist", {"precision": p, "zero": z, "extra": [timer]})
         v[f"asr_dist_zero{z}_hf_forward"] = ("asr_dist", {"precision": p, "zero": z, "extra": ["model.sync_free_forward=false"]})
     v["plain_loop_bucketed_32x1"] = ("plain", {"precision": fast, "micro": 32, "accumulation": 1, "bucketed": True})
     # lengths padded to whole seconds: a few distinct shapes (cuDNN builds plans per new shape)

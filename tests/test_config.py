@@ -60,6 +60,10 @@ def test_generated_deepspeed_config(yaml, world, micro, accumulation):
                                          "warmup_num_steps": 1000, "warmup_type": "linear"}
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic
     assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 1
+    if world == 1:  # as DeepSpeed reads it: no throughput timer, which synchronises the device every micro-batch
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        assert DeepSpeedConfig(ds).timers_config.enabled is False
 
 
 def test_large_batch_mode_deepspeed_config(yaml):

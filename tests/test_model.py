@@ -49,12 +49,16 @@ def _run(model, x, **inputs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("stable_layer_norm", [True, False], ids=["xlsr-layout", "base-layout"])
+@pytest.mark.parametrize("stable_layer_norm, checkpointing", [(True, False), (False, False), (True, True)],
+                         ids=["xlsr-layout", "base-layout", "xlsr-layout-gradient-checkpointing"])
 @pytest.mark.parametrize("lengths", [[16000, 12000, 9000], [12000, 12000]], ids=["padded", "no-padding"])
-def test_sync_free_forward_trains_like_transformers(stable_layer_norm, lengths):
+def test_sync_free_forward_trains_like_transformers(stable_layer_norm, checkpointing, lengths):
     """The same loss, logits and gradients (every parameter's, SpecAugment's embedding's too) as
-    transformers' forward, with SpecAugment, dropout and LayerDrop drawing from the same generators."""
+    transformers' forward, with SpecAugment, dropout and LayerDrop drawing from the same generators
+    (and with the layers' activations recomputed in the backward: model.gradient_checkpointing)."""
     hf = _model(stable_layer_norm)
+    if checkpointing:
+        hf.gradient_checkpointing_enable()
     ours = copy.deepcopy(hf)
     assert use_sync_free_forward(ours)
     x, mask, labels = _batch(lengths)

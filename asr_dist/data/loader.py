@@ -679,5 +679,5 @@ class EvalLoader:
             return (self.dataset[i] for i in range(len(self.dataset)))
         return iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, shuffle=False,
                                                 num_workers=min(self.num_workers, max(1, len(self.dataset))),
-                                                pin_memory=self.pin_memory,
+                                                pin_memory=self.pin_memory, multiprocessing_context=_worker_context(),
                                                 worker_init_fn=functools.partial(loader_worker_init, os.getpid())))

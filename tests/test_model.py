@@ -118,15 +118,22 @@ def test_sync_free_forward_never_reads_the_device():
 
 
 def test_ctc_loss_from_host_targets():
-    """transformers' CTC loss (blank and -100 dropped from the targets, mean per target length) and its
-    gradient, from labels and lengths on the host."""
+    """transformers' CTC loss (fp32 log-softmax, -100 dropped, targets flattened, mean per target length)
+    and its gradient, from labels and lengths on the host; a blank in the labels is dropped, as
+    transformers does since 5.2x (asr-dist's labels never hold one)."""
+    import torch.nn.functional as F
+
     torch.manual_seed(0)
     logits = torch.randn(3, 20, len(VOCAB), requires_grad=True)
-    labels = torch.tensor([[3, 4, 0, 5, -100], [6, 6, 7, -100, -100], [3, -100, -100, -100, -100]])  # 0: blank
+    labels = torch.tensor([[3, 4, 5, -100, -100], [6, 6, 7, 8, 9], [3, -100, -100, -100, -100]])
     frames = torch.tensor([20, 15, 9])
-    hf = transformers.loss.loss_ctc.ForCTCLoss(logits, labels, frames, blank_token_id=0, zero_infinity=True)
+    keep = labels >= 0
+    log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+    reference = F.ctc_loss(log_probs, labels.masked_select(keep), frames, keep.sum(-1), blank=0, zero_infinity=True)
     ours = ctc_loss(logits, labels, frames, blank=0)
-    assert ours.item() == pytest.approx(hf.item(), rel=1e-6)
-    (g_hf,) = torch.autograd.grad(hf, logits)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    (g_ref,) = torch.autograd.grad(reference, logits)
     (g_ours,) = torch.autograd.grad(ours, logits)
-    torch.testing.assert_close(g_hf, g_ours)
+    torch.testing.assert_close(g_ref, g_ours)
+    with_blank = torch.tensor([[3, 0, 4, 5, -100], [6, 6, 7, 8, 9], [0, 3, -100, -100, -100]])
+    assert ctc_loss(logits, with_blank, frames, blank=0).item() == pytest.approx(ours.item(), rel=1e-6)

@@ -18,9 +18,10 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 # 1. throughput, each variant in its own process, results as each ends, most telling first. Session 3 found
 #    fixed-shape steps 2-2.5x faster than training's varying ones; session 4 made asr-dist leave cuDNN's attention
 #    out (it builds a graph per new shape). The A/B pairs: PyTorch's choice (cuDNN attention) against none, in the
-#    plain loop (new shapes every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines and
-#    asr-dist's recipes side by side.
-# The list runs in order until BENCH_S (the first six or seven in 330 s). VARIANTS="a b" runs others (--list names them).
+#    plain loop (new shapes every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines; then
+#    session 6's two host-sync levers turned back on one at a time (transformers' forward: *_hf_forward; DeepSpeed's
+#    throughput timer: *_ds_timer); then asr-dist's recipes side by side.
+# The list runs in order until BENCH_S (the first six to eight in 330 s). VARIANTS="a b" runs others (--list names them).
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)
 if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
   # kernel levers at XLS-R sizes, each against the direct computation: the feature encoder's fused norm + GELU
@@ -31,8 +32,9 @@ if [[ " ${PARTS:-bench tests} " == *" bench "* ]]; then
     --utterances ${UTTS:-1536} --steps ${STEPS:-18} --warmup ${WARMUP:-6} --zero 1 --large-micro 48 --timeout 120 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-plain_loop_bucketed_32x1 plain_loop_bucketed_32x1_no_cudnn_sdpa asr_dist_seed_fast \
-           baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_hf_forward asr_dist_seed_fast_ds_timer asr_dist_seed_fast_pad1s_long asr_dist_large_seconds_bf16_pad1s \
-           asr_dist_zero1 asr_dist_zero1_hf_forward asr_dist_large_batch_bf16_pad1s asr_dist_seed_fast_pad1s_long_fft_conv \
+           baseline_plain_loop baseline_hf_trainer asr_dist_seed_fast_hf_forward asr_dist_seed_fast_ds_timer \
+           asr_dist_seed_fast_pad1s_long asr_dist_large_seconds_bf16_pad1s asr_dist_zero1 asr_dist_zero1_ds_timer \
+           asr_dist_zero1_hf_forward asr_dist_large_batch_bf16_pad1s asr_dist_seed_fast_pad1s_long_fft_conv \
            asr_dist_seed_fast_pad1s_long_compiled asr_dist_seed_fast_profiled asr_dist_seed_fast_cudnn_attention \
            asr_dist_seed_fast_pad1s_long_cudnn_benchmark plain_loop_bucketed_32x1_repeat4 \
            plain_loop_bucketed_32x1_repeat4_no_cudnn_sdpa} \

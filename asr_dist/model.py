@@ -216,7 +216,8 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     frame_lengths = model._get_feat_extract_output_lengths(lengths.cpu()).long()
     frame_mask = torch.arange(frames) < frame_lengths[:, None]  # (batch, frames), host
     if labels is not None and labels.max() >= cfg.vocab_size:  # host: labels are on the CPU
-        raise ValueError(f"Label values must be <= vocab_size: {cfg.vocab_size}")
+        raise ValueError(f"label id {int(labels.max())} is outside the model's vocabulary of {cfg.vocab_size}: "
+                         f"the shards' vocab.json is not the one the CTC head was sized for")
 
     # the feature encoder first: the GPU runs it while the host draws SpecAugment's masks
     hidden, _ = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))

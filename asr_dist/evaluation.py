@@ -13,10 +13,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-
 from .data.loader import EvalLoader
 from .metrics import ErrorCounts, GreedyDecoder
+from .model import ctc_loss
 
 
 @torch.no_grad()
@@ -30,16 +29,12 @@ def evaluate_set(forward: Callable, frame_lengths: Callable, loader: EvalLoader,
     loss_sum, counts, examples, predictions = 0.0, ErrorCounts(), [], []
     audio_seconds = 0.0
     for batch in loader:
-        mask = batch["attention_mask"].to(device)
-        logits = forward(batch["input_values"].to(device, dtype), mask).float()
-        frames = frame_lengths(mask.sum(-1)).to(torch.long)
-        labels = batch["labels"].to(device)
-        target_lengths = (labels >= 0).sum(-1)
-        log_probs = F.log_softmax(logits, dim=-1).transpose(0, 1)  # (F, B, V) for ctc_loss
-        per_utt = F.ctc_loss(log_probs, labels.clamp(min=0), frames, target_lengths, blank=blank,
-                             reduction="none", zero_infinity=True)
+        logits = forward(batch["input_values"].to(device, dtype), batch["attention_mask"].to(device)).float()
+        frames = frame_lengths(batch["attention_mask"].sum(-1)).to(torch.long)  # lengths stay on the host
+        per_utt = ctc_loss(logits, batch["labels"], frames, blank, reduction="none")
+        target_lengths = (batch["labels"] >= 0).sum(-1).clamp(min=1).to(device)
         valid = batch["valid"]
-        loss_sum += float((per_utt / target_lengths.clamp(min=1))[valid.to(device)].sum())
+        loss_sum += float((per_utt / target_lengths)[valid.to(device)].sum())
         hyps = decoder(logits, frames)
         keep = valid.tolist()
         refs = [t for t, k in zip(batch["texts"], keep) if k]

@@ -52,7 +52,7 @@ class ModelArgs:
     cudnn_attention: bool = False  # let PyTorch use cuDNN's fused attention: fast per call, but it builds a graph for every new batch shape (off: flash / memory-efficient kernels)
     cudnn_benchmark: bool = False  # let cuDNN time every convolution algorithm for each new input shape and keep the fastest: pays only with few distinct shapes (data.pad_to_multiple_of=16000)
     fft_positional_conv: bool = False  # compute the positional convolution (kernel 128, 16 groups) with FFTs in float32: the same result (within 1e-5), about 40x fewer FLOPs
-    sync_free_forward: bool = True  # training forward with its masks and CTC lengths made on the host from the loader's lengths: the GPU is never waited for inside it (transformers' forward waits 5 times per micro-batch); same loss and gradients. false: transformers' own forward
+    sync_free_forward: bool = True  # training forward with its masks and CTC lengths made on the host from the loader's lengths: the GPU is never waited for inside it (transformers' forward waits up to 9 times per micro-batch); same loss and gradients. false: transformers' own forward
     compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length) and the feature encoder's norm + GELU
     layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time

@@ -193,10 +193,11 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
                       lengths: torch.Tensor | None = None, **kwargs):
     """Wav2Vec2ForCTC's forward and CTC loss, with every mask and length made on the host.
 
-    transformers' forward makes the host wait for the GPU five times per micro-batch: the label check
-    (``labels.max()``), SpecAugment's mask (lengths ``.tolist()``, then a boolean index), the zeroing
-    of padded frames (a boolean index over batch x frames x 1024) and the test whether the batch has
-    padding at all (``mask.all()``); each wait drains the GPU's queue while Python runs. Here the
+    transformers' forward makes the host wait for the GPU up to nine times per micro-batch: the label
+    check (``labels.max()``), SpecAugment's mask (lengths ``.tolist()``, a blocking copy, a boolean
+    index), the zeroing of padded frames (a boolean index over batch x frames x 1024), the test whether
+    the batch has padding at all (``mask.all()``), and its CTC loss (``masked_select`` of the targets,
+    lengths copied back for ``F.ctc_loss``); each wait drains the GPU's queue while Python runs. Here the
     audio ``lengths`` (samples, on the CPU) come from the loader, so the frame mask, SpecAugment's
     masks (transformers' own ``_compute_mask_indices``, drawn from numpy's generator in the same
     order), the padding test and the CTC lengths are computed on the CPU and copied without waiting;

@@ -294,7 +294,7 @@ def variants(args, cuda: bool) -> dict:
     tuned = ["data.micro_batch_size=32", "data.global_batch_size=32"]
     v["asr_dist_seed_fast"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": tuned})
     v["asr_dist_seed_fast_compiled"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, "model.compile=true"]})
-    # transformers' own forward, which waits for the GPU 5 times per micro-batch (model.sync_free_forward=false)
+    # transformers' own forward, which waits for the GPU up to 9 times per micro-batch (model.sync_free_forward=false)
     v["asr_dist_seed_fast_hf_forward"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                        "extra": [*tuned, "model.sync_free_forward=false"]})
     # DeepSpeed's throughput timer on (its default; asr-dist turns it off): a device synchronise per micro-batch

@@ -61,9 +61,28 @@ def test_generated_deepspeed_config(yaml, world, micro, accumulation):
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic
     assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 1
     if world == 1:  # as DeepSpeed reads it: no throughput timer, which synchronises the device every micro-batch
-        from deepspeed.runtime.config import DeepSpeedConfig
+        assert _device_syncs_of_deepspeed_timer(ds) == 0
+        assert _device_syncs_of_deepspeed_timer({k: v for k, v in ds.items() if k != "timers"}) > 0  # its default
 
-        assert DeepSpeedConfig(ds).timers_config.enabled is False
+
+def _device_syncs_of_deepspeed_timer(ds: dict) -> int:
+    """How often DeepSpeed's throughput timer, built from ``ds`` as its engine builds it, synchronises the
+    device over 8 micro-batches (the engine starts it in every forward and stops it in every step)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils.timer import ThroughputTimer
+
+    accelerator, calls = get_accelerator(), []
+    timer = ThroughputTimer(DeepSpeedConfig(ds).timers_config, batch_size=ds["train_batch_size"])
+    real = accelerator.synchronize
+    accelerator.synchronize = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for micro in range(8):
+            timer.start()
+            timer.stop(global_step=micro % 2 == 1, report_speed=False)
+    finally:
+        del accelerator.synchronize  # the class's method again
+    return len(calls)
 
 
 def test_large_batch_mode_deepspeed_config(yaml):

@@ -137,3 +137,28 @@ def test_ctc_loss_from_host_targets():
     torch.testing.assert_close(g_ref, g_ours)
     with_blank = torch.tensor([[3, 0, 4, 5, -100], [6, 6, 7, 8, 9], [0, 3, -100, -100, -100]])
     assert ctc_loss(logits, with_blank, frames, blank=0).item() == pytest.approx(ours.item(), rel=1e-6)
+
+
+def test_compiled_layers_run_under_the_sync_free_forward():
+    """model.compile with the sync-free forward (the engine's pairing): the compiled layers and feature
+    encoder blocks are the ones called (the same graphs, none new for a new length), with the loss of
+    transformers' eager forward."""
+    from torch._dynamo.utils import counters
+
+    from asr_dist.model import compile_regions
+
+    eager = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), VOCAB).train()
+    compiled = copy.deepcopy(eager)
+    compile_regions(compiled)
+    assert use_sync_free_forward(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    labels = torch.tensor([[3, 4, 5, 3], [4, 3, -100, -100]])
+    for t in (16000, 24000):
+        torch.manual_seed(t)
+        x, mask = torch.randn(2, t), torch.ones(2, t, dtype=torch.bool)
+        mask[1, t // 2:] = False
+        want = eager(x, attention_mask=mask, labels=labels).loss
+        got = compiled(x, lengths=mask.sum(-1), labels=labels).loss
+        assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])

@@ -297,6 +297,12 @@ def variants(args, cuda: bool) -> dict:
     # transformers' own forward, which waits for the GPU up to 9 times per micro-batch (model.sync_free_forward=false)
     v["asr_dist_seed_fast_hf_forward"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                        "extra": [*tuned, "model.sync_free_forward=false"]})
+    # with SpecAugment, as training runs (mask_time_prob 0.05; the variants above train without it, like the
+    # baselines): transformers' forward then also waits for its mask's lengths, copy and boolean index
+    spec = "model.mask_time_prob=0.05"
+    v["asr_dist_seed_fast_specaug"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, spec]})
+    v["asr_dist_seed_fast_specaug_hf_forward"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [
+        *tuned, spec, "model.sync_free_forward=false"]})
     # DeepSpeed's throughput timer on (its default; asr-dist turns it off): a device synchronise per micro-batch
     timer = f"distributed.deepspeed_config={Path(__file__).parent / 'deepspeed_throughput_timer.json'}"
     v["asr_dist_seed_fast_ds_timer"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, timer]})

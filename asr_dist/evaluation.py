@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
 from .data.loader import EvalLoader
 from .metrics import ErrorCounts, GreedyDecoder
 from .model import ctc_loss

@@ -12,6 +12,10 @@ import logging
 
 import torch
 import transformers
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import CausalLMOutput
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from .config import ModelArgs
 from .text import PAD_TOKEN
@@ -206,11 +210,6 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     here. What is left is PyTorch's CUDA CTC loss, which copies its offsets to the GPU itself."""
     if lengths is None or kwargs:
         return hf_forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    from transformers.masking_utils import create_bidirectional_mask
-    from transformers.modeling_outputs import CausalLMOutput
-    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
-
     cfg, w2v = model.config, model.wav2vec2
     enc, device = w2v.encoder, input_values.device
     batch, frames = input_values.shape[0], int(model._get_feat_extract_output_lengths(input_values.shape[1]))
@@ -267,9 +266,9 @@ def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Te
     the GPU (given lengths on the GPU, it would)."""
     keep = (labels >= 0) & (labels != blank)
     target_lengths = keep.sum(-1)
-    targets = torch.full((labels.shape[0], max(1, int(target_lengths.max()))), blank, dtype=torch.long)
-    for row, (label, k) in enumerate(zip(labels, keep)):
-        targets[row, : int(target_lengths[row])] = label[k]
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # each row's kept labels first, in order
+    width = max(1, int(target_lengths.max()))
+    targets = labels.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], blank)
     log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
     with torch.backends.cudnn.flags(enabled=False):
         nll = torch.nn.functional.ctc_loss(log_probs, _to_device(targets, logits.device), frame_lengths,

@@ -54,7 +54,7 @@ class ModelArgs:
     fft_positional_conv: bool = False  # compute the positional convolution (kernel 128, 16 groups) with FFTs in float32: the same result (within 1e-5), about 40x fewer FLOPs
     sync_free_forward: bool = True  # training forward with its masks and CTC lengths made on the host from the loader's lengths: the GPU is never waited for inside it (transformers' forward waits up to 9 times per micro-batch); same loss and gradients. false: transformers' own forward
     compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length) and the feature encoder's norm + GELU
-    layerdrop: float = 0.0  # probability of skipping a transformer layer per step (one rank only; see README)
+    layerdrop: float = 0.0  # probability of skipping each transformer layer in an optimizer step: the same layers on every rank and micro-batch (ZeRO stage 0-2)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask
     mask_feature_prob: float = 0.0  # SpecAugment: share of feature channels masked
@@ -218,6 +218,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.resume={cfg.train.resume}: no such checkpoint; use auto, never or a checkpoint path")
     if not 0.0 <= cfg.model.layerdrop < 1.0:
         raise ConfigError("model.layerdrop must be in [0, 1)")
+    if cfg.model.layerdrop > 0 and cfg.distributed.zero_stage == 3:
+        # deepspeed 0.19's ZeRO-3 hands its optimizer the partition a parameter's gradient was last reduced into:
+        # measured with 2 ranks and layerdrop 0.5, the loss parts from stages 0-2's (equal to each other) at step 4
+        raise ConfigError(
+            f"model.layerdrop={cfg.model.layerdrop} with distributed.zero_stage=3: DeepSpeed's ZeRO-3 would update a "
+            f"skipped layer with an older step's gradient, so every layer would have to run and LayerDrop would do "
+            f"nothing. Use distributed.zero_stage 1 or 2, or model.layerdrop=0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
     if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:

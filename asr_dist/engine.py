@@ -38,6 +38,7 @@ from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
+from .model import build_model, compile_regions, layerdrop_draw, use_sync_free_forward
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +119,21 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool 
     return ds
 
 
-def check_layerdrop(cfg: Config, world_size: int) -> None:
-    """LayerDrop is refused on more than one rank.
+def check_layerdrop(cfg: Config, world_size: int, shared_draws: bool) -> None:
+    """LayerDrop on several ranks needs the skipped layers drawn alike on every rank.
 
-    Each rank draws its own layers to skip, so the ranks' backward passes produce gradients for
-    different parameters. DeepSpeed's ZeRO 1/2 gradient reduction then issues collectives of
-    different sizes on different ranks: measured with 2 gloo ranks, ZeRO 1 and 2, layerdrop 0.5,
-    the first step dies with "Received data size doesn't match expected size" (on NCCL such a
-    mismatch can hang instead). Until the skipped layers are drawn identically on every rank,
-    use layerdrop on one rank only."""
-    if cfg.model.layerdrop > 0 and world_size > 1:
+    The sync-free forward takes them from ``layerdrop_draw`` (seeded by the step). transformers'
+    forward draws them on each rank, so the ranks' backward passes produce gradients for different
+    parameters, and DeepSpeed's ZeRO 1/2 gradient reduction issues collectives of different sizes on
+    different ranks: measured with 2 gloo ranks, ZeRO 1 and 2, layerdrop 0.5, the first step dies with
+    "Received data size doesn't match expected size" (on NCCL such a mismatch can hang instead).
+    (ZeRO-3 is refused with LayerDrop when the config is read.)"""
+    if cfg.model.layerdrop > 0 and world_size > 1 and not shared_draws:
         raise ConfigError(
-            f"model.layerdrop={cfg.model.layerdrop} on {world_size} ranks: ranks skip different layers, and DeepSpeed's "
-            f"gradient reduction then mismatches between ranks (a crash or a hang). Set model.layerdrop=0 for "
-            f"multi-rank training (dropout and SpecAugment regularise too), or train on one rank"
-        )
+            f"model.layerdrop={cfg.model.layerdrop} on {world_size} ranks with transformers' forward (model.sync_free_forward "
+            f"false, or a model with an adapter): each rank would skip different layers, and DeepSpeed's gradient "
+            f"reduction then mismatches between ranks (a crash or a hang). Set model.sync_free_forward=true (it skips "
+            f"the same layers on every rank), model.layerdrop=0, or train on one rank")
 
 
 def merge_user_config(ds: dict, path: str) -> None:
@@ -275,7 +276,6 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")
-        check_layerdrop(cfg, self.world)
         eval_sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
         for name, s in eval_sets.items():
             if s.vocab != self.shards.vocab:
@@ -289,12 +289,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)
-        from .model import build_model, compile_regions, use_sync_free_forward
-
         model = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
         if cfg.model.compile:
             compile_regions(model)
         self.sync_free = cfg.model.sync_free_forward and use_sync_free_forward(model)
+        check_layerdrop(cfg, self.world, shared_draws=self.sync_free)
+        self.layerdrop = cfg.model.layerdrop if self.sync_free else 0.0  # else transformers' forward draws
+        self.layers = model.config.num_hidden_layers
         if self.sync_free and cfg.distributed.zero_stage == 3 and hasattr(model.wav2vec2, "masked_spec_embed"):
             # SpecAugment's embedding is used by the model's own forward, not by its owner's: ZeRO-3 gathers it there
             deepspeed.zero.register_external_parameter(model, model.wav2vec2.masked_spec_embed)
@@ -452,7 +453,9 @@ class Trainer:
                 inputs = batch["input_values"].to(self.device, self.input_dtype, non_blocking=True)
                 try:
                     if self.sync_free:  # masks and lengths made on the host, from these
-                        out = engine(input_values=inputs, lengths=batch["attention_mask"].sum(-1), labels=batch["labels"])
+                        skips = layerdrop_draw(self.layerdrop, self.layers, cfg.seed, step) if self.layerdrop else None
+                        out = engine(input_values=inputs, lengths=batch["attention_mask"].sum(-1), labels=batch["labels"],
+                                     skip_layers=skips)
                     else:
                         out = engine(input_values=inputs,
                                      attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),

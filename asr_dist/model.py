@@ -194,7 +194,7 @@ def use_sync_free_forward(model: transformers.Wav2Vec2ForCTC) -> bool:
 
 def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_values: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      lengths: torch.Tensor | None = None, **kwargs):
+                      lengths: torch.Tensor | None = None, skip_layers: list[bool] | None = None, **kwargs):
     """Wav2Vec2ForCTC's forward and CTC loss, with every mask and length made on the host.
 
     transformers' forward makes the host wait for the GPU up to nine times per micro-batch: the label
@@ -207,7 +207,10 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     order), the padding test and the CTC lengths are computed on the CPU and copied without waiting;
     padded frames are zeroed with ``masked_fill``. Same modules, same order, same random draws:
     the same loss and gradients as transformers' forward (tested). ``labels`` (on the CPU) are moved
-    here. What is left is PyTorch's CUDA CTC loss, which copies its offsets to the GPU itself."""
+    here. What is left is PyTorch's CUDA CTC loss, which copies its offsets to the GPU itself.
+
+    LayerDrop: ``skip_layers`` (from ``layerdrop_draw``: the same on every rank) says which layers to
+    skip; without it each layer is drawn from torch's generator, as transformers draws it."""
     if lengths is None or kwargs:
         return hf_forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
     cfg, w2v = model.config, model.wav2vec2
@@ -244,8 +247,11 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     hidden = hidden + enc.pos_conv_embed(hidden)
     hidden = enc.dropout(hidden if cfg.do_stable_layer_norm else enc.layer_norm(hidden))
     every_layer = is_deepspeed_zero3_enabled()  # ZeRO-3 gathers each layer's weights on every rank
-    for layer in enc.layers:
-        skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
+    for i, layer in enumerate(enc.layers):
+        if skip_layers is not None:
+            skip = model.training and skip_layers[i]
+        else:
+            skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
         if not skip or every_layer:
             hidden = layer(hidden, attention_mask=attention)
     if cfg.do_stable_layer_norm:
@@ -256,6 +262,15 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
         loss = ctc_loss(logits, labels.cpu(), frame_lengths, cfg.pad_token_id, cfg.ctc_loss_reduction,
                         cfg.ctc_zero_infinity)
     return CausalLMOutput(loss=loss, logits=logits)
+
+
+def layerdrop_draw(probability: float, layers: int, seed: int, step: int) -> list[bool]:
+    """Which transformer layers LayerDrop skips in optimizer step ``step``: drawn from a generator
+    seeded with (seed, step) alone, so every rank and every micro-batch of the step skips the same
+    layers (DeepSpeed then reduces gradients of the same parameters on every rank), a resumed run
+    draws what the uninterrupted one drew, and 1 or N ranks train alike."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return (torch.rand(layers, generator=generator) < probability).tolist()
 
 
 def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Tensor, blank: int,

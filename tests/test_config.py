@@ -187,13 +187,16 @@ def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
     assert bad.returncode == 2 and "micro batch sizes that divide it" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_layerdrop_is_refused_on_several_ranks(yaml):
+def test_layerdrop_on_several_ranks_needs_shared_draws_and_no_zero3(yaml):
     from asr_dist.engine import check_layerdrop
 
     cfg = load_config(yaml, ["model.layerdrop=0.041"])
-    check_layerdrop(cfg, 1)
-    with pytest.raises(ConfigError, match="ranks skip different layers"):
-        check_layerdrop(cfg, 2)
+    check_layerdrop(cfg, 1, shared_draws=False)
+    check_layerdrop(cfg, 8, shared_draws=True)  # the sync-free forward: the same layers on every rank
+    with pytest.raises(ConfigError, match="each rank would skip different layers"):
+        check_layerdrop(cfg, 2, shared_draws=False)
+    with pytest.raises(ConfigError, match="zero_stage=3: DeepSpeed's ZeRO-3 would update a skipped layer"):
+        load_config(yaml, ["model.layerdrop=0.041", "distributed.zero_stage=3"])
 
 
 def test_attention_kernels_agree_and_typos_are_refused():

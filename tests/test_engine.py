@@ -65,9 +65,10 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
 
 
 def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
-    # SpecAugment on: its masks are drawn from numpy's generator, whose state the checkpoint holds
+    # SpecAugment on: its masks are drawn from numpy's generator, whose state the checkpoint holds;
+    # LayerDrop on: its layers are drawn from the seed and the step
     args = ["train.max_steps=16", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}",
-            "model.mask_time_prob=0.2", "model.mask_time_length=2"]
+            "model.mask_time_prob=0.2", "model.mask_time_length=2", "model.layerdrop=0.3"]
     whole = tmp_path / "whole"
     r = launch("torchrun", overrides(train_shards, whole, *args))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -119,10 +120,10 @@ def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
 
 def test_sync_free_forward_trains_as_transformers_forward_does(train_shards, tmp_path):
     """model.sync_free_forward (the default) against transformers' own forward in real runs: the same
-    loss at every step with SpecAugment, dropout and LayerDrop drawing random numbers, under ZeRO-3
-    (which must gather SpecAugment's embedding for a forward that is not its owner's)."""
+    loss at every step with SpecAugment and dropout drawing random numbers, under ZeRO-3 (which must
+    gather SpecAugment's embedding for a forward that is not its owner's)."""
     args = ["train.max_steps=4", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}",
-            "distributed.zero_stage=3", "model.mask_time_prob=0.3", "model.mask_time_length=2", "model.layerdrop=0.2",
+            "distributed.zero_stage=3", "model.mask_time_prob=0.3", "model.mask_time_length=2",
             "model.hidden_dropout=0.1", "model.final_dropout=0.1"]
     runs = {}
     for sync_free in ("true", "false"):
@@ -132,6 +133,28 @@ def test_sync_free_forward_trains_as_transformers_forward_does(train_shards, tmp
         runs[sync_free] = losses(out)
     assert len(runs["true"]) == 4
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
+
+
+def test_layerdrop_on_two_ranks_reduces_the_same_gradients_at_every_zero_stage(train_shards, tmp_path):
+    """LayerDrop on 2 ranks: every rank skips the same layers (drawn from the seed and the step), so
+    DeepSpeed's three gradient reductions (stage 0's all-reduce, ZeRO-1's and ZeRO-2's partitions) see
+    the same parameters on both ranks, and train to the same losses. Without the shared draw, ZeRO 1/2
+    died at the first step ("Received data size doesn't match expected size")."""
+    from asr_dist.model import layerdrop_draw
+
+    args = ["train.max_steps=6", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}"]
+    runs = {}
+    for name, extra in {"stage0": ("distributed.zero_stage=0", "model.layerdrop=0.5"),
+                        "stage2": ("distributed.zero_stage=2", "model.layerdrop=0.5"),
+                        "no-layerdrop": ("distributed.zero_stage=0",)}.items():
+        out = tmp_path / name
+        r = launch("torchrun", overrides(train_shards, out, *args, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = losses(out)
+    assert len(runs["stage0"]) == 6
+    assert runs["stage2"] == pytest.approx(runs["stage0"], rel=1e-6)
+    assert any(layerdrop_draw(0.5, 4, seed=0, step=0))  # the first step skips layers (configs/test.yaml: seed 0)...
+    assert runs["stage0"][1] != pytest.approx(runs["no-layerdrop"][1], rel=1e-4)  # ...so its loss differs
 
 
 def test_large_batch_mode_weighs_every_utterance_alike():

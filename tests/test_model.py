@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from asr_dist.config import ModelArgs
-from asr_dist.model import PRESETS, build_model, ctc_loss, model_overrides, use_sync_free_forward
+from asr_dist.model import PRESETS, build_model, ctc_loss, layerdrop_draw, model_overrides, use_sync_free_forward
 
 VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
 ARGS = ModelArgs(preset="tiny", mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2, mask_feature_length=8,
@@ -115,6 +115,31 @@ def test_sync_free_forward_never_reads_the_device():
     assert any("backward" in name for name in ctc.devices)
     with MetaCTC(), pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         stock(x, attention_mask=mask.to("meta"), labels=labels.to("meta"))
+
+
+def test_layerdrop_skips_the_drawn_layers_alike_for_every_rank():
+    """LayerDrop's layers come from (seed, step) alone: every rank and micro-batch of a step, and a
+    resumed run, draw the same ones; the skipped layers get no gradient, the others do."""
+    draws = [layerdrop_draw(0.3, 24, seed=42, step=s) for s in range(400)]
+    assert draws == [layerdrop_draw(0.3, 24, seed=42, step=s) for s in range(400)]
+    assert draws != [layerdrop_draw(0.3, 24, seed=43, step=s) for s in range(400)]
+    assert len({tuple(d) for d in draws}) > 350  # a new draw at every step
+    assert np.mean(draws) == pytest.approx(0.3, abs=0.01)  # 9600 draws
+    assert not any(any(d) for d in (layerdrop_draw(0.0, 24, seed=42, step=s) for s in range(100)))
+
+    model = _model(stable_layer_norm=True)
+    use_sync_free_forward(model)
+    x, mask, labels = _batch([16000, 12000, 9000])
+    skip = [True, False, True, False]
+    _, grads = _run(model, x, lengths=mask.sum(-1), labels=labels, skip_layers=skip)
+    for i, skipped in enumerate(skip):
+        has_grad = {f"wav2vec2.encoder.layers.{i}.{n}" in grads for n, _ in model.wav2vec2.encoder.layers[i].named_parameters()}
+        assert has_grad == {not skipped}, (i, has_grad)
+    # in evaluation no layer is skipped, whatever the draw
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, lengths=mask.sum(-1), skip_layers=[True] * 4).logits,
+                                   model(x, attention_mask=mask).logits)
 
 
 def test_ctc_loss_from_host_targets():

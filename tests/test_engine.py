@@ -138,8 +138,9 @@ def test_sync_free_forward_trains_as_transformers_forward_does(train_shards, tmp
 def test_layerdrop_on_two_ranks_reduces_the_same_gradients_at_every_zero_stage(train_shards, tmp_path):
     """LayerDrop on 2 ranks: every rank skips the same layers (drawn from the seed and the step), so
     DeepSpeed's three gradient reductions (stage 0's all-reduce, ZeRO-1's and ZeRO-2's partitions) see
-    the same parameters on both ranks, and train to the same losses. Without the shared draw, ZeRO 1/2
-    died at the first step ("Received data size doesn't match expected size")."""
+    the same parameters on both ranks, and train to the same losses (stage 0 reduces a zero gradient for
+    a parameter without one). Without the shared draw, ZeRO 1/2 died at the first step ("Received data
+    size doesn't match expected size")."""
     from asr_dist.model import layerdrop_draw
 
     args = ["train.max_steps=6", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}"]

@@ -79,7 +79,8 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transf
     if freeze:  # a pretrained front end is kept; a random one (a preset) has to learn
         model.freeze_feature_encoder()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed it (the old name warns); 5.17, on the GPU machines, has only the old one
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if args.fft_positional_conv:
         use_fft_positional_conv(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

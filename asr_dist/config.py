@@ -45,7 +45,7 @@ class DataArgs:
 @dataclass
 class ModelArgs:
     pretrained: Optional[str] = None  # local directory of a pretrained wav2vec2 / XLS-R checkpoint (no downloads)
-    preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m
+    preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m (= large)
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
     attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
@@ -125,7 +125,7 @@ class Config:
     eval: EvalArgs = field(default_factory=EvalArgs)
 
 
-PRESETS = ("tiny", "base", "xlsr-300m")
+PRESETS = ("tiny", "base", "xlsr-300m", "large")  # large: the same as xlsr-300m (wav2vec2-large-lv60)
 
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:

@@ -32,6 +32,7 @@ PRESETS = {
     "xlsr-300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
 }
+PRESETS["large"] = PRESETS["xlsr-300m"]  # wav2vec2-large-lv60's layout, which XLS-R-300M shares
 
 
 def model_overrides(args: ModelArgs, vocab: dict[str, int]) -> dict:

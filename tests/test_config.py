@@ -38,10 +38,18 @@ def test_defaults_yaml_overrides(yaml):
     (["lr"], "is not key=value"),
     (["data.micro_batch_seconds=600"], "takes both data.micro_batch_seconds and data.global_batch_seconds"),
     (["data.micro_batch_seconds=0", "data.global_batch_seconds=600"], "above 0"),
+    (["model.preset=huge"], "choose one of tiny, base, xlsr-300m, large"),
 ])
 def test_mistakes_say_what_to_change(yaml, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(yaml, overrides)
+
+
+def test_large_is_xlsr_300m(yaml):
+    from asr_dist.model import PRESETS
+
+    assert load_config(yaml, ["model.preset=large"]).model.preset == "large"
+    assert PRESETS["large"] == PRESETS["xlsr-300m"] and PRESETS["large"]["num_hidden_layers"] == 24
 
 
 def test_typo_in_yaml(yaml):

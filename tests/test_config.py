@@ -193,6 +193,10 @@ def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
                           f"data.train_shards=[{tmp_path / 's'}]", "data.micro_batch_size=3", "--dry-run"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "micro batch sizes that divide it" in bad.stderr and "Traceback" not in bad.stderr
+    layerdrop = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
+                                f"data.train_shards=[{tmp_path / 's'}]", "model.layerdrop=0.1", "model.sync_free_forward=false",
+                                "--dry-run", "--world-size", "2"], capture_output=True, text=True)
+    assert layerdrop.returncode == 2 and "each rank would skip different layers" in layerdrop.stderr
 
 
 def test_layerdrop_on_several_ranks_needs_shared_draws_and_no_zero3(yaml):

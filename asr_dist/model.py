@@ -270,7 +270,7 @@ def layerdrop_draw(probability: float, layers: int, seed: int, step: int) -> lis
     """Which transformer layers LayerDrop skips in optimizer step ``step``: drawn from a generator
     seeded with (seed, step) alone, so every rank and every micro-batch of the step skips the same
     layers (DeepSpeed then reduces gradients of the same parameters on every rank), a resumed run
-    draws what the uninterrupted one drew, and 1 or N ranks train alike."""
+    draws what the uninterrupted one drew, and 1 or N ranks draw alike."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return (torch.rand(layers, generator=generator) < probability).tolist()
 

@@ -431,7 +431,7 @@ class Trainer:
                      self.loader.steps_per_epoch, self.loader.accumulation, self.world, self.out)
         engine.train()
         window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "audio": 0.0,
-                  "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
+                  "layer_audio": 0.0, "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
         skipped_run, last_skipped = 0, engine.skipped_steps
         step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
         start_time, start_step = time.time(), step
@@ -451,6 +451,7 @@ class Trainer:
                 if batch is None:
                     break  # the epoch ended
                 inputs = batch["input_values"].to(self.device, self.input_dtype, non_blocking=True)
+                skips = None
                 try:
                     if self.sync_free:  # masks and lengths made on the host, from these
                         skips = layerdrop_draw(self.layerdrop, self.layers, cfg.seed, step) if self.layerdrop else None
@@ -476,7 +477,9 @@ class Trainer:
                     self._stop_if_not_finite(engine.global_steps, out.loss, step_keys)
                 engine.step()
                 window["loss"] += out.loss.detach().to(torch.float64) * len(batch["keys"])  # per utterance
-                window["audio"] += float(batch["durations"].sum())
+                audio = float(batch["durations"].sum())
+                window["audio"] += audio
+                window["layer_audio"] += audio * (1 - sum(skips) / self.layers if skips else 1.0)  # for the FLOPs
                 window["utts"] += len(batch["keys"])
                 if not boundary:
                     continue
@@ -547,8 +550,9 @@ class Trainer:
             "perf/data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
         }
         if window["utts"]:  # model FLOPs of the real audio (padding excluded), per second, per GPU
+            layers = self.layers * window["layer_audio"] / window["audio"] if window["audio"] else None  # LayerDrop
             per_second = train_flops_per_audio_second(self.engine.module.config, window["audio"] / window["utts"],
-                                                       self.frozen_encoder)
+                                                       self.frozen_encoder, layers)
             metrics["perf/tflops_per_gpu"] = metrics["perf/audio_seconds_per_second"] * per_second / self.world / 1e12
             if self.peak_flops:
                 metrics["perf/mfu"] = metrics["perf/tflops_per_gpu"] * 1e12 / self.peak_flops
@@ -562,7 +566,7 @@ class Trainer:
         log.info("step %d/%d loss %.4f lr %.2e %.0f audio s/s ETA %s", step, self.total_steps, loss, metrics["train/lr"],
                  metrics["perf/audio_seconds_per_second"], time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
         self.last_train_loss = loss
-        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), audio=0.0, utts=0,
+        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), audio=0.0, layer_audio=0.0, utts=0,
                       wait=0.0, t0=time.time(), steps=0)
 
     def _overflow_storm(self, step: int, keys: list[str]) -> None:

@@ -11,8 +11,9 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40
                "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "A6000": 155.0}
 
 
-def forward_flops(config, num_samples: int) -> tuple[float, float]:
-    """(feature encoder, everything after it) forward FLOPs for one utterance of ``num_samples``."""
+def forward_flops(config, num_samples: int, layers: float | None = None) -> tuple[float, float]:
+    """(feature encoder, everything after it) forward FLOPs for one utterance of ``num_samples``, with
+    ``layers`` transformer layers run (all of them by default; fewer with LayerDrop, a mean is fine)."""
     frames, channels, encoder = num_samples, 1, 0.0
     for dim, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
         frames = (frames - kernel) // stride + 1
@@ -23,19 +24,20 @@ def forward_flops(config, num_samples: int) -> tuple[float, float]:
     rest = 2.0 * frames * channels * h  # feature projection
     rest += 2.0 * frames * config.num_conv_pos_embeddings * h * h / config.num_conv_pos_embedding_groups
     per_layer = 2.0 * frames * (4 * h * h + 2 * h * f) + 4.0 * frames * frames * h  # projections, FFN, attention
-    rest += config.num_hidden_layers * per_layer
+    rest += (config.num_hidden_layers if layers is None else layers) * per_layer
     rest += 2.0 * frames * h * config.vocab_size  # CTC head
     return encoder, rest
 
 
-def train_flops(config, num_samples: int, frozen_feature_encoder: bool) -> float:
-    encoder, rest = forward_flops(config, num_samples)
+def train_flops(config, num_samples: int, frozen_feature_encoder: bool, layers: float | None = None) -> float:
+    encoder, rest = forward_flops(config, num_samples, layers)
     return encoder * (1 if frozen_feature_encoder else 3) + 3 * rest
 
 
-def train_flops_per_audio_second(config, utterance_seconds: float, frozen_feature_encoder: bool) -> float:
+def train_flops_per_audio_second(config, utterance_seconds: float, frozen_feature_encoder: bool,
+                                 layers: float | None = None) -> float:
     n = max(400, int(utterance_seconds * 16000))
-    return train_flops(config, n, frozen_feature_encoder) / (n / 16000)
+    return train_flops(config, n, frozen_feature_encoder, layers) / (n / 16000)
 
 
 def peak_flops(device_name: str | None) -> float | None:

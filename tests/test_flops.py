@@ -15,6 +15,10 @@ def test_xlsr_300m_costs_about_123_gflop_per_audio_second():
     assert frozen < trained - 5e9  # the frozen encoder runs forward only
     # attention grows with length: a 15 s utterance costs more per second than a 2 s one
     assert train_flops_per_audio_second(cfg, 15, False) > train_flops_per_audio_second(cfg, 2, False)
+    # LayerDrop: the transformer layers not run are not counted; all 24 run by default
+    assert train_flops_per_audio_second(cfg, 8.0, True, layers=24) == frozen
+    dropped = frozen - train_flops_per_audio_second(cfg, 8.0, True, layers=12)
+    assert 0.4 * frozen < dropped < 0.5 * frozen  # 12 layers of 24 hold most of the FLOPs (the rest: CNN, head)
 
 
 def test_tiny_is_orders_of_magnitude_cheaper_and_peaks_are_known():

@@ -430,8 +430,7 @@ class Trainer:
             log.info("training %d steps (%d per epoch, accumulation %d, %d ranks) into %s", self.total_steps,
                      self.loader.steps_per_epoch, self.loader.accumulation, self.world, self.out)
         engine.train()
-        window = {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "audio": 0.0,
-                  "layer_audio": 0.0, "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
+        window = self._new_window()
         skipped_run, last_skipped = 0, engine.skipped_steps
         step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
         start_time, start_step = time.time(), step
@@ -566,8 +565,12 @@ class Trainer:
         log.info("step %d/%d loss %.4f lr %.2e %.0f audio s/s ETA %s", step, self.total_steps, loss, metrics["train/lr"],
                  metrics["perf/audio_seconds_per_second"], time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
         self.last_train_loss = loss
-        window.update(loss=torch.zeros((), device=self.device, dtype=torch.float64), audio=0.0, layer_audio=0.0, utts=0,
-                      wait=0.0, t0=time.time(), steps=0)
+        window.update(self._new_window())
+
+    def _new_window(self) -> dict:
+        """What the training log sums between two logs (the loss stays on the device: no sync per micro-batch)."""
+        return {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "audio": 0.0, "layer_audio": 0.0,
+                "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
 
     def _overflow_storm(self, step: int, keys: list[str]) -> None:
         """fp16, and ZeRO 1-3 in any precision, skip a step whose gradients are inf or NaN; many in a

@@ -32,10 +32,9 @@ def evaluate_set(forward: Callable, frame_lengths: Callable, loader: EvalLoader,
     for batch in loader:
         logits = forward(batch["input_values"].to(device, dtype), batch["attention_mask"].to(device)).float()
         frames = frame_lengths(batch["attention_mask"].sum(-1)).to(torch.long)  # lengths stay on the host
-        per_utt = ctc_loss(logits, batch["labels"], frames, blank, reduction="none")
-        target_lengths = (batch["labels"] >= 0).sum(-1).clamp(min=1).to(device)
+        per_token = ctc_loss(logits, batch["labels"], frames, blank, reduction="per_token")
         valid = batch["valid"]
-        loss_sum += float((per_utt / target_lengths)[valid.to(device)].sum())
+        loss_sum += float(per_token[valid.to(device)].sum())
         hyps = decoder(logits, frames)
         keep = valid.tolist()
         refs = [t for t, k in zip(batch["texts"], keep) if k]

@@ -17,22 +17,10 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
-from .config import ModelArgs
+from .config import PRESETS, ModelArgs
 from .text import PAD_TOKEN
 
 log = logging.getLogger(__name__)
-
-# from-scratch sizes; "tiny" keeps a small conv front end because it dominates CPU time
-PRESETS = {
-    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-                 conv_dim=(48,) * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
-                 feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 conv_dim=(512,) * 7, feat_extract_norm="group", do_stable_layer_norm=False),
-    "xlsr-300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                      conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
-}
-PRESETS["large"] = PRESETS["xlsr-300m"]  # wav2vec2-large-lv60's layout, which XLS-R-300M shares
 
 
 def model_overrides(args: ModelArgs, vocab: dict[str, int]) -> dict:
@@ -278,7 +266,8 @@ def layerdrop_draw(probability: float, layers: int, seed: int, step: int) -> lis
 def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Tensor, blank: int,
              reduction: str = "mean", zero_infinity: bool = True) -> torch.Tensor:
     """transformers' CTC loss (fp32 log-softmax; labels -100 and blank dropped; "mean": per target
-    length, then over the batch) from labels and lengths on the CPU: the targets are packed there, as
+    length, then over the batch; "per_token": per target length, each utterance's; "sum"; "none")
+    from labels and lengths on the CPU: the targets are packed there, as
     a (batch, longest) block, and the lengths stay there, so ``F.ctc_loss`` copies nothing back from
     the GPU (given lengths on the GPU, it would)."""
     keep = (labels >= 0) & (labels != blank)
@@ -290,9 +279,11 @@ def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Te
     with torch.backends.cudnn.flags(enabled=False):
         nll = torch.nn.functional.ctc_loss(log_probs, _to_device(targets, logits.device), frame_lengths,
                                            target_lengths, blank=blank, reduction="none", zero_infinity=zero_infinity)
-    if reduction == "mean":  # done here: F.ctc_loss would divide by the lengths where they are, on the CPU
-        return (nll / _to_device(target_lengths.clamp(min=1), nll.device)).mean()
-    return nll.sum() if reduction == "sum" else nll
+    if reduction in ("none", "sum"):
+        return nll.sum() if reduction == "sum" else nll
+    # divided here: F.ctc_loss would divide by the lengths where they are, on the CPU
+    per_token = nll / _to_device(target_lengths.clamp(min=1), nll.device)
+    return per_token.mean() if reduction == "mean" else per_token
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -37,7 +37,8 @@ class DataArgs:
     micro_batch_seconds: Optional[float] = None  # large-batch mode: fill each micro-batch with as many similar-length utterances as fit in this many seconds of audio, padding included (size it to the GPU's memory); then data.global_batch_seconds replaces the two batch sizes above
     global_batch_seconds: Optional[float] = None  # large-batch mode: audio seconds (padding included) per optimizer step over all ranks and accumulation; a multiple of data.micro_batch_seconds x ranks
     num_workers: int = 2  # DataLoader worker processes per rank
-    bucket_batches: int = 32  # length bucketing buffer, in micro-batches (1 = no bucketing)
+    bucket_batches: Optional[int] = None  # length bucketing buffer, in micro-batches (1 = no bucketing); default: 32, and with a fixed utterance count enough for 1024 utterances (more agree closer across ranks, less padding; about 100 kB of FLAC an utterance per loader worker)
+    sync_buckets: bool = True  # the ranks of a step take micro-batches of the same length quantile (a shared shuffle of their buffers), so none waits long for the slowest; fixed utterance count only (the large-batch mode fills micro-batches by seconds already)
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
 

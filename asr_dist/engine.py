@@ -272,7 +272,8 @@ class Trainer:
                                   seed=cfg.seed, bucket_batches=cfg.data.bucket_batches, on_corrupt=cfg.data.on_corrupt,
                                   pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
                                   micro_batch_seconds=cfg.data.micro_batch_seconds,
-                                  global_batch_seconds=cfg.data.global_batch_seconds)
+                                  global_batch_seconds=cfg.data.global_batch_seconds,
+                                  sync_buckets=cfg.data.sync_buckets)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")

@@ -5,12 +5,17 @@ Training, per rank (R ranks, W workers per rank, S streams = R x W):
   index.json shards ──split into units (a shard, or a 1/k slice of one when shards < S)──>
   ──shuffled by (seed, epoch)──> stream s takes units[s::S], then borrows the others in turn
   ──per stream: buffer of bucket_batches x micro utterances (compressed bytes + JSON)──>
-  ──sort by length, cut into micro-batches, shuffle them (seed, epoch, rank, worker, buffer)──>
+  ──sort by length, cut into micro-batches, shuffle them (seed, epoch, worker, buffer; + rank unless synchronised)──>
   ──decode FLAC/WAV, normalise, encode labels, pad──> micro-batch (B, T) in the worker
   ──DataLoader (batch_size=None)──> reordered into the canonical order g -> (worker g % W, g // W)
 
 Every rank yields exactly steps_per_epoch x accumulation micro-batches per epoch, where
 steps_per_epoch = utterances in index.json // global batch: unequal counts hang NCCL collectives.
+Synchronised buckets (the default with a fixed utterance count): every rank's buffer b of worker w
+holds as many utterances, cut into as many micro-batches, shuffled in one order shared by the ranks,
+so the ranks' j-th micro-batches are the same length quantile of their buffers and a step's ranks
+do about the same work (each rank waits for the slowest; Lhotse's ``sync_buckets``). The last
+buffer of an epoch holds only what the quota still takes.
 In the large-batch mode (``micro_batch_seconds``) a buffer holds bucket_batches x that many seconds
 of audio and is cut into micro-batches of as many utterances as fit (utterances x longest, padding
 included), and steps_per_epoch = audio seconds in index.json // global batch seconds (padding makes
@@ -202,6 +207,21 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
     return check_batch_seconds(global_batch_seconds, micro_batch_seconds, world_size)
 
 
+MIN_BUCKET_UTTERANCES = 1024  # what a reader sorts at a time by default (see default_bucket_batches)
+
+
+def default_bucket_batches(micro_batch_size: int, micro_batch_seconds: float | None = None) -> int:
+    """Micro-batches per bucketing buffer when data.bucket_batches is not set: 32, and with a fixed
+    utterance count at least enough for MIN_BUCKET_UTTERANCES utterances. With synchronised buckets the
+    ranks of a step take the same length quantile of their own buffers, and how closely those lengths
+    agree grows with the buffer: on a log-normal 1.5-15 s mix, 128 utterances a buffer leave the slowest
+    of 8 ranks 1.12x the mean's work, 1024 leave 1.04x (bench/rank_balance.py). Memory: the buffer holds
+    compressed audio, about 100 kB per utterance of 5.5 s in FLAC, per loader worker."""
+    if micro_batch_seconds is not None:
+        return 32
+    return max(32, -(-MIN_BUCKET_UTTERANCES // max(1, micro_batch_size)))
+
+
 def cut_by_seconds(lengths: list[int], seconds: float, pad_to_multiple_of: int = 1) -> list[tuple[int, int]]:
     """Cut utterances sorted by length (samples, ascending) into consecutive micro-batches whose padded
     size, utterances x longest (rounded up to ``pad_to_multiple_of``), stays within ``seconds`` of audio:
@@ -234,6 +254,7 @@ class StreamLayout:
     bucket_batches: int
     tag: str = ""  # set when an epoch continues under another world size or worker count
     micro_batch_seconds: float | None = None  # large-batch mode: micro-batches filled to this many padded seconds
+    sync_buckets: bool = False  # every rank's buffer is cut and ordered alike: a step's micro-batches share a length quantile
 
 
 def unit_owners(layout: StreamLayout) -> tuple[list[tuple[int, int, int]], list[int]]:
@@ -303,16 +324,18 @@ class StreamState:
     delivered: int = 0
     skipped_before_buffer: int = 0  # damaged samples this stream skipped this epoch before the buffer's fill
     skipped_in_buffer: int = 0  # and in the buffer's batches already delivered (not decoded again on resume)
+    delivered_from_buffer: int = 0  # micro-batches delivered from this buffer (fewer than taken if one was all damaged)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
     """The micro-batches of one rank for one epoch, split over its DataLoader workers."""
 
     def __init__(self, layouts: list[StreamLayout], states: list[StreamState], vocab: dict[str, int],
-                 audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1):
+                 audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1, decode: bool = True):
         self.layouts, self.states = layouts, states
         self.vocab, self.audio_format = vocab, audio_format
         self.on_corrupt, self.pad_to_multiple_of = on_corrupt, pad_to_multiple_of
+        self.decode = decode  # False: micro-batches of keys and lengths only, from the JSON (planning, benchmarks)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -329,12 +352,16 @@ class TrainStream(torch.utils.data.IterableDataset):
         carried = state.skipped_in_buffer
         by_seconds = layout.micro_batch_seconds is not None
         # the buffer holds bucket_batches micro-batches: of micro_batch_size utterances, or of micro_batch_seconds
-        buffer_size = layout.bucket_batches * (layout.micro_batch_seconds * SAMPLE_RATE if by_seconds
+        full_buffer = layout.bucket_batches * (layout.micro_batch_seconds * SAMPLE_RATE if by_seconds
                                                else layout.micro_batch_size)
         pos, taken = state.cursor  # unit position, samples taken from that unit
         reader = None
         while state.delivered < layout.num_batches:
             start = (pos, taken)
+            buffer_size = full_buffer
+            if not by_seconds:  # the epoch's last buffer holds only what the quota still takes: nothing read is left over
+                left = layout.num_batches - (state.delivered - state.delivered_from_buffer)
+                buffer_size = min(full_buffer, left * layout.micro_batch_size)
             before_buffer = counters["skipped_samples"]
             buffer: list[tuple[str, bytes, dict]] = []
             filled = 0  # utterances, or samples of audio in the large-batch mode
@@ -361,7 +388,11 @@ class TrainStream(torch.utils.data.IterableDataset):
                 batches = [buffer[a:b] for a, b in cuts]
             else:
                 batches = [buffer[i:i + layout.micro_batch_size] for i in range(0, buffer_size, layout.micro_batch_size)]
-            rng = random.Random(f"batches-{layout.seed}-{layout.epoch}-{layout.rank}-{w}-{state.buffer_index}{layout.tag}")
+            # synchronised: one order for this buffer on every rank. Every rank's buffer b of worker w is cut into
+            # as many micro-batches, sorted by length, so the j-th micro-batch of every rank is the same length
+            # quantile of a buffer drawn from the same corpus: the ranks of a step hold similar lengths
+            who = "" if layout.sync_buckets else f"-{layout.rank}"
+            rng = random.Random(f"batches-{layout.seed}-{layout.epoch}{who}-{w}-{state.buffer_index}{layout.tag}")
             rng.shuffle(batches)
             after_fill = counters["skipped_samples"]
             counters["skipped_samples"] += carried
@@ -371,6 +402,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                     break
                 samples = []
                 for key, data, meta in batches[b]:
+                    if not self.decode:
+                        samples.append((key, meta["num_samples"]))
+                        continue
                     try:
                         audio = decode_audio(data, key)
                     except fmt.ShardError as e:
@@ -380,8 +414,12 @@ class TrainStream(torch.utils.data.IterableDataset):
                 state.taken_from_buffer = b + 1
                 if not samples:
                     continue  # every utterance of it was damaged and skipped: the next batch stands in
-                batch = collate(samples, self.pad_to_multiple_of)
+                if self.decode:
+                    batch = collate(samples, self.pad_to_multiple_of)
+                else:
+                    batch = {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
                 state.delivered += 1
+                state.delivered_from_buffer += 1
                 batch["stream"] = (w, state.delivered - 1)
                 batch["state"] = dataclasses.asdict(dataclasses.replace(
                     state, cursor=start, skipped_before_buffer=before_buffer,
@@ -389,7 +427,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 batch["skipped_samples"] = counters.get("skipped_samples", 0)
                 yield batch
             state.buffer_index += 1
-            state.taken_from_buffer = 0
+            state.taken_from_buffer = state.delivered_from_buffer = 0
 
     def _bad(self, layout, pos, units, key, why, counters):
         shard = layout.shards[units[pos % len(units)][0]].path
@@ -430,14 +468,16 @@ def _worker_context():
 class TrainLoader:
     """Equal, length-bucketed micro-batches on every rank, with exact resume.
 
-    ``rank`` and ``world_size`` are passed in (asr_dist.distributed reads the environment);
-    iterate once per epoch after ``set_epoch``."""
+    ``rank`` and ``world_size`` are passed in (asr_dist.distributed reads the environment).
+    Each iteration is one epoch and moves the loader on to the next (``set_epoch`` jumps to another).
+    ``sync_buckets``: with a fixed utterance count, the micro-batches that the ranks run in the same
+    step come from the same length quantile of their buffers, so no rank waits long for another."""
 
     def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
-                 global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int = 32,
+                 global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int | None = None,
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
-                 global_batch_seconds: float | None = None):
+                 global_batch_seconds: float | None = None, sync_buckets: bool = True):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         if on_corrupt not in ("stop", "skip"):
             raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")
@@ -462,7 +502,12 @@ class TrainLoader:
             if self.steps_per_epoch == 0:
                 raise LoaderError(f"{self.shards.audio_seconds:.0f} s of audio in {where} is less than one global "
                                   f"batch of {global_batch_seconds:g} s; lower data.global_batch_seconds or add data")
+        if bucket_batches is None:
+            bucket_batches = default_bucket_batches(micro_batch_size, micro_batch_seconds)
+        if bucket_batches < 1:
+            raise LoaderError(f"data.bucket_batches={bucket_batches}: give 1 (no bucketing) or more")
         self.num_workers, self.seed, self.bucket_batches = num_workers, seed, bucket_batches
+        self.sync_buckets = sync_buckets
         self.on_corrupt, self.pin_memory, self.pad_to_multiple_of = on_corrupt, pin_memory, pad_to_multiple_of
         self.prefetch_factor = prefetch_factor
         streams = max(1, num_workers) * world_size
@@ -504,10 +549,11 @@ class TrainLoader:
             quota = total // w_count + (1 if w < total % w_count else 0)
             layouts.append(StreamLayout(tuple(self.shards.shards), self.seed, self.epoch, self.rank, self.world_size,
                                         w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag,
-                                        self.micro_batch_seconds))
+                                        self.micro_batch_seconds, self.sync_buckets))
             s = self._states.get(w)
             states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"],
-                                      s.get("skipped_before_buffer", 0), s.get("skipped_in_buffer", 0))
+                                      s.get("skipped_before_buffer", 0), s.get("skipped_in_buffer", 0),
+                                      s.get("delivered_from_buffer", s["taken_from_buffer"]))
                           if s else StreamState())
         return layouts, states
 
@@ -552,6 +598,18 @@ class TrainLoader:
         self._consumed, self._states, self._tag = 0, {}, ""
         self._quota_steps = self.steps_per_epoch
 
+    def plan(self) -> Iterator[dict]:
+        """The rest of the current epoch's micro-batches in delivery order, as ``keys`` and ``num_samples``
+        (read from the shards' JSON; no audio is decoded), without moving the loader on: what this rank
+        will train on, for planning and for bench/rank_balance.py."""
+        layouts, states = self._layouts()
+        ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
+                         self.pad_to_multiple_of, decode=False)
+        streams = [ds.iter_stream(w) for w in range(len(layouts))]
+        for g in range(self._offset_consumed(), self._quota_steps * self.accumulation):
+            batch = next(streams[g % len(streams)])  # the canonical order, as __iter__ delivers
+            yield {"keys": batch["keys"], "num_samples": batch["num_samples"]}
+
     def _cut_padding(self) -> int | None:
         """The padding multiple when it decides where micro-batches are cut (the large-batch mode)."""
         return self.pad_to_multiple_of if self.micro_batch_seconds is not None else None
@@ -569,6 +627,8 @@ class TrainLoader:
             "global_batch_seconds": self.global_batch_seconds,
             "accumulation": self.accumulation,
             "cut_padding": self._cut_padding(),
+            "bucket_batches": self.bucket_batches,
+            "sync_buckets": self.sync_buckets,
             "num_samples": self.shards.num_samples,
             "quota_steps": self._quota_steps,
             "tag": self._tag,
@@ -584,9 +644,10 @@ class TrainLoader:
         self.skipped_samples = sd.get("skipped_samples", 0)
         self._skipped_before, self._skipped = self.skipped_samples, {}  # another layout: new streams count anew
         layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples",
-                  "micro_batch_seconds", "global_batch_seconds", "cut_padding")
+                  "micro_batch_seconds", "global_batch_seconds", "cut_padding", "bucket_batches", "sync_buckets")
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
-                self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds, self._cut_padding())
+                self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds, self._cut_padding(),
+                self.bucket_batches, self.sync_buckets)
         same = tuple(sd.get(k) for k in layout) == mine
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]

@@ -2,8 +2,9 @@
 
 Training, per rank (R ranks, W workers per rank, S streams = R x W):
 
-  index.json shards ──split into units (a shard, or a 1/k slice of one when shards < S)──>
-  ──shuffled by (seed, epoch)──> stream s takes units[s::S], then borrows the others in turn
+  index.json shards ──(large-batch mode: split into units, a shard or a 1/k slice of one when shards < S)──>
+  ──shuffled by (seed, epoch)──> one sequence of utterances; stream s reads exactly its quota of it (a fixed
+      utterance count), or owns units of about equal audio (large-batch mode); then a reserve
   ──per stream: buffer of bucket_batches x micro utterances (compressed bytes + JSON)──>
   ──sort by length, cut into micro-batches, shuffle them (seed, epoch, worker, buffer; + rank unless synchronised)──>
   ──decode FLAC/WAV, normalise, encode labels, pad──> micro-batch (B, T) in the worker
@@ -255,6 +256,7 @@ class StreamLayout:
     tag: str = ""  # set when an epoch continues under another world size or worker count
     micro_batch_seconds: float | None = None  # large-batch mode: micro-batches filled to this many padded seconds
     sync_buckets: bool = False  # every rank's buffer is cut and ordered alike: a step's micro-batches share a length quantile
+    rank_batches: int = 0  # micro-batches of every rank this epoch (all workers): fixes each stream's share of utterances
 
 
 def unit_owners(layout: StreamLayout) -> tuple[list[tuple[int, int, int]], list[int]]:
@@ -270,16 +272,46 @@ def unit_owners(layout: StreamLayout) -> tuple[list[tuple[int, int, int]], list[
     return units, _balance([layout.shards[u[0]].audio_seconds / u[2] for u in units], num_streams)
 
 
-def _units(layout: StreamLayout) -> list[tuple[int, int, int]]:
-    """This stream's read order for the epoch: its own units first, then the other streams' as a
-    reserve, so a stream never runs dry."""
+def _units(layout: StreamLayout) -> list[tuple[int, int, int, int]]:
+    """This stream's read order for the epoch as (shard, start, stop, step) pieces, samples
+    range(start, stop, step) of the shard: its own first, then a reserve, read only if damaged
+    samples were skipped, so a stream never runs dry."""
+    if layout.micro_batch_seconds is None and layout.rank_batches:
+        return _share_of_sequence(layout)
     units, owner = unit_owners(layout)
     num_streams = layout.world_size * layout.num_workers
     stream = layout.rank * layout.num_workers + layout.worker
-    own = [u for j, u in enumerate(units) if owner[j] == stream]
-    others = [u for j, u in enumerate(units) if owner[j] != stream]
+    pieces = [(s, i, layout.shards[s].num_samples, k) for s, i, k in units]
+    own = [u for j, u in enumerate(pieces) if owner[j] == stream]
+    others = [u for j, u in enumerate(pieces) if owner[j] != stream]
     shift = (stream * len(others)) // num_streams if others else 0
     return own + others[shift:] + others[:shift]
+
+
+def _share_of_sequence(layout: StreamLayout) -> list[tuple[int, int, int, int]]:
+    """With a fixed utterance count: the epoch's shards in their shuffled order are one sequence of
+    utterances, and stream s reads exactly its quota, positions [O_s, O_s + Q_s) of it, where O_s adds up
+    the quotas of the streams before it (rank-major, then worker). So every utterance is read once an
+    epoch by one stream, whatever the shard count and size. The reserve is what no stream reads this
+    epoch (the remainder of a global batch), then the other streams' positions."""
+    order = list(range(len(layout.shards)))
+    random.Random(f"units-{layout.seed}-{layout.epoch}{layout.tag}").shuffle(order)
+    w_count, total, micro = layout.num_workers, layout.rank_batches, layout.micro_batch_size
+    quotas = [(total // w_count + (1 if w < total % w_count else 0)) * micro for w in range(w_count)]
+    start = layout.rank * total * micro + sum(quotas[:layout.worker])
+    end, read = start + quotas[layout.worker], layout.world_size * total * micro
+    size = sum(sh.num_samples for sh in layout.shards)
+
+    def pieces(a: int, b: int) -> list[tuple[int, int, int, int]]:
+        out, offset = [], 0
+        for s in order:
+            n = layout.shards[s].num_samples
+            if offset < b and a < offset + n:
+                out.append((s, max(a, offset) - offset, min(b, offset + n) - offset, 1))
+            offset += n
+        return out
+
+    return pieces(start, end) + pieces(read, size) + pieces(end, read) + pieces(0, start)
 
 
 def _balance(sizes: list[float], bins: int) -> list[int]:
@@ -293,13 +325,16 @@ def _balance(sizes: list[float], bins: int) -> list[int]:
     return owner
 
 
-def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int], skip: int, on_corrupt: str,
+def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int, int], skip: int, on_corrupt: str,
                   counters: dict) -> Iterator[tuple[str, dict]]:
     shard = layout.shards[unit[0]]
+    first, stop, step = unit[1:]
     j = 0
     try:
         for n, (key, files) in enumerate(fmt.iter_shard(shard.path)):
-            if n % unit[2] != unit[1]:
+            if n >= stop:
+                break
+            if n < first or (n - first) % step:
                 continue
             j += 1
             if j <= skip:
@@ -308,7 +343,7 @@ def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int], skip: int, o
     except fmt.ShardError as e:
         if on_corrupt == "stop":
             raise
-        in_unit = len(range(unit[1], shard.num_samples, unit[2]))  # this unit's share of the shard's samples
+        in_unit = len(range(first, min(stop, shard.num_samples), step))  # this unit's share of the shard's samples
         lost = max(0, in_unit - max(j, skip))
         counters["skipped_samples"] = counters.get("skipped_samples", 0) + lost
         log.warning("skipping the rest of a damaged shard (%d samples of this stream): %s", lost, e)
@@ -549,7 +584,7 @@ class TrainLoader:
             quota = total // w_count + (1 if w < total % w_count else 0)
             layouts.append(StreamLayout(tuple(self.shards.shards), self.seed, self.epoch, self.rank, self.world_size,
                                         w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag,
-                                        self.micro_batch_seconds, self.sync_buckets))
+                                        self.micro_batch_seconds, self.sync_buckets, total))
             s = self._states.get(w)
             states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"],
                                       s.get("skipped_before_buffer", 0), s.get("skipped_in_buffer", 0),

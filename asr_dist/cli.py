@@ -162,7 +162,7 @@ def cmd_train(args) -> int:
 
         world = args.world_size or get_env().world_size
         check_layerdrop(cfg, world, shared_draws=cfg.model.sync_free_forward)  # (a model with an adapter: at the start)
-        shards = ShardSet.open(cfg.data.train_shards)
+        shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
         d = cfg.data
         loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=d.micro_batch_size,
                              global_batch_size=d.global_batch_size, num_workers=0,

@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataArgs:
-    train_shards: list = field(default_factory=list)  # one or more shard-set directories (asr-dist shards build)
+    train_shards: Any = field(default_factory=list)  # one or more shard-set directories (asr-dist shards build), read as one; or a weighted mix {name: {path: DIR, weight: W}}: each epoch draws from each set in proportion to its weight
+    mix_temperature: Optional[float] = None  # a mix's weights from its sets' hours instead: weight = hours ** τ (1: by size, 0: equal; NeMo's and Omnilingual ASR's re-weighting); then give the sets without weights
     eval_shards: dict = field(default_factory=dict)  # named evaluation sets: {name: shard-set directory}
     global_batch_size: int = 32  # utterances per optimizer step, over all ranks and accumulation
     micro_batch_size: int = 16  # utterances per forward pass on one rank
@@ -193,14 +194,64 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return obj
 
 
+def check_mix(train_shards, temperature: float | None):
+    """data.train_shards as a plain list of directories, or as a mix {name: {"path": DIR, "weight": W}}
+    (weights > 0, or none of them with data.mix_temperature)."""
+    if not isinstance(train_shards, dict):
+        if temperature is not None:
+            raise ConfigError("data.mix_temperature weighs the sets of a mix: give data.train_shards as "
+                              "{name: {path: DIR}, …}")
+        return list(train_shards)
+    mix = {}
+    for name, entry in train_shards.items():
+        where = f"data.train_shards.{name}"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: give {{path: DIR, weight: W}}, not {entry!r}")
+        unknown = sorted(set(entry) - {"path", "weight"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; a set of a mix has path and weight")
+        if not entry.get("path"):
+            raise ConfigError(f"{where}: no path; give the shard directory as {where}.path")
+        weight = entry.get("weight")
+        if temperature is not None and weight is not None:
+            raise ConfigError(f"{where}.weight and data.mix_temperature both weigh the mix: give one of them")
+        if temperature is None:
+            if weight is None:
+                raise ConfigError(f"{where}: no weight; give {where}.weight (> 0), or data.mix_temperature")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ConfigError(f"{where}.weight={weight!r}: give a number above 0 (leave a set out to not use it)")
+        mix[str(name)] = {"path": str(entry["path"]), "weight": None if weight is None else float(weight)}
+    if not mix:
+        raise ConfigError("data.train_shards is a mix that names no set: give {name: {path: DIR, weight: W}, …}")
+    if temperature is not None and not temperature >= 0:
+        raise ConfigError(f"data.mix_temperature={temperature}: give 0 (equal weights) or more (1: by hours)")
+    return mix
+
+
+def shard_dirs(train_shards) -> list[str]:
+    """The directories of data.train_shards, a list or a mix."""
+    if isinstance(train_shards, dict):
+        return [entry["path"] for entry in train_shards.values()]
+    return [str(d) for d in train_shards]
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, once, at load time."""
     if not cfg.output_dir or cfg.output_dir == MISSING:
         raise ConfigError("output_dir is required: where the run writes logs, checkpoints and the model")
+    if isinstance(cfg.data.train_shards, dict) and not cfg.data.train_shards:
+        raise ConfigError("data.train_shards is a mix that names no set: give {name: {path: DIR, weight: W}, …}")
     if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards is required: one or more shard directories from `asr-dist shards build`")
+        raise ConfigError("data.train_shards is required: one or more shard directories from `asr-dist shards build`, "
+                          "or a weighted mix {name: {path: DIR, weight: W}, …}")
     if isinstance(cfg.data.train_shards, str):
         cfg.data.train_shards = [cfg.data.train_shards]
+    cfg.data.train_shards = check_mix(cfg.data.train_shards, cfg.data.mix_temperature)
+    if isinstance(cfg.data.train_shards, dict) and cfg.data.micro_batch_seconds is not None:
+        raise ConfigError("data.train_shards is a weighted mix: the large-batch mode (data.micro_batch_seconds) "
+                          "does not mix by weight yet; give a plain list of shard directories, or a fixed utterance count")
     if (cfg.model.pretrained is None) == (cfg.model.preset is None):
         raise ConfigError("give exactly one of model.pretrained (a local checkpoint directory) or model.preset "
                           f"({', '.join(PRESETS)})")

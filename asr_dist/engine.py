@@ -265,7 +265,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.rank, self.world = denv.rank, denv.world_size
         # everything that can fail on the config or the data fails here, before any model work
-        self.shards = ShardSet.open(cfg.data.train_shards)
+        self.shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
@@ -537,6 +537,10 @@ class Trainer:
         totals = torch.stack([window["loss"], torch.tensor(float(window["utts"]), dtype=torch.float64, device=self.device),
                               torch.tensor(window["audio"], dtype=torch.float64, device=self.device),
                               torch.tensor(float(self.loader.skipped_samples), dtype=torch.float64, device=self.device)])
+        mix = self.loader.shards.mix_names
+        if mix:  # utterances and audio seconds seen from each set of the mix, since the run began, all ranks
+            seen = torch.tensor(self.loader.mix_seen, dtype=torch.float64, device=self.device).flatten()
+            totals = torch.cat([totals, seen])
         if self.world > 1:
             dist.all_reduce(totals)  # sums over ranks: the mean loss per utterance, and the audio of all ranks
         elapsed = time.time() - window["t0"]
@@ -549,6 +553,11 @@ class Trainer:
             "perf/audio_seconds_per_second": float(totals[2]) / elapsed if elapsed > 0 else 0.0,
             "perf/data_wait_fraction": window["wait"] / elapsed if elapsed > 0 else 0.0,
         }
+        if mix:
+            seen = totals[4:].view(len(mix), 2)
+            for name, (utts, audio) in zip(mix, (seen / seen.sum(0).clamp(min=1e-9)).tolist()):
+                metrics[f"data/mix_utterance_share/{name}"] = utts
+                metrics[f"data/mix_audio_share/{name}"] = audio
         if window["utts"]:  # model FLOPs of the real audio (padding excluded), per second, per GPU
             layers = self.layers * window["layer_audio"] / window["audio"] if window["audio"] else None  # LayerDrop
             per_second = train_flops_per_audio_second(self.engine.module.config, window["audio"] / window["utts"],

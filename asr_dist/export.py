@@ -18,6 +18,7 @@ import transformers
 
 from . import __version__
 from .audio import SAMPLE_RATE
+from .config import shard_dirs
 from .data import index as fmt
 from .text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER
 
@@ -96,7 +97,7 @@ pipeline_tag: automatic-speech-recognition
 
 This model was fine-tuned with asr-dist from
 {cfg.model.pretrained or f'a randomly initialised `{cfg.model.preset}` wav2vec2'} on the shard set(s)
-{', '.join(f'`{d}`' for d in cfg.data.train_shards)} ({trainer.shards.audio_seconds / 3600:.2f} hours).
+{', '.join(f'`{d}`' for d in shard_dirs(cfg.data.train_shards))} ({trainer.shards.audio_seconds / 3600:.2f} hours).
 
 It achieves the following results on the evaluation set(s): {summary or 'no evaluation set was given'}.
 
@@ -156,7 +157,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
     if "config" not in state:
         raise ValueError(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
-    shard_dir = Path(cfg.data.train_shards[0])
+    shard_dir = Path(shard_dirs(cfg.data.train_shards)[0])
     if not (shard_dir / fmt.VOCAB_NAME).exists():
         raise ValueError(f"{ckpt}: its training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
                          f"evaluate the exported model directory instead")

@@ -191,3 +191,23 @@ def test_large_batch_mode_weighs_every_utterance_alike():
     # a plain mean per micro-batch (no weighting) gives the one utterance of (0, 1) a fifth of the step
     unweighted = step_gradient([(0, 1), (1, 6)], None)
     assert not torch.allclose(unweighted / 2, whole, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_weighted_mix_logs_each_sets_share(train_shards, tmp_path):
+    """data.train_shards as {name: {path, weight}}: one epoch (13 steps of 8 of the mix's 106 utterances)
+    draws 0.3 of its utterances from the 10-utterance set, and TensorBoard / metrics.jsonl show each set's
+    share of utterances and of audio, summing to 1."""
+    out = tmp_path / "run"
+    mix = (f"data.train_shards={{train: {{path: {train_shards / 's-train'}, weight: 0.7}}, "
+           f"dev: {{path: {train_shards / 's-dev'}, weight: 0.3}}}}")
+    r = launch("python", [*overrides(train_shards, out, "train.max_steps=13", "eval.every_steps=0",
+                                     "data.eval_shards={}"), mix])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shares = [r for r in rows if "data/mix_utterance_share/dev" in r]
+    assert len(shares) == 13
+    for row in shares:
+        for kind in ("utterance", "audio"):
+            assert row[f"data/mix_{kind}_share/train"] + row[f"data/mix_{kind}_share/dev"] == pytest.approx(1.0)
+    assert abs(shares[-1]["data/mix_utterance_share/dev"] - 0.3) <= 0.03, shares[-1]

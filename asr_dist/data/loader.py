@@ -86,6 +86,11 @@ class ShardSet:
     audio_format: str
     text_normalizer: dict
     max_seconds: float | None = None  # every utterance is shorter (the index's duration histogram)
+    mix: tuple = ()  # a weighted mix: (name, first shard, end shard, probability) per set; () reads all as one
+
+    @property
+    def mix_names(self) -> list[str]:
+        return [m[0] for m in self.mix]
 
     @property
     def num_samples(self) -> int:
@@ -96,7 +101,11 @@ class ShardSet:
         return sum(s.audio_seconds for s in self.shards)
 
     @classmethod
-    def open(cls, dirs: str | os.PathLike | list) -> "ShardSet":
+    def open(cls, dirs: str | os.PathLike | list | dict, temperature: float | None = None) -> "ShardSet":
+        """One or more shard directories read as one, or a mix {name: {"path": DIR, "weight": W}} whose
+        probabilities are the weights normalised, or hours ** ``temperature`` normalised when it is given."""
+        if isinstance(dirs, dict):
+            return cls._open_mix(dirs, temperature)
         dirs = [str(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
         if not dirs:
             raise LoaderError("no shard directory given")
@@ -114,6 +123,27 @@ class ShardSet:
             shards += [ShardInfo(str(Path(d) / s["name"]), s["num_samples"], s["audio_seconds"]) for s in index["shards"]]
         return cls(dirs, shards, first[1], first[0]["audio_format"], first[0]["text_normalizer"],
                    max(longest) if len(longest) == len(dirs) else None)
+
+    @classmethod
+    def _open_mix(cls, mix: dict, temperature: float | None) -> "ShardSet":
+        if not mix:
+            raise LoaderError("a mix that names no shard set: give {name: {path: DIR, weight: W}, …}")
+        names, paths = list(mix), [mix[n]["path"] if isinstance(mix[n], dict) else mix[n] for n in mix]
+        whole = cls.open(paths)
+        sets, start = [], 0
+        for name, path in zip(names, paths):
+            shards = [s for s in whole.shards if Path(s.path).parent == Path(path)]
+            hours = sum(s.audio_seconds for s in shards) / 3600
+            weight = hours ** temperature if temperature is not None else float(mix[name]["weight"])
+            if not weight > 0:
+                raise LoaderError(f"data.train_shards.{name}: weight {weight:g}; give one above 0")
+            sets.append([name, start, start + len(shards), weight])
+            start += len(shards)
+        if start != len(whole.shards):
+            raise LoaderError(f"data.train_shards: the same shard directory in two sets of the mix ({', '.join(paths)})")
+        total = sum(s[3] for s in sets)
+        whole.mix = tuple((n, a, b, w / total) for n, a, b, w in sets)
+        return whole
 
 
 class LabelEncoder:
@@ -257,6 +287,7 @@ class StreamLayout:
     micro_batch_seconds: float | None = None  # large-batch mode: micro-batches filled to this many padded seconds
     sync_buckets: bool = False  # every rank's buffer is cut and ordered alike: a step's micro-batches share a length quantile
     rank_batches: int = 0  # micro-batches of every rank this epoch (all workers): fixes each stream's share of utterances
+    mix: tuple = ()  # ShardSet.mix: (name, first shard, end shard, probability) per set of a weighted mix
 
 
 def unit_owners(layout: StreamLayout) -> tuple[list[tuple[int, int, int]], list[int]]:
@@ -288,26 +319,56 @@ def _units(layout: StreamLayout) -> list[tuple[int, int, int, int]]:
     return own + others[shift:] + others[:shift]
 
 
+def epoch_sequence(layout: StreamLayout) -> list[tuple[int, int, int, int]]:
+    """The epoch's utterances in order, as (shard, start, stop, 1) pieces: the shards shuffled by (seed,
+    epoch). Under a weighted mix the epoch holds as many utterances as all the sets together, of which
+    set i gives its probability's share (largest remainders): its shards in a new order each time round,
+    as many times round as that takes (fewer than its size: a different part of it each epoch), and the
+    pieces of all sets shuffled together."""
+    rng = random.Random(f"units-{layout.seed}-{layout.epoch}{layout.tag}")
+    if not layout.mix:
+        order = list(range(len(layout.shards)))
+        rng.shuffle(order)
+        return [(s, 0, layout.shards[s].num_samples, 1) for s in order]
+    total = sum(sh.num_samples for sh in layout.shards)
+    exact = [p * total for _, _, _, p in layout.mix]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))[:total - sum(counts)]:
+        counts[i] += 1
+    pieces = []
+    for i, (_, first, end, _) in enumerate(layout.mix):
+        need, lap = counts[i], 0
+        while need > 0 and end > first:
+            order = list(range(first, end))
+            random.Random(f"mix-{layout.seed}-{layout.epoch}-{i}-{lap}{layout.tag}").shuffle(order)
+            for s in order:
+                n = min(need, layout.shards[s].num_samples)
+                if n:
+                    pieces.append((s, 0, n, 1))
+                    need -= n
+            lap += 1
+    rng.shuffle(pieces)
+    return pieces
+
+
 def _share_of_sequence(layout: StreamLayout) -> list[tuple[int, int, int, int]]:
-    """With a fixed utterance count: the epoch's shards in their shuffled order are one sequence of
-    utterances, and stream s reads exactly its quota, positions [O_s, O_s + Q_s) of it, where O_s adds up
-    the quotas of the streams before it (rank-major, then worker). So every utterance is read once an
-    epoch by one stream, whatever the shard count and size. The reserve is what no stream reads this
-    epoch (the remainder of a global batch), then the other streams' positions."""
-    order = list(range(len(layout.shards)))
-    random.Random(f"units-{layout.seed}-{layout.epoch}{layout.tag}").shuffle(order)
+    """With a fixed utterance count: stream s reads exactly its quota of the epoch's sequence, positions
+    [O_s, O_s + Q_s), where O_s adds up the quotas of the streams before it (rank-major, then worker). So
+    every utterance is read once an epoch by one stream, whatever the shard count and size. The reserve is
+    what no stream reads this epoch (the remainder of a global batch), then the other streams' positions."""
+    sequence = epoch_sequence(layout)
     w_count, total, micro = layout.num_workers, layout.rank_batches, layout.micro_batch_size
     quotas = [(total // w_count + (1 if w < total % w_count else 0)) * micro for w in range(w_count)]
     start = layout.rank * total * micro + sum(quotas[:layout.worker])
     end, read = start + quotas[layout.worker], layout.world_size * total * micro
-    size = sum(sh.num_samples for sh in layout.shards)
+    size = sum(b - a for _, a, b, _ in sequence)
 
     def pieces(a: int, b: int) -> list[tuple[int, int, int, int]]:
         out, offset = [], 0
-        for s in order:
-            n = layout.shards[s].num_samples
+        for s, first, stop, _ in sequence:
+            n = stop - first
             if offset < b and a < offset + n:
-                out.append((s, max(a, offset) - offset, min(b, offset + n) - offset, 1))
+                out.append((s, first + max(a, offset) - offset, first + min(b, offset + n) - offset, 1))
             offset += n
         return out
 
@@ -410,7 +471,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 taken += 1
                 key, files = item
                 try:
-                    sample = (key, files[self.audio_format], json.loads(files["json"]))
+                    sample = (key, files[self.audio_format], json.loads(files["json"]), units[pos % len(units)][0])
                     filled += sample[2]["num_samples"] if by_seconds else 1
                     buffer.append(sample)
                 except (KeyError, ValueError) as e:
@@ -435,10 +496,11 @@ class TrainStream(torch.utils.data.IterableDataset):
             for b in range(state.taken_from_buffer, len(batches)):
                 if state.delivered == layout.num_batches:
                     break
-                samples = []
-                for key, data, meta in batches[b]:
+                samples, shards = [], []
+                for key, data, meta, shard in batches[b]:
                     if not self.decode:
                         samples.append((key, meta["num_samples"]))
+                        shards.append(shard)
                         continue
                     try:
                         audio = decode_audio(data, key)
@@ -446,6 +508,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                         self._bad(layout, pos, units, key, str(e), counters)
                         continue
                     samples.append((key, normalize(audio), encode(meta["text"]), meta["text"]))
+                    shards.append(shard)
                 state.taken_from_buffer = b + 1
                 if not samples:
                     continue  # every utterance of it was damaged and skipped: the next batch stands in
@@ -455,6 +518,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     batch = {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
                 state.delivered += 1
                 state.delivered_from_buffer += 1
+                batch["shards"] = shards  # each utterance's shard (index into the layout's shards)
                 batch["stream"] = (w, state.delivered - 1)
                 batch["state"] = dataclasses.asdict(dataclasses.replace(
                     state, cursor=start, skipped_before_buffer=before_buffer,
@@ -520,6 +584,9 @@ class TrainLoader:
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.micro_batch_seconds, self.global_batch_seconds = micro_batch_seconds, global_batch_seconds
         where = ", ".join(self.shards.dirs)
+        if self.shards.mix and micro_batch_seconds is not None:
+            raise LoaderError("a weighted mix of shard sets needs a fixed utterance count (data.micro_batch_size); "
+                              "the large-batch mode reads a plain list of shard directories")
         self.accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size, micro_batch_seconds,
                                                global_batch_seconds)
         if micro_batch_seconds is None:
@@ -557,6 +624,13 @@ class TrainLoader:
         self._tag = ""
         self._quota_steps = self.steps_per_epoch
         self.skipped_samples = 0  # damaged samples skipped on this rank (data.on_corrupt=skip), all epochs
+        # utterances and audio seconds this rank has delivered from each set of a mix (all of it: one set), all epochs
+        names = self.shards.mix_names or ["all"]
+        self._set_of_shard = [0] * len(self.shards.shards)
+        for i, (_, first, end, _) in enumerate(self.shards.mix):
+            self._set_of_shard[first:end] = [i] * (end - first)
+        self.mix_seen = [[0, 0.0] for _ in names]
+        self.mix_names = names
         self._skipped: dict[int, int] = {}
         self._skipped_before = 0
 
@@ -584,7 +658,7 @@ class TrainLoader:
             quota = total // w_count + (1 if w < total % w_count else 0)
             layouts.append(StreamLayout(tuple(self.shards.shards), self.seed, self.epoch, self.rank, self.world_size,
                                         w, w_count, self.micro_batch_size, quota, self.bucket_batches, self._tag,
-                                        self.micro_batch_seconds, self.sync_buckets, total))
+                                        self.micro_batch_seconds, self.sync_buckets, total, self.shards.mix))
             s = self._states.get(w)
             states.append(StreamState(tuple(s["cursor"]), s["buffer_index"], s["taken_from_buffer"], s["delivered"],
                                       s.get("skipped_before_buffer", 0), s.get("skipped_in_buffer", 0),
@@ -626,12 +700,19 @@ class TrainLoader:
             batch.pop("stream")
             self._skipped[want[0]] = batch.pop("skipped_samples")  # cumulative per stream this epoch
             self.skipped_samples = self._skipped_before + sum(self._skipped.values())
+            self._count_mix(batch.pop("shards"), batch["durations"].tolist())
             self._consumed += 1
             yield batch
         self.epoch += 1
         self._skipped_before, self._skipped = self.skipped_samples, {}
         self._consumed, self._states, self._tag = 0, {}, ""
         self._quota_steps = self.steps_per_epoch
+
+    def _count_mix(self, shards: list[int], seconds: list[float]) -> None:
+        for shard, sec in zip(shards, seconds):
+            seen = self.mix_seen[self._set_of_shard[shard]]
+            seen[0] += 1
+            seen[1] += sec
 
     def plan(self) -> Iterator[dict]:
         """The rest of the current epoch's micro-batches in delivery order, as ``keys`` and ``num_samples``
@@ -643,7 +724,8 @@ class TrainLoader:
         streams = [ds.iter_stream(w) for w in range(len(layouts))]
         for g in range(self._offset_consumed(), self._quota_steps * self.accumulation):
             batch = next(streams[g % len(streams)])  # the canonical order, as __iter__ delivers
-            yield {"keys": batch["keys"], "num_samples": batch["num_samples"]}
+            yield {"keys": batch["keys"], "num_samples": batch["num_samples"],
+                   "sets": [self._set_of_shard[s] for s in batch["shards"]]}
 
     def _cut_padding(self) -> int | None:
         """The padding multiple when it decides where micro-batches are cut (the large-batch mode)."""
@@ -664,6 +746,7 @@ class TrainLoader:
             "cut_padding": self._cut_padding(),
             "bucket_batches": self.bucket_batches,
             "sync_buckets": self.sync_buckets,
+            "mix": [list(m) for m in self.shards.mix],
             "num_samples": self.shards.num_samples,
             "quota_steps": self._quota_steps,
             "tag": self._tag,
@@ -672,17 +755,20 @@ class TrainLoader:
             "skipped_samples": self.skipped_samples,
             "skipped_before_epoch": self._skipped_before,
             "skipped_streams": {str(k): v for k, v in self._skipped.items()},
+            "mix_seen": self.mix_seen,
         }
 
     def load_state_dict(self, sd: dict) -> None:
         self.epoch = sd["epoch"]
+        if len(sd.get("mix_seen", [])) == len(self.mix_seen):
+            self.mix_seen = [[int(n), float(sec)] for n, sec in sd["mix_seen"]]
         self.skipped_samples = sd.get("skipped_samples", 0)
         self._skipped_before, self._skipped = self.skipped_samples, {}  # another layout: new streams count anew
         layout = ("world_size", "num_workers", "micro_batch_size", "seed", "global_batch_size", "num_samples",
-                  "micro_batch_seconds", "global_batch_seconds", "cut_padding", "bucket_batches", "sync_buckets")
+                  "micro_batch_seconds", "global_batch_seconds", "cut_padding", "bucket_batches", "sync_buckets", "mix")
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
                 self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds, self._cut_padding(),
-                self.bucket_batches, self.sync_buckets)
+                self.bucket_batches, self.sync_buckets, [list(m) for m in self.shards.mix])
         same = tuple(sd.get(k) for k in layout) == mine
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from asr_dist.data import index as fmt
-from asr_dist.data.loader import EvalLoader, LabelEncoder, LoaderError, TrainLoader
+from asr_dist.data.loader import EvalLoader, LabelEncoder, LoaderError, ShardSet, TrainLoader
 from asr_dist.data.writer import BuildOptions, build
 from asr_dist.synth import write_corpus
 
@@ -583,3 +583,117 @@ def test_a_checkpoint_of_unsynchronised_buckets_resumes_in_a_new_order(spread_se
         second.load_state_dict(first.state_dict())
     assert "new deterministic order" in caplog.text
     assert len(list(second)) == second.micro_batches_per_epoch - 8
+
+
+# ───────────────────────────── weighted mixes ─────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def mix_sets(tmp_path_factory):
+    """Two shard sets with one vocab: "small" (32 utterances of about 1 s) and "big" (96 of about 2 s)."""
+    root = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(4)
+    dirs = {}
+    for name, n, seconds in (("small", 32, 1.0), ("big", 96, 2.0)):
+        (root / name).mkdir()
+        lines = []
+        for i in range(n):
+            t = np.arange(int(seconds * rng.uniform(0.8, 1.2) * 16000)) / 16000
+            sf.write(root / name / f"{name}{i}.flac", (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+            lines.append(json.dumps({"audio_filepath": f"{name}{i}.flac", "text": "hej med dig"}))
+        (root / name / "m.jsonl").write_text("\n".join(lines) + "\n")
+        vocab = str(root / "s-small" / "vocab.json") if dirs else None
+        build(BuildOptions(inputs=[str(root / name / "m.jsonl")], output=str(root / f"s-{name}"), shard_size=4,
+                           progress=False, vocab=vocab))
+        dirs[name] = str(root / f"s-{name}")
+    return dirs
+
+
+def _mix_epochs(mix, world, epochs=2, **kw):
+    """[epoch] -> [rank] -> the set name of every utterance delivered, every rank's loader in this process."""
+    out = []
+    for epoch in range(epochs):
+        per_rank = []
+        for rank in range(world):
+            loader = TrainLoader(ShardSet.open(mix), rank=rank, world_size=world, **kw)
+            loader.set_epoch(epoch)
+            per_rank.append([(k, loader.mix_names[s]) for b in loader.plan() for k, s in zip(b["keys"], b["sets"])])
+        out.append(per_rank)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_weighted_mix_draws_each_set_by_its_weight(mix_sets, world):
+    """small: 0.6, big: 0.4 of an epoch of 128 utterances (the two sets together): small's 32 utterances come
+    2.4 times each, big shows 51 of its 96. The epoch's utterances from each set are within 1 % of the
+    weights, give or take the rest of a global batch, which goes unread (8 of 128 on 3 ranks: 0.067), and
+    every rank delivers as many."""
+    mix = {"small": {"path": mix_sets["small"], "weight": 0.6}, "big": {"path": mix_sets["big"], "weight": 0.4}}
+    kw = dict(micro_batch_size=2, global_batch_size=2 * world * 2, num_workers=2 if world == 2 else 0)
+    epochs = _mix_epochs(mix, world, **kw)
+    for per_rank in epochs:
+        counts = {len(r) for r in per_rank}
+        assert len(counts) == 1  # every rank delivers the same number of utterances
+        names = [n for r in per_rank for _, n in r]
+        share = names.count("small") / len(names)
+        unread = 128 - len(names)
+        assert abs(share - 0.6) <= 0.01 + unread / len(names), (share, unread)
+        big = {k for r in per_rank for k, n in r if n == "big"}
+        assert len(big) == names.count("big")  # the downsampled set shows each of its utterances at most once
+        small = collections.Counter(k for r in per_rank for k, n in r if n == "small")
+        # upsampled evenly: whole rounds of the set, the last one cut short (and the unread rest taken off)
+        assert len(small) == 32 and max(small.values()) - min(small.values()) <= (1 if unread == 0 else 2), small
+    big0 = {k for r in epochs[0] for k, n in r if n == "big"}
+    big1 = {k for r in epochs[1] for k, n in r if n == "big"}
+    assert big0 != big1  # another part of the big set each epoch
+
+
+def test_a_weighted_mix_resumes_exactly(mix_sets):
+    mix = {"small": {"path": mix_sets["small"], "weight": 1.0}, "big": {"path": mix_sets["big"], "weight": 3.0}}
+    kw = dict(rank=1, world_size=2, micro_batch_size=2, global_batch_size=8, num_workers=2)
+    whole = TrainLoader(ShardSet.open(mix), **kw)
+    expected = [b["keys"] for b in whole]
+    first = TrainLoader(ShardSet.open(mix), **kw)
+    got = []
+    for i, b in enumerate(first):
+        got.append(b["keys"])
+        if i == 9:
+            break
+    state = json.loads(json.dumps(first.state_dict()))
+    second = TrainLoader(ShardSet.open(mix), **kw)
+    second.load_state_dict(state)
+    got += [b["keys"] for b in second]
+    assert got == expected
+    assert [n for n, _ in second.mix_seen] == [n for n, _ in whole.mix_seen]  # the shares seen carry on
+
+
+def test_mix_temperature_weighs_sets_by_hours(mix_sets):
+    mix = {"small": {"path": mix_sets["small"]}, "big": {"path": mix_sets["big"]}}
+    hours = [ShardSet.open(mix_sets[n]).audio_seconds for n in ("small", "big")]
+    by_size = ShardSet.open(mix, temperature=1.0).mix
+    assert by_size[0][3] == pytest.approx(hours[0] / sum(hours))
+    assert [m[3] for m in ShardSet.open(mix, temperature=0.0).mix] == [0.5, 0.5]
+    assert ShardSet.open(mix, temperature=0.5).mix[0][3] == pytest.approx(hours[0] ** 0.5 / sum(h ** 0.5 for h in hours))
+
+
+def test_a_mix_that_cannot_work_says_why(mix_sets):
+    from asr_dist.config import ConfigError, check_mix
+
+    for bad, message in [({"a": {"path": "x", "weight": 0}}, "weight=0: give a number above 0"),
+                         ({"a": {"path": "x", "weight": -1}}, "weight=-1: give a number above 0"),
+                         ({"a": {"path": "x", "wieght": 1}}, "unknown key 'wieght'"),
+                         ({"a": {"weight": 1}}, "no path"),
+                         ({"a": {"path": "x"}}, "no weight"),
+                         ({}, "names no set")]:
+        with pytest.raises(ConfigError, match=message):
+            check_mix(bad, None)
+    with pytest.raises(ConfigError, match="both weigh the mix"):
+        check_mix({"a": {"path": "x", "weight": 1}}, 0.5)
+    with pytest.raises(ConfigError, match="weighs the sets of a mix"):
+        check_mix(["x"], 0.5)
+    mix = {"a": {"path": mix_sets["small"], "weight": 1}, "b": {"path": mix_sets["small"], "weight": 1}}
+    with pytest.raises(LoaderError, match="the same shard directory in two sets"):
+        ShardSet.open(mix)
+    with pytest.raises(LoaderError, match="needs a fixed utterance count"):
+        TrainLoader(ShardSet.open({"a": {"path": mix_sets["small"], "weight": 1}}), rank=0, world_size=1,
+                    micro_batch_size=2, global_batch_size=2, micro_batch_seconds=4, global_batch_seconds=4)

@@ -479,7 +479,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             # similar lengths together: the padding of a micro-batch is what its longest utterance adds
             buffer.sort(key=lambda s: (s[2]["num_samples"], s[0]))
             if by_seconds:
-                cuts = cut_by_seconds([m["num_samples"] for _, _, m in buffer], layout.micro_batch_seconds,
+                cuts = cut_by_seconds([m["num_samples"] for _, _, m, _ in buffer], layout.micro_batch_seconds,
                                       self.pad_to_multiple_of)
                 batches = [buffer[a:b] for a, b in cuts]
             else:

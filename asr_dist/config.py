@@ -183,6 +183,14 @@ def _write_instead(cfg: DictConfig, override: str) -> str:
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """defaults < YAML at ``path`` < ``key=value`` overrides; validated."""
+    cfg = merge_config(path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def merge_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults < YAML at ``path`` < ``key=value`` overrides, every key and type checked; the cross-field
+    checks (paths that must exist, batch sizes that must divide) are ``validate``'s."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path:
@@ -215,7 +223,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     except OmegaConfBaseException as e:
         msg = str(e).split("\n")[0]
         raise ConfigError(f"{path or 'config'}: {msg} (key {getattr(e, 'full_key', '?')})") from None
-    validate(obj)
     return obj
 
 

@@ -189,6 +189,7 @@ def test_config_reference_is_current():
         "docs/config.md is stale: python -m asr_dist.config --markdown > docs/config.md"
 
 
+@pytest.mark.slow  # three CLI processes, each importing DeepSpeed
 def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
     from asr_dist.data.writer import BuildOptions, build
 
@@ -312,6 +313,7 @@ def test_fft_positional_conv_trains_like_the_direct_one():
     assert fft_conv1d(x.bfloat16(), w.bfloat16(), b.bfloat16(), 64, 16).dtype == torch.bfloat16
 
 
+@pytest.mark.slow  # inductor compiles on CPU
 def test_compiled_layers_train_like_eager_and_keep_their_names():
     """model.compile: the same loss and gradients as eager at several batch lengths (the transformer
     layers and the feature encoder's norm + GELU, each one compiled graph with a dynamic length: no

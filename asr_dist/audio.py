@@ -186,14 +186,6 @@ def encode(audio: np.ndarray, fmt: str = "flac") -> bytes:
     return buf.getvalue()
 
 
-def decode_16k(data: bytes) -> np.ndarray:
-    """Decode a stored 16 kHz sample (as written by ``encode``) to float32 (T,)."""
-    audio, sr = decode(data)
-    if sr != SAMPLE_RATE:
-        raise AudioError("wrong_sample_rate", f"{sr} Hz, expected {SAMPLE_RATE}")
-    return audio
-
-
 # wav2vec2's convolutional feature encoder: (kernel, stride) per layer; about 49.9 frames per second
 WAV2VEC2_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 

@@ -173,6 +173,10 @@ def test_user_deepspeed_json_merges_and_contradictions_fail(yaml, tmp_path):
 
 
 def test_shipped_configs_load(tmp_path):
+    from asr_dist.config import merge_config
+
+    demo = merge_config(str(REPO / "asr_dist" / "resources" / "demo.yaml"))  # the demo adds paths and sizes
+    assert demo.model.preset and demo.distributed.precision in ("fp32", "bf16")  # it runs on a CPU
     cfg = load_config(str(REPO / "configs" / "test.yaml"))
     assert cfg.model.preset == "tiny" and cfg.train.max_steps == 50 and cfg.eval.every_steps == 25
     (tmp_path / "xlsr").mkdir()

@@ -177,7 +177,8 @@ def _write_instead(cfg: DictConfig, override: str) -> str:
     default = node._value() if node is not None else None
     for kind, what in ((BooleanNode, "true or false"), (IntegerNode, "a whole number"), (FloatNode, "a number")):
         if isinstance(node, kind):
-            return f"{key} takes {what}, not {raw!r}" + ("" if default is None else f", e.g. {key}={json.dumps(default)}")
+            example = "" if default is None else f", e.g. {key}={json.dumps(default)}"
+            return f"{key} takes {what}, not {raw!r}{example}"
     return ""
 
 

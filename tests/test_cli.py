@@ -48,7 +48,8 @@ def test_only_the_projects_own_errors_are_short(tmp_path, capsys, monkeypatch):
     assert "metrics.jsonl: no such file; give the output_dir" in capsys.readouterr().err
     assert main(["train", "--config", str(REPO / "configs" / "test.yaml"), "output_dir=o", "data.train_shards=[s]",
                  "data.micro_batch_size=four", "--print-config"]) == 2
-    assert "data.micro_batch_size takes a whole number, not 'four', e.g. data.micro_batch_size=" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data.micro_batch_size takes a whole number, not 'four', e.g. data.micro_batch_size=" in err
 
     def a_bug(*args, **kwargs):
         raise ValueError("a bug, not the user's mistake")

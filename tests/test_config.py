@@ -31,7 +31,8 @@ def test_defaults_yaml_overrides(yaml):
 
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
-    (["data.micro_batch_size=abc"], "data.micro_batch_size takes a whole number, not 'abc', e.g. data.micro_batch_size=16"),
+    (["data.micro_batch_size=abc"],
+     "data.micro_batch_size takes a whole number, not 'abc', e.g. data.micro_batch_size=16"),
     (["model.freeze_feature_encoder=maybe"], "model.freeze_feature_encoder takes true or false, not 'maybe'"),
     (["train.profile_steps=5"], "train.profile_steps takes a list: write train.profile_steps=[5]"),
     (["data.eval_shards=/x"], "data.eval_shards takes a map of names to values: write data.eval_shards.NAME=/x"),

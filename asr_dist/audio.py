@@ -20,6 +20,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import UserError
+
 SAMPLE_RATE = 16000
 # libsndfile's log for a WAV whose data chunk is shorter than its header says, e.g. "data : 44100 (should be 22028)"
 _SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
@@ -27,7 +29,7 @@ _STREAMING_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)  # placeholders written by stream
 AUDIO_FORMATS = {"flac": ("FLAC", "PCM_16"), "wav": ("WAV", "PCM_16")}
 
 
-class AudioError(Exception):
+class AudioError(UserError):
     """Audio that cannot be used; ``reason`` is a short code for rejects.tsv."""
 
     def __init__(self, reason: str, detail: str):
@@ -182,14 +184,6 @@ def encode(audio: np.ndarray, fmt: str = "flac") -> bytes:
     pcm = np.clip(audio, -1.0, 32767 / 32768)
     sf.write(buf, pcm, SAMPLE_RATE, format=container, subtype=subtype)
     return buf.getvalue()
-
-
-def decode_16k(data: bytes) -> np.ndarray:
-    """Decode a stored 16 kHz sample (as written by ``encode``) to float32 (T,)."""
-    audio, sr = decode(data)
-    if sr != SAMPLE_RATE:
-        raise AudioError("wrong_sample_rate", f"{sr} Hz, expected {SAMPLE_RATE}")
-    return audio
 
 
 # wav2vec2's convolutional feature encoder: (kernel, stride) per layer; about 49.9 frames per second

@@ -13,15 +13,12 @@ import os
 import sys
 
 from . import __version__
+from .errors import UserError
 from .logging import setup_logging
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed without a traceback, exit code 2."""
 
 
 def _default_workers() -> int:
@@ -231,6 +228,9 @@ def cmd_lm_build(args) -> int:
 
     if not (args.shards or args.text):
         raise UserError("give --shards DIR... or --text FILE... to build the language model from")
+    for f in args.text or []:
+        if not os.path.isfile(f):
+            raise UserError(f"--text {f}: no such file")
     info = build_arpa(sentences(), args.output, order=args.order)
     print(f"{args.output}: {info['sentences']} sentences, order {info['order']}, "
           + ", ".join(f"{info[f'{k}-grams']} {k}-grams" for k in range(1, info["order"] + 1)))
@@ -381,12 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose)
-    from .data.loader import LoaderError
-    from .data.sources import InputError
-
     try:
         return args.func(args)
-    except (UserError, InputError, LoaderError, FileNotFoundError, ValueError) as e:
+    except UserError as e:  # the project's own errors, which say what to change; anything else is a bug
         if args.verbose:
             raise
         print(f"asr-dist: error: {e}", file=sys.stderr)

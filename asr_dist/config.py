@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
+
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot work; the message names the key and what to change."""
 
 
@@ -158,8 +161,39 @@ def _unknown_key_error(e: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
+def _node(cfg: DictConfig, key: str):
+    """The config node at a dotted ``key`` (its type says what a value there must be), or None."""
+    parent, _, leaf = key.rpartition(".")
+    container = OmegaConf.select(cfg, parent) if parent else cfg
+    return container._get_node(leaf) if isinstance(container, DictConfig) and leaf in container else None
+
+
+def _write_instead(cfg: DictConfig, override: str) -> str:
+    """What to write instead of an override whose value does not fit the key's type."""
+    key, _, raw = override.partition("=")
+    node = _node(cfg, key)
+    if isinstance(node, ListConfig):
+        return f"{key} takes a list: write {key}=[{raw}] (several: {key}=[a,b])"
+    if isinstance(node, DictConfig):
+        return f"{key} takes a map of names to values: write {key}.NAME={raw} (e.g. {key}.dev={raw})"
+    default = node._value() if node is not None else None
+    for kind, what in ((BooleanNode, "true or false"), (IntegerNode, "a whole number"), (FloatNode, "a number")):
+        if isinstance(node, kind):
+            example = "" if default is None else f", e.g. {key}={json.dumps(default)}"
+            return f"{key} takes {what}, not {raw!r}{example}"
+    return ""
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """defaults < YAML at ``path`` < ``key=value`` overrides; validated."""
+    cfg = merge_config(path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def merge_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults < YAML at ``path`` < ``key=value`` overrides, every key and type checked; the cross-field
+    checks (paths that must exist, batch sizes that must divide) are ``validate``'s."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path:
@@ -177,20 +211,21 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         for o in overrides or []:
             key = o.split("=", 1)[0]
             value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            if isinstance(_node(cfg, key), ListConfig) and isinstance(value, str):
+                value = [value]  # `data.train_shards=/data/x`: a single path where a list is expected
             try:
                 # replace, not merge: `data.eval_shards={}` empties the map rather than keeping the YAML's sets
                 OmegaConf.update(cfg, key, value, merge=False)
             except (ConfigAttributeError, ConfigKeyError) as e:
                 raise _unknown_key_error(e, "command line") from None
             except OmegaConfBaseException as e:
-                raise ConfigError(f"command line: {o}: {str(e).splitlines()[0]}") from None
+                raise ConfigError(f"command line: {o}: {_write_instead(cfg, o) or str(e).splitlines()[0]}") from None
         obj: Config = OmegaConf.to_object(cfg)
     except (ConfigAttributeError, ConfigKeyError) as e:
         raise _unknown_key_error(e, path or "config") from None
     except OmegaConfBaseException as e:
         msg = str(e).split("\n")[0]
         raise ConfigError(f"{path or 'config'}: {msg} (key {getattr(e, 'full_key', '?')})") from None
-    validate(obj)
     return obj
 
 

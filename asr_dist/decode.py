@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .data import index as fmt
 from .data.loader import EvalLoader, ShardSet
 from .distributed import DistEnv, device_index, get_env
+from .errors import InvalidValue, UserError
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
 from .text import load_vocab
@@ -31,8 +32,8 @@ from .text import load_vocab
 log = logging.getLogger(__name__)
 
 
-class ModelDirError(ValueError):
-    pass
+class ModelDirError(UserError, ValueError):
+    """Not a model directory or training checkpoint that asr-dist can load; says what it lacks."""
 
 
 @contextlib.contextmanager
@@ -227,7 +228,7 @@ def _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, d
         model, _, _ = load_model_dir(model_dir, device)
         chunk, stride = int(chunk_length_s * 16000), int(stride_length_s * 16000)
         if chunk <= 2 * stride:
-            raise ValueError(f"--chunk-length {chunk_length_s} must be more than twice --stride {stride_length_s}")
+            raise InvalidValue(f"--chunk-length {chunk_length_s} must be more than twice --stride {stride_length_s}")
     else:
         device = 0 if torch.cuda.is_available() else "cpu"
         asr = transformers.pipeline("automatic-speech-recognition", model=model_dir, device=device)

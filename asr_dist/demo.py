@@ -185,7 +185,7 @@ def _with_language_model(out: Path, shards: Path, model: Path) -> dict | None:
 
     print("[+] building a 3-gram language model from the training transcripts and decoding with it", flush=True)
     build_arpa(shard_transcripts(shards), out / "lm.arpa", order=3)
-    # a small LM from 1200 sentences, the held-out ones unseen: a light weight (picked on a grid, issue 5 note)
+    # a small LM from 1200 sentences, the held-out ones unseen: a light weight (alpha picked on a grid of demo runs)
     attach(model, out / "lm.arpa", alpha=0.3, beta=1.0)
     return evaluate_model(str(model), str(out / "shards" / "eval"), progress=False, num_workers=0)
 

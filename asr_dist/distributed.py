@@ -107,10 +107,6 @@ def configure_accelerator() -> str:
     return os.environ["DS_ACCELERATOR"]
 
 
-class PeerLost(RuntimeError):
-    """Another rank of the job has ended (killed, crashed, its node gone)."""
-
-
 EXIT_PEER_LOST = 76  # this rank stopped because another one was lost; restart the job to resume
 
 

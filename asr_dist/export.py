@@ -20,6 +20,7 @@ from . import __version__
 from .audio import SAMPLE_RATE
 from .config import shard_dirs
 from .data import index as fmt
+from .errors import InvalidValue
 from .text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER
 
 log = logging.getLogger(__name__)
@@ -150,16 +151,16 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
 
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / ckpt_mod.MARKER).exists():
-        raise ValueError(f"{ckpt} is not a complete checkpoint (no {ckpt_mod.MARKER}: its save was cut off); "
+        raise InvalidValue(f"{ckpt} is not a complete checkpoint (no {ckpt_mod.MARKER}: its save was cut off); "
                          f"give another one, or the exported {{output_dir}}/model")
-    with ckpt_mod.refused_as(ckpt, ValueError):
+    with ckpt_mod.refused_as(ckpt, InvalidValue):
         state = ckpt_mod.load_safely(_model_states(ckpt), map_location="cpu")
     if "config" not in state:
-        raise ValueError(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
+        raise InvalidValue(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
     shard_dir = Path(shard_dirs(cfg.data.train_shards)[0])
     if not (shard_dir / fmt.VOCAB_NAME).exists():
-        raise ValueError(f"{ckpt}: its training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
+        raise InvalidValue(f"{ckpt}: its training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
                          f"evaluate the exported model directory instead")
     shards = ShardSet.open(str(shard_dir))
     model = build_model(cfg.model, shards.vocab, seed=cfg.seed)
@@ -169,12 +170,12 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 itself loads with weights_only=False
-        with ckpt_mod.refused_as(ckpt, ValueError), ckpt_mod.safe_torch_load():
+        with ckpt_mod.refused_as(ckpt, InvalidValue), ckpt_mod.safe_torch_load():
             weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
     missing = [k for k in expected if k not in weights]
     if missing:
-        raise ValueError(f"{ckpt}: weights missing from the checkpoint: {missing[:5]}")
+        raise InvalidValue(f"{ckpt}: weights missing from the checkpoint: {missing[:5]}")
     model.config.dtype = "float32"
     model.save_pretrained(str(out), safe_serialization=True)
     make_processor(shard_dir / fmt.VOCAB_NAME).save_pretrained(str(out))

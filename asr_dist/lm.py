@@ -19,13 +19,14 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .errors import UserError
 from .text import PAD_TOKEN, WORD_DELIMITER
 
 LN10 = math.log(10.0)
 NEG_INF = -math.inf
 
 
-class LMError(ValueError):
+class LMError(UserError, ValueError):
     """A language model or decoder setting that cannot be used; says what to change."""
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import InvalidValue, PathNotFound
+
 
 def _pyplot():
     import matplotlib
@@ -33,9 +35,12 @@ def plot_durations(index: dict, path: str) -> None:
 def plot_run(run_dir: str, path: str | None = None) -> str:
     """A PNG of the run's curves; returns its path ({run_dir}/report.png unless given)."""
     plt = _pyplot()
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        raise PathNotFound(f"{metrics}: no such file; give the output_dir of an asr-dist train run")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not rows:
-        raise ValueError(f"{run_dir}/metrics.jsonl is empty: the run has not logged yet")
+        raise InvalidValue(f"{run_dir}/metrics.jsonl is empty: the run has not logged yet")
     evals = sorted({k.rsplit("/", 1)[0] for r in rows for k in r if k.startswith("eval/") and k.endswith("/wer")})
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     series = lambda key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731

@@ -17,6 +17,8 @@ import unicodedata
 from collections import Counter
 from typing import Iterable
 
+from .errors import InvalidValue, PathNotFound
+
 PAD_TOKEN = "[PAD]"  # id 0; Wav2Vec2ForCTC uses the pad id as the CTC blank
 UNK_TOKEN = "[UNK]"
 WORD_DELIMITER = "|"
@@ -61,7 +63,7 @@ class DanishSettings:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"text normaliser setting {name}={value!r} is not one of {', '.join(choices)}")
+        raise InvalidValue(f"text normaliser setting {name}={value!r} is not one of {', '.join(choices)}")
 
 
 def _drop_punctuation(text: str) -> str:
@@ -95,17 +97,17 @@ class Normalizer:
 
     def __init__(self, name: str = "danish", **settings):
         if name not in self.NAMES:
-            raise ValueError(f"unknown text normaliser {name!r}; choose one of {', '.join(self.NAMES)}")
+            raise InvalidValue(f"unknown text normaliser {name!r}; choose one of {', '.join(self.NAMES)}")
         if name == "danish":
             fields = {f.name for f in dataclasses.fields(DanishSettings)}
             unknown = set(settings) - fields
             if unknown:
-                raise ValueError(
+                raise InvalidValue(
                     f"unknown setting(s) {sorted(unknown)} for the danish normaliser; valid: {sorted(fields)}"
                 )
             self.settings = DanishSettings(**settings)
         elif settings:
-            raise ValueError(f"the {name} normaliser takes no settings (got {sorted(settings)})")
+            raise InvalidValue(f"the {name} normaliser takes no settings (got {sorted(settings)})")
         else:
             self.settings = None
         self.name = name
@@ -184,13 +186,18 @@ def vocab_chars(vocab: dict[str, int]) -> set[str]:
 
 
 def load_vocab(path) -> dict[str, int]:
-    with open(path, encoding="utf-8") as f:
-        vocab = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except FileNotFoundError:
+        raise PathNotFound(f"{path}: no such vocabulary file") from None
+    except json.JSONDecodeError as e:
+        raise InvalidValue(f"{path}: not a JSON vocabulary ({e})") from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-        raise ValueError(f"{path}: a vocabulary must be a JSON object of token -> integer id")
+        raise InvalidValue(f"{path}: a vocabulary must be a JSON object of token -> integer id")
     for token in (PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER):
         if token not in vocab:
-            raise ValueError(f"{path}: the vocabulary lacks {token!r}, which Wav2Vec2CTCTokenizer needs")
+            raise InvalidValue(f"{path}: the vocabulary lacks {token!r}, which Wav2Vec2CTCTokenizer needs")
     return vocab
 
 

@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 8), for a session lent an H100/H200 (see ../shared/gpu/README.md).
-# Here, once (docopt has no wheel on PyPI: build it; drop the image's own packages from .whl):
-#   bash ../shared/gpu/make-wheels.sh num2words accelerate psutil py-cpuinfo msgpack einops ninja pytest pluggy iniconfig
-#   pip wheel --no-deps docopt -w .whl
-# Then run it there in ONE call (a machine's start costs minutes of the 15): carry=[".whl"], timeout_s 595:
-#   bash bench/gpu-check.sh     # $OUT/gpu-tests.log, bench.jsonl (a line per variant, as each ends), bench.json
-# Every figure comes with the card's name and the baselines measured in the same run.
+# The GPU check: kernel levers, training throughput against the baselines measured in the same run, and
+# tests/gpu, on one H100/H200 machine. Every figure comes with the card's name.
+#
+#   bash bench/gpu-check.sh [WHEELS_DIR]    # results in $OUT (default /tmp/out): gpu-tests.log,
+#                                           # bench.jsonl (a line per variant, as each ends), bench.json
+#
+# A GPU machine with no package registry gets what its image lacks from a directory of wheels, WHEELS_DIR
+# (default .whl), installed with `pip --no-index` into /tmp/site. An NVIDIA PyTorch image typically has
+# torch, transformers, tensorboard, numpy and tqdm; make the rest on a machine that has a registry, for the
+# GPU machine's Python (`python3 -V` there) and platform, and send the directory along with the tree:
+#   plat="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --platform any"
+#   pip download --no-deps $plat -d .whl webdataset braceexpand jiwer rapidfuzz soundfile cffi pycparser soxr \
+#       omegaconf antlr4-python3-runtime hjson pydantic pydantic-core annotated-types typing-inspection \
+#       typing-extensions num2words accelerate psutil py-cpuinfo msgpack einops ninja pytest pluggy iniconfig
+#   pip download --no-deps --no-binary=:all: deepspeed==0.19.8 -d src    # built in a venv that has torch:
+#   pip wheel --no-deps --no-build-isolation -w .whl src/deepspeed-*
+#   pip wheel --no-deps -w .whl docopt    # num2words needs it; both are published as source only
+# (`pip check` on the GPU machine with PYTHONPATH=/tmp/site names anything still missing.)
+# The whole check fits one call of about ten minutes: kernel levers <= 70 s, throughput <= BENCH_S (330 s),
+# tests/gpu <= TESTS_S (160 s); PARTS=bench or PARTS=tests runs one part.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+wheels=${1:-.whl}
+[[ -d "$wheels" ]] || { echo "no wheels directory $wheels (see the top of $0 for how to make one)" >&2; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-# One call: PARTS="bench tests" (the default) runs the kernel levers (<= 70 s), the throughput variants (<= BENCH_S,
-# 330 s) and tests/gpu (<= TESTS_S, 160 s); PARTS=bench or PARTS=tests runs one of them.
-# 1. throughput, each variant in its own process, results as each ends, most telling first. Session 3 found
-#    fixed-shape steps 2-2.5x faster than training's varying ones; session 4 made asr-dist leave cuDNN's attention
-#    out (it builds a graph per new shape). The A/B pairs: PyTorch's choice (cuDNN attention) against none, in the
-#    plain loop (new shapes every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines; then
-#    session 6's two host-sync levers turned back on one at a time (transformers' forward: *_hf_forward; DeepSpeed's
+# 1. throughput, each variant in its own process, results as each ends, most telling first. Fixed-shape steps
+#    measured 2-2.5x faster than training's varying ones, and cuDNN's attention builds a graph per new shape, so
+#    the A/B pairs come first: PyTorch's choice (cuDNN attention) against none, in the plain loop (new shapes
+#    every step, and 4 shapes repeated: step_ms) and in asr-dist; then the baselines; then the two host-sync
+#    levers asr-dist turns off, turned back on one at a time (transformers' forward: *_hf_forward; DeepSpeed's
 #    throughput timer: *_ds_timer); then asr-dist's recipes side by side.
 # The list runs in order until BENCH_S (the first six to eight in 330 s). VARIANTS="a b" runs others (--list names them).
 # (a CPU dry run: PRESET=tiny PRECISION=bf16 UTTS=128 STEPS=2 WARMUP=1 bash bench/gpu-check.sh)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from asr_dist.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_the_subcommands():
@@ -25,6 +30,36 @@ def test_danish_options_need_the_danish_normaliser(tmp_path, capsys):
     assert "only apply to --normalizer danish" in capsys.readouterr().err
 
 
+def test_only_the_projects_own_errors_are_short(tmp_path, capsys, monkeypatch):
+    """A user's mistake: one line, exit 2. Any other exception is a bug and keeps its traceback."""
+    from asr_dist import plots
+    from asr_dist.config import ConfigError
+    from asr_dist.data.index import ShardError
+    from asr_dist.data.loader import LoaderError
+    from asr_dist.data.sources import InputError
+    from asr_dist.data.writer import BuildError
+    from asr_dist.decode import ModelDirError
+    from asr_dist.errors import UserError
+    from asr_dist.lm import LMError
+
+    for error in (ConfigError, ShardError, LoaderError, InputError, BuildError, ModelDirError, LMError):
+        assert issubclass(error, UserError), error
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl: no such file; give the output_dir" in capsys.readouterr().err
+    assert main(["train", "--config", str(REPO / "configs" / "test.yaml"), "output_dir=o", "data.train_shards=[s]",
+                 "data.micro_batch_size=four", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "data.micro_batch_size takes a whole number, not 'four', e.g. data.micro_batch_size=" in err
+
+    def a_bug(*args, **kwargs):
+        raise ValueError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(plots, "plot_run", a_bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["report", str(tmp_path)])
+
+
+@pytest.mark.slow
 def test_demo_trains_end_to_end_on_a_reduced_setting(tmp_path, capsys):
     """The embedded default, shortened: real shards, real DeepSpeed training, real evaluation."""
     import json

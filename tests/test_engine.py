@@ -20,6 +20,7 @@ from trainkit import REPO, TAGS, env, launch, losses, overrides
 LARGE = ("data.micro_batch_seconds=6", "data.global_batch_seconds=24")
 
 
+@pytest.mark.slow  # launches training
 @pytest.mark.parametrize("stage, launcher, mode", [(0, "torchrun", ()), (1, "deepspeed", LARGE), (2, "torchrun", ()),
                                                    (3, "torchrun", ())])
 def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, launcher, mode):
@@ -64,6 +65,7 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
     assert json.loads((out / "model" / "asr_dist.json").read_text())["text_normalizer"]["name"] == "danish"
 
 
+@pytest.mark.slow  # launches training
 def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
     # SpecAugment on: its masks are drawn from numpy's generator, whose state the checkpoint holds;
     # LayerDrop on: its layers are drawn from the seed and the step
@@ -94,6 +96,7 @@ def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
     assert losses(cut) == losses(whole)  # identical at every step, fp32 on CPU
 
 
+@pytest.mark.slow  # launches training
 def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     out = tmp_path / "run"
     args = ["train.max_steps=6", "train.checkpoint_every=3", "eval.every_steps=0", "data.eval_shards={}",
@@ -118,6 +121,7 @@ def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     assert len(list((out / "profile").iterdir())) == 2  # resumed after the profiled steps: no second profile
 
 
+@pytest.mark.slow  # launches training
 def test_sync_free_forward_trains_as_transformers_forward_does(train_shards, tmp_path):
     """model.sync_free_forward (the default) against transformers' own forward in real runs: the same
     loss at every step with SpecAugment and dropout drawing random numbers, under ZeRO-3 (which must
@@ -135,6 +139,7 @@ def test_sync_free_forward_trains_as_transformers_forward_does(train_shards, tmp
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
 
 
+@pytest.mark.slow  # launches training
 def test_layerdrop_on_two_ranks_reduces_the_same_gradients_at_every_zero_stage(train_shards, tmp_path):
     """LayerDrop on 2 ranks: every rank skips the same layers (drawn from the seed and the step), so
     DeepSpeed's three gradient reductions (stage 0's all-reduce, ZeRO-1's and ZeRO-2's partitions) see

@@ -48,17 +48,15 @@ def _ranks(rank, world, port, root, out, seconds=None):
                    micro_batch_seconds=seconds)
 
 
-# the last case batches by seconds of audio (asr-dist evaluate --batch-seconds): other batches, the same result
-@pytest.mark.parametrize("world, seconds", [(1, None), (2, None), (3, None), (2, 6.0)])
-def test_identical_on_any_world_size_and_equal_to_jiwer(model_and_set, tmp_path, world, seconds):
-    root = model_and_set
+def _evaluate_and_check_against_jiwer(root, out, world: int, seconds: float | None = None) -> dict:
+    """Evaluates the set on ``world`` ranks; checks the report against jiwer on its own predictions."""
+    out.mkdir(parents=True, exist_ok=True)
     if world == 1:
-        _ranks(0, 1, 0, root, tmp_path)
+        _ranks(0, 1, 0, root, out, seconds)
     else:
-        mp.spawn(_ranks, args=(world, 29300 + os.getpid() % 300 + world, root, tmp_path, seconds), nprocs=world,
-                 join=True)
-    report = json.loads((tmp_path / "report.json").read_text())
-    rows = list(csv.DictReader(open(tmp_path / "pred.tsv", encoding="utf-8"), delimiter="\t"))
+        mp.spawn(_ranks, args=(world, 29300 + os.getpid() % 300 + world, root, out, seconds), nprocs=world, join=True)
+    report = json.loads((out / "report.json").read_text())
+    rows = list(csv.DictReader(open(out / "pred.tsv", encoding="utf-8"), delimiter="\t"))
     assert len(rows) == 25 == report["num_utterances"] and len({r["key"] for r in rows}) == 25
     refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] or "" for r in rows]
     w, c = jiwer.process_words(refs, hyps), jiwer.process_characters(refs, hyps)
@@ -66,14 +64,27 @@ def test_identical_on_any_world_size_and_equal_to_jiwer(model_and_set, tmp_path,
     assert (report["substitutions"], report["deletions"], report["insertions"]) == (w.substitutions, w.deletions, w.insertions)
     assert report["substitutions"] > 0 and report["insertions"] + report["deletions"] > 0
     assert sum(int(r["word_errors"]) for r in rows) == report["word_edits"]
-    reference = tmp_path.parent / "reference.json"  # the 1-rank report, written by the first parameter
-    if world == 1:
-        reference.write_text(json.dumps(report))
-    elif reference.exists():
-        one = json.loads(reference.read_text())
-        for k in ("wer", "cer", "num_words", "substitutions", "deletions", "insertions", "word_edits", "char_edits"):
-            assert report[k] == one[k], k
-        assert report["loss"] == pytest.approx(one["loss"], rel=1e-9 if seconds is None else 1e-5)
+    return report
+
+
+@pytest.fixture(scope="module")
+def one_rank_report(model_and_set, tmp_path_factory):
+    return _evaluate_and_check_against_jiwer(model_and_set, tmp_path_factory.mktemp("one-rank"), 1)
+
+
+def test_one_rank_equals_jiwer(one_rank_report):
+    assert one_rank_report["world_size"] == 1
+
+
+# the last case batches by seconds of audio (asr-dist evaluate --batch-seconds): other batches, the same result
+@pytest.mark.parametrize("world, seconds", [(2, None), pytest.param(3, None, marks=pytest.mark.slow),
+                                            pytest.param(2, 6.0, marks=pytest.mark.slow)])
+def test_identical_on_any_world_size_and_equal_to_jiwer(model_and_set, one_rank_report, tmp_path, world, seconds):
+    report = _evaluate_and_check_against_jiwer(model_and_set, tmp_path, world, seconds)
+    assert report["world_size"] == world
+    for k in ("wer", "cer", "num_words", "substitutions", "deletions", "insertions", "word_edits", "char_edits"):
+        assert report[k] == one_rank_report[k], k
+    assert report["loss"] == pytest.approx(one_rank_report["loss"], rel=1e-9 if seconds is None else 1e-5)
 
 
 def test_greedy_decoding():
@@ -111,6 +122,7 @@ def _ranks_on(rank, world, port, model, shards, out):
                    denv=denv, progress=False)
 
 
+@pytest.mark.slow  # 3 ranks
 def test_a_rank_with_no_utterances(model_and_set, tmp_path):
     """2 utterances on 3 ranks: the third holds none, runs only filler batches, and the counts are exact."""
     root = model_and_set
@@ -127,6 +139,7 @@ def test_a_rank_with_no_utterances(model_and_set, tmp_path):
         assert three[k] == one[k], k
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("stage", [1, 3])
 def test_evaluate_a_training_checkpoint_like_its_export(train_shards, tmp_path, stage):
     """`evaluate --model {output_dir}/checkpoints/step-N` rebuilds the model from the checkpoint (ZeRO-3

@@ -1,5 +1,5 @@
 """FLOPs per audio second from the model config: XLS-R-300M costs about 123 GFLOP to train per audio
-second (the figure in ../shared/gpu/README.md); the count scales with length and with what is frozen."""
+second (forward and backward with a frozen feature encoder); the count scales with length and with what is frozen."""
 
 import transformers
 

@@ -115,6 +115,7 @@ def test_cli_builds_an_lm_from_shards_and_evaluates_with_it(tmp_path, capsys):
     assert "no such language model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two minutes of speech through the model twice
 def test_two_minute_recording_chunks_like_the_pipeline_and_decodes_with_an_lm(tmp_path, capsys):
     """A 2-minute file of concatenated utterances: our chunked logits, decoded greedily, give exactly the
     transformers pipeline's strided-CTC transcript; `transcribe --lm` decodes the same chunks."""

@@ -164,6 +164,7 @@ def test_ctc_loss_from_host_targets():
     assert ctc_loss(logits, with_blank, frames, blank=0).item() == pytest.approx(ours.item(), rel=1e-6)
 
 
+@pytest.mark.slow  # inductor compiles on CPU
 def test_compiled_layers_run_under_the_sync_free_forward():
     """model.compile with the sync-free forward (the engine's pairing): the compiled layers and feature
     encoder blocks are the ones called (the same graphs, none new for a new length), with the loss of

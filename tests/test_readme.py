@@ -33,11 +33,47 @@ def test_the_two_commands_at_the_top_are_make_targets():
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
+ELIDED = "…"  # the README's "and the rest": dropped, or a placeholder where an option's value is elided
+
+
+def words_of(command: str) -> list[str]:
+    words = []
+    for w in shlex.split(command):
+        if w != ELIDED or (words and words[-1].startswith("-")):
+            words.append(w)
+    return words[1:] if words[0] == "sudo" else words
+
+
+def launcher_parses(words: list[str]) -> None:
+    """The launcher's own options, by the launcher's own parser: a misspelt --nproc_per_node fails here."""
+    if words[0] == "deepspeed":
+        from deepspeed.launcher.runner import parse_args
+
+        parse_args(words[1:])
+    elif words[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        get_args_parser().parse_args(words[1:])
+    else:
+        assert words[0] == "python", words
+
+
+def overrides_fit_the_schema(args, command: str) -> None:
+    """Every `section.key=value` of a train command names a config key and has a value of its type, merged
+    over the YAML it names (the cross-field checks need the user's files, so they are left out)."""
+    from asr_dist.config import ConfigError, merge_config
+
+    config = None if args.config == ELIDED else str(REPO / args.config)
+    assert config is None or Path(config).is_file(), f"{args.config} is not in the repository: {command}"
+    try:
+        merge_config(config, ["output_dir=elided", *args.overrides])  # the one key without a default
+    except ConfigError as e:
+        pytest.fail(f"README command has a wrong override ({e}): {command}")
+
+
 @pytest.mark.parametrize("command", [c for c in readme_commands() if not c.startswith("make ")])
 def test_every_command_parses(command):
-    words = [w for w in shlex.split(command) if w != "…"]
-    if words[0] == "sudo":
-        words = words[1:]
+    words = words_of(command)
     if words[:2] == ["pip", "install"]:  # an extra this project declares
         extras = re.findall(r"asr-dist\[(\w+)\]", command)
         assert extras and all(re.search(rf"^{e} =", (REPO / "setup.cfg").read_text(), re.M) for e in extras), command
@@ -46,6 +82,7 @@ def test_every_command_parses(command):
         assert (REPO / words[1]).exists(), words[1]
         return
     if words[0] == "sbatch":  # sbatch [options] slurm/X.sbatch CONFIG [overrides]: the script runs train with them
+        # (sbatch's own options are checked by tests/slurm, which submits with them to a real cluster)
         script = next(w for w in words if w.endswith(".sbatch"))
         assert (REPO / script).exists(), script
         rest = words[words.index(script) + 1:]
@@ -57,10 +94,28 @@ def test_every_command_parses(command):
     else:  # a launcher: deepspeed / torchrun / python in front of one of our entry scripts
         script = next(w for w in words if w.endswith(".py"))
         assert (REPO / script).exists(), script
+        try:
+            launcher_parses(words)
+        except SystemExit as e:
+            pytest.fail(f"README command's launcher options do not parse ({e}): {command}")
         sub = {"train.py": "train", "evaluate.py": "evaluate", "transcribe.py": "transcribe", "build.py": "shards"}
         name = Path(script).name
         args = ([sub[name]] + (["build"] if name == "build.py" else [])) + words[words.index(script) + 1:]
     try:
-        make_parser().parse_args(args)
+        parsed = make_parser().parse_args(args)
     except SystemExit as e:
         pytest.fail(f"README command does not parse ({e}): {command}")
+    if args[0] == "train":
+        overrides_fit_the_schema(parsed, command)
+
+
+def test_a_misspelt_key_or_flag_fails():
+    """The checks above catch what they claim: a README with a typo would fail them."""
+    with pytest.raises(pytest.fail.Exception, match="wrong override"):
+        test_every_command_parses("asr-dist train --config configs/xlsr300m-danish.yaml data.micro_batchsize=4")
+    with pytest.raises(pytest.fail.Exception, match="wrong override"):
+        test_every_command_parses("sbatch slurm/train.sbatch configs/xlsr300m-danish.yaml data.micro_batch_size=two")
+    with pytest.raises(pytest.fail.Exception, match="launcher options"):
+        test_every_command_parses("torchrun --nprocs_per_node 8 launch/train.py --config configs/xlsr300m-danish.yaml")
+    with pytest.raises(pytest.fail.Exception, match="does not parse"):
+        test_every_command_parses("asr-dist evaluate --model m --shards s --batchsize 4")

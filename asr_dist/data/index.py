@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import InvalidValue, PathNotFound, UserError
+
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 VOCAB_NAME = "vocab.json"
@@ -33,7 +35,7 @@ HIST_BIN_SECONDS = 1.0
 REJECTS_HEADER = "input\titem\treason\tdetail\n"
 
 
-class ShardError(Exception):
+class ShardError(UserError):
     """A shard that cannot be read; the message names the shard and the last good sample."""
 
 
@@ -162,15 +164,15 @@ def read_index(directory: str | os.PathLike) -> dict:
     d = Path(directory)
     p = d / INDEX_NAME
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: no such shard directory")
+        raise PathNotFound(f"{d}: no such shard directory")
     if not p.exists():
         hint = " (a build was interrupted here: re-run it with the same arguments to finish)" if (d / STATE_NAME).exists() else ""
-        raise FileNotFoundError(f"{d}: no {INDEX_NAME}; not a complete shard set{hint}")
+        raise PathNotFound(f"{d}: no {INDEX_NAME}; not a complete shard set{hint}")
     with open(p, encoding="utf-8") as f:
         index = json.load(f)
     version = index.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{p}: format version {version}, this asr-dist reads version {FORMAT_VERSION}")
+        raise InvalidValue(f"{p}: format version {version}, this asr-dist reads version {FORMAT_VERSION}")
     return index
 
 

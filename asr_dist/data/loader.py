@@ -55,6 +55,7 @@ import soundfile as sf
 import torch
 
 from ..audio import SAMPLE_RATE
+from ..errors import UserError
 from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER, load_vocab
 from . import index as fmt
 from .worker_signals import BLOCKED_AT_START, OWNER_ENV, loader_worker_init
@@ -62,7 +63,7 @@ from .worker_signals import BLOCKED_AT_START, OWNER_ENV, loader_worker_init
 log = logging.getLogger(__name__)
 
 
-class LoaderError(Exception):
+class LoaderError(UserError):
     """A configuration or data problem that stops loading; the message says what to change."""
 
 

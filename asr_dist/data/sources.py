@@ -24,6 +24,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import UserError
+
 FORMATS = ("commonvoice", "nemo", "audiofolder", "hf-dataset", "kaldi")
 TEXT_COLUMNS = ("transcription", "text", "sentence", "transcript", "normalized_text")
 AUDIO_COLUMNS = ("audio", "path", "file")
@@ -31,7 +33,7 @@ SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class InputError(Exception):
+class InputError(UserError):
     """An input that cannot be read at all; the message says what to change."""
 
 

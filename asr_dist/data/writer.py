@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..audio import SAMPLE_RATE, AudioError, decode, encode, num_ctc_frames, probe, to_16k
+from ..errors import UserError
 from ..text import (
     Normalizer,
     TextReject,
@@ -244,7 +245,7 @@ def _map(fn, tasks: list, work: dict, workers: int, ordered: bool = True, chunks
 # ───────────────────────────── pass 2: each worker writes whole shards ─────────────────────────────
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """The build cannot go on; the message says why and what to do."""
 
 

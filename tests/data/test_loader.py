@@ -78,7 +78,7 @@ def _spawn(fn, world, *args):
     mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_every_rank_gets_the_same_number_of_batches_and_no_repeats(train_set, tmp_path, world):
     out = tmp_path / "result.json"
     _spawn(_train_ranks, world, train_set, str(out))
@@ -95,7 +95,7 @@ def test_every_rank_gets_the_same_number_of_batches_and_no_repeats(train_set, tm
         assert per_rank[0][0] != per_rank[0][1]  # a new order every epoch
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_evaluation_sees_every_utterance_once(eval_set, tmp_path, world):
     out = tmp_path / "eval.json"
     _spawn(_eval_ranks, world, eval_set, str(out))
@@ -134,7 +134,8 @@ def test_evaluation_is_sorted_by_length(eval_set):
 SECONDS = dict(micro_batch_seconds=10.0, global_batch_seconds=40.0)  # the large-batch mode, at this corpus' scale
 
 
-@pytest.mark.parametrize("workers, mode", [(0, {}), (2, {}), (0, SECONDS), (2, SECONDS)])
+@pytest.mark.parametrize("workers, mode", [(0, {}), pytest.param(2, {}, marks=pytest.mark.slow), (0, SECONDS),
+                                           pytest.param(2, SECONDS, marks=pytest.mark.slow)])
 def test_resume_continues_the_identical_sequence(train_set, workers, mode):
     kw = dict(rank=1, world_size=2, micro_batch_size=2, global_batch_size=8, num_workers=workers, bucket_batches=3,
               **mode)
@@ -274,6 +275,7 @@ def test_batch_sizes_that_do_not_divide_say_which_would(train_set):
         TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=4, global_batch_size=128)
 
 
+@pytest.mark.slow  # 4 loaders x 2 worker processes
 def test_too_few_shards_warns_and_still_splits_fairly(eval_set, caplog):
     with caplog.at_level(logging.WARNING):
         loaders = [TrainLoader(eval_set, rank=r, world_size=4, micro_batch_size=1, global_batch_size=4, num_workers=2)
@@ -284,7 +286,7 @@ def test_too_few_shards_warns_and_still_splits_fairly(eval_set, caplog):
 
 
 def test_batches_match_what_transformers_would_feed(train_set, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a hard dependency: missing, the test fails rather than skips
     tok = transformers.Wav2Vec2CTCTokenizer(str(Path(train_set) / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
                                             word_delimiter_token="|")
     fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
@@ -355,7 +357,7 @@ def test_damaged_shards_by_policy(train_set, tmp_path):
     assert len(batches) == skip.micro_batches_per_epoch  # the count holds: other shards stand in
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_skipped_samples_count_survives_a_resume(train_set, tmp_path, workers):
     d = tmp_path / "s"
     shutil.copytree(train_set, d)
@@ -382,6 +384,7 @@ def test_skipped_samples_count_survives_a_resume(train_set, tmp_path, workers):
         assert second.skipped_samples == whole.skipped_samples, (stop, first.skipped_samples)
 
 
+@pytest.mark.slow  # signals to worker processes, with waits
 def test_loader_processes_ignore_preemption_signals(train_set):
     """SLURM signals every process of a job step (USR1 before a time limit, TERM at scancel, preemption
     and the limit): the forkserver and workers must survive them (only the rank acts on them), or the
@@ -434,6 +437,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # a rank process killed and its workers waited for
 def test_a_killed_rank_leaves_no_loader_processes(train_set, tmp_path):
     """SIGKILL a rank right after its first batch (its second worker may not have started yet): its
     forkserver, workers and resource tracker all end, every time (measured before the fix: a worker

@@ -1,6 +1,7 @@
 """GPU checks (skipped without CUDA): fp16 with dynamic loss scaling on the XLS-R-300M preset for a
 few hundred steps, bf16, and ZeRO-3 export consolidation. Run on a GPU machine with
-`python -m pytest -q tests/gpu` (see ../shared/gpu/README.md for carrying the packages)."""
+`python -m pytest -q tests/gpu`, or through `bench/gpu-check.sh`, which says how to bring the packages
+onto a GPU machine that has no package registry."""
 
 from __future__ import annotations
 

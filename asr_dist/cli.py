@@ -42,12 +42,21 @@ def _part(value: str) -> tuple[int, int]:
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inputs")
     g.add_argument("--input", "-i", action="append", required=True, metavar="PATH",
-                   help="a corpus: Common Voice .tsv, NeMo .json/.jsonl manifest, audiofolder directory "
-                        "(metadata.csv/.jsonl), datasets save_to_disk directory, or Kaldi data dir; repeatable")
-    g.add_argument("--input-format", choices=("commonvoice", "nemo", "audiofolder", "hf-dataset", "kaldi"),
+                   help="a corpus: Common Voice .tsv or release directory (cv-corpus-N/da), NeMo .json/.jsonl "
+                        "manifest, audiofolder directory (metadata.csv/.jsonl), Hugging Face dataset repository "
+                        "as downloaded (parquet), datasets cache or save_to_disk directory, or Kaldi data dir; repeatable")
+    g.add_argument("--input-format", choices=("commonvoice", "nemo", "audiofolder", "hf-dataset", "hf-hub", "hf-cache", "kaldi"),
                    help="force the layout of every --input instead of detecting it")
     g.add_argument("--text-column", help="transcript column/field (default: sentence, text, transcription, … as found)")
     g.add_argument("--audio-column", help="audio column of a datasets input (default: audio)")
+    g.add_argument("--subset", metavar="NAME", help="subset (config) of a Hugging Face dataset repository or cache "
+                                                    "(default: the card's default)")
+    g.add_argument("--split", metavar="NAME", help="split of a Hugging Face dataset or Common Voice release "
+                                                   "(train, dev, test, …; default: the only one)")
+    g.add_argument("--keep-fields", metavar="F1,F2", type=lambda v: [f for f in v.split(",") if f.strip()],
+                   help="metadata carried into each sample's JSON, e.g. speaker,gender,age,dialect (default: "
+                        "Common Voice speaker,age,gender,accents; NeMo its extra keys; audiofolder and Hugging Face "
+                        "their columns; Kaldi speaker and spk2gender's gender)")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", required=True, metavar="DIR", help="shard set directory")
     g.add_argument("--audio-format", choices=("flac", "wav"), default="flac", help="stored audio, 16 kHz mono 16-bit (default: flac)")
@@ -86,7 +95,8 @@ def build_options_from_args(args):
         raise UserError(f"--{', --'.join(settings).replace('_', '-')} only apply to --normalizer danish")
     return BuildOptions(
         inputs=args.input, output=args.output, input_format=args.input_format, text_column=args.text_column,
-        audio_column=args.audio_column, audio_format=args.audio_format, normalizer=args.normalizer,
+        audio_column=args.audio_column, subset=args.subset, split=args.split, keep_fields=args.keep_fields,
+        audio_format=args.audio_format, normalizer=args.normalizer,
         normalizer_settings=settings, vocab=args.vocab, min_duration=args.min_duration,
         max_duration=args.max_duration, shard_size=args.shard_size, seed=args.seed,
         sort_in_shard=args.sort_in_shard, workers=args.workers, part=args.part,

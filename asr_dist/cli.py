@@ -203,10 +203,18 @@ def cmd_evaluate(args) -> int:
 
     r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
                        micro_batch_size=args.batch_size, micro_batch_seconds=args.batch_seconds,
-                       num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args))
+                       num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args),
+                       group_by=args.by, seed=args.seed)
     if r["world_size"] == 1 or get_rank_zero():
         print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
                                             "insertions", "audio_hours", "real_time_factor")}, indent=1))
+        for field, groups in (r.get("groups") or {}).items():
+            print(f"\nby {field}:")
+            print(f"  {'value':<24} {'utts':>6} {'words':>7} {'edits':>6} {'WER %':>7} {'95 % CI':>15} {'CER %':>7}")
+            for value, g in groups.items():
+                lo, hi = g["wer_ci95"]
+                print(f"  {value[:24]:<24} {g['utterances']:>6} {g['ref_words']:>7} {g['word_edits']:>6} "
+                      f"{100 * g['wer']:>7.2f} {f'{100 * lo:.1f}-{100 * hi:.1f}':>15} {100 * g['cer']:>7.2f}")
     return EXIT_OK
 
 
@@ -334,6 +342,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, metavar="DIR_OR_CORPUS")
     p.add_argument("--report", metavar="FILE.json", help="write wer, cer, counts, hours and real-time factor here")
     p.add_argument("--predictions", metavar="FILE.tsv", help="write key, reference, hypothesis, word errors per utterance")
+    p.add_argument("--by", action="append", metavar="FIELD",
+                   help="also report WER/CER per value of this metadata field of the samples (gender, dialect, …; "
+                        "see shards info), with 95 %% bootstrap intervals; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling for --by (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass (default: 16)")
     p.add_argument("--batch-seconds", type=float, default=None, metavar="S",
                    help="instead: forward passes of as many utterances as fit in S seconds of audio, padding "

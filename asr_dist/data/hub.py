@@ -95,7 +95,6 @@ def resolve_hub(path: Path, subset: str | None, split: str | None) -> tuple[str,
 
     from .sources import InputError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask the network
     try:
         names = datasets.get_dataset_config_names(str(path))
         default = datasets.get_dataset_default_config_name(str(path))

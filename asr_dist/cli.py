@@ -39,12 +39,21 @@ def _part(value: str) -> tuple[int, int]:
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inputs")
     g.add_argument("--input", "-i", action="append", required=True, metavar="PATH",
-                   help="a corpus: Common Voice .tsv, NeMo .json/.jsonl manifest, audiofolder directory "
-                        "(metadata.csv/.jsonl), datasets save_to_disk directory, or Kaldi data dir; repeatable")
-    g.add_argument("--input-format", choices=("commonvoice", "nemo", "audiofolder", "hf-dataset", "kaldi"),
+                   help="a corpus: Common Voice .tsv or release directory (cv-corpus-N/da), NeMo .json/.jsonl "
+                        "manifest, audiofolder directory (metadata.csv/.jsonl), Hugging Face dataset repository "
+                        "as downloaded (parquet), datasets cache or save_to_disk directory, or Kaldi data dir; repeatable")
+    g.add_argument("--input-format", choices=("commonvoice", "nemo", "audiofolder", "hf-dataset", "hf-hub", "hf-cache", "kaldi"),
                    help="force the layout of every --input instead of detecting it")
     g.add_argument("--text-column", help="transcript column/field (default: sentence, text, transcription, … as found)")
     g.add_argument("--audio-column", help="audio column of a datasets input (default: audio)")
+    g.add_argument("--subset", metavar="NAME", help="subset (config) of a Hugging Face dataset repository or cache "
+                                                    "(default: the card's default)")
+    g.add_argument("--split", metavar="NAME", help="split of a Hugging Face dataset or Common Voice release "
+                                                   "(train, dev, test, …; default: the only one)")
+    g.add_argument("--keep-fields", metavar="F1,F2", type=lambda v: [f for f in v.split(",") if f.strip()],
+                   help="metadata carried into each sample's JSON, e.g. speaker,gender,age,dialect (default: "
+                        "Common Voice speaker,age,gender,accents; NeMo its extra keys; audiofolder and Hugging Face "
+                        "their columns; Kaldi speaker and spk2gender's gender)")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", required=True, metavar="DIR", help="shard set directory")
     g.add_argument("--audio-format", choices=("flac", "wav"), default="flac", help="stored audio, 16 kHz mono 16-bit (default: flac)")
@@ -83,7 +92,8 @@ def build_options_from_args(args):
         raise UserError(f"--{', --'.join(settings).replace('_', '-')} only apply to --normalizer danish")
     return BuildOptions(
         inputs=args.input, output=args.output, input_format=args.input_format, text_column=args.text_column,
-        audio_column=args.audio_column, audio_format=args.audio_format, normalizer=args.normalizer,
+        audio_column=args.audio_column, subset=args.subset, split=args.split, keep_fields=args.keep_fields,
+        audio_format=args.audio_format, normalizer=args.normalizer,
         normalizer_settings=settings, vocab=args.vocab, min_duration=args.min_duration,
         max_duration=args.max_duration, shard_size=args.shard_size, seed=args.seed,
         sort_in_shard=args.sort_in_shard, workers=args.workers, part=args.part,
@@ -190,10 +200,18 @@ def cmd_evaluate(args) -> int:
 
     r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
                        micro_batch_size=args.batch_size, micro_batch_seconds=args.batch_seconds,
-                       num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args))
+                       num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args),
+                       group_by=args.by, seed=args.seed)
     if r["world_size"] == 1 or get_rank_zero():
         print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
                                             "insertions", "audio_hours", "real_time_factor")}, indent=1))
+        for field, groups in (r.get("groups") or {}).items():
+            print(f"\nby {field}:")
+            print(f"  {'value':<24} {'utts':>6} {'words':>7} {'edits':>6} {'WER %':>7} {'95 % CI':>15} {'CER %':>7}")
+            for value, g in groups.items():
+                lo, hi = g["wer_ci95"]
+                print(f"  {value[:24]:<24} {g['utterances']:>6} {g['ref_words']:>7} {g['word_edits']:>6} "
+                      f"{100 * g['wer']:>7.2f} {f'{100 * lo:.1f}-{100 * hi:.1f}':>15} {100 * g['cer']:>7.2f}")
     return EXIT_OK
 
 
@@ -324,6 +342,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, metavar="DIR_OR_CORPUS")
     p.add_argument("--report", metavar="FILE.json", help="write wer, cer, counts, hours and real-time factor here")
     p.add_argument("--predictions", metavar="FILE.tsv", help="write key, reference, hypothesis, word errors per utterance")
+    p.add_argument("--by", action="append", metavar="FIELD",
+                   help="also report WER/CER per value of this metadata field of the samples (gender, dialect, …; "
+                        "see shards info), with 95 %% bootstrap intervals; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling for --by (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass (default: 16)")
     p.add_argument("--batch-seconds", type=float, default=None, metavar="S",
                    help="instead: forward passes of as many utterances as fit in S seconds of audio, padding "

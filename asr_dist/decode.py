@@ -84,13 +84,15 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
 
 def evaluate_model(model_dir: str, source: str, report: str | None = None, predictions: str | None = None,
                    micro_batch_size: int = 16, num_workers: int = 2, denv: DistEnv | None = None,
-                   progress: bool = True, decoder: dict | None = None, micro_batch_seconds: float | None = None) -> dict:
+                   progress: bool = True, decoder: dict | None = None, micro_batch_seconds: float | None = None,
+                   group_by: list[str] | None = None, seed: int = 0) -> dict:
     """WER, CER and error counts of ``model_dir`` (an exported model or a training checkpoint) on
     ``source``, on every rank of the job. ``decoder``: None for greedy decoding, else
-    BeamSearchDecoder's arguments (lm, beam_width, alpha, beta)."""
+    BeamSearchDecoder's arguments (lm, beam_width, alpha, beta). ``group_by``: metadata fields of the
+    samples' JSON to break the rates down by (``result["groups"]``, bootstrap intervals from ``seed``)."""
     with model_directory(model_dir) as d:
         result = _evaluate_model(d, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers,
-                                 denv, progress, decoder)
+                                 denv, progress, decoder, group_by or [], seed)
     result["model"] = str(model_dir)
     if report and result.pop("_write_report", False):
         Path(report).write_text(json.dumps(result, indent=1) + "\n")
@@ -99,7 +101,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
 
 
 def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers, denv,
-                    progress, decoder) -> dict:
+                    progress, decoder, group_by=(), seed=0) -> dict:
     denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
@@ -129,13 +131,14 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
             r = evaluate_set(lambda x, m: model(input_values=x, attention_mask=m).logits,
                              model._get_feat_extract_output_lengths, loader, beam or GreedyDecoder(vocab),
                              model.config.pad_token_id, device, torch.float32, denv.world_size,
-                             keep_predictions=predictions is not None, progress=bar)
+                             keep_predictions=predictions is not None or bool(group_by), progress=bar)
         elapsed = time.time() - t0
         rows = r["predictions"]
-        if denv.world_size > 1 and predictions is not None:
+        if denv.world_size > 1 and (predictions is not None or group_by):
             gathered = [None] * denv.world_size
             dist.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
+        groups = _groups(shards_dir, sorted(rows), group_by, seed) if group_by else None
     c = r["counts"]
     result = {
         "model": str(model_dir), "data": str(source), "wer": c.wer, "cer": c.cer, "loss": r["loss"],
@@ -146,6 +149,8 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
         "world_size": denv.world_size, "text_normalizer": meta.get("text_normalizer"),
         "decoder": beam.settings() if beam else {"decoder": "greedy"},
     }
+    if groups is not None:
+        result["groups"] = groups
     if denv.is_main:
         result["_write_report"] = bool(report)
         if predictions is not None:
@@ -154,6 +159,27 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
                 w.writerow(["key", "reference", "hypothesis", "word_errors"])
                 w.writerows(sorted(rows))
     return result
+
+
+def _groups(shards_dir: str, rows: list, fields: list[str], seed: int) -> dict:
+    """{field: {value: rates, counts, intervals}} from every rank's (key, ref, hyp, …) rows, the same on
+    every rank (all ranks hold all rows, in key order)."""
+    from .data import index as fmt
+    from .metrics import group_report, utterance_counts
+
+    index = fmt.read_index(shards_dir)
+    known = index.get("fields") or {}
+    missing = [f for f in fields if f not in known]
+    if missing:
+        raise ModelDirError(f"{shards_dir}: no metadata field {', '.join(missing)} in its samples; fields there: "
+                            f"{', '.join(known) or '(none; build the shards with --keep-fields)'}")
+    meta = {}
+    for shard in index["shards"]:
+        for loc in fmt.list_shard(Path(shards_dir) / shard["name"]):
+            m = json.loads(loc.meta)
+            meta[loc.key] = {f: m.get(f) for f in fields}
+    counts = [utterance_counts(ref, hyp or "") for _, ref, hyp, *_ in rows]
+    return {f: group_report([meta[row[0]][f] for row in rows], counts, seed=seed) for f in fields}
 
 
 def _beam_decoder(model_dir: str, options: dict | None):

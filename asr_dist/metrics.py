@@ -77,3 +77,67 @@ class ErrorCounts:
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "ErrorCounts":
         return cls(*(int(round(v)) for v in t.tolist()))
+
+
+NO_VALUE = "(none)"  # the group of utterances without a value for the field, so groups sum to the whole
+
+
+def utterance_counts(ref: str, hyp: str) -> ErrorCounts:
+    """One utterance's counts (what a group or a bootstrap resample sums)."""
+    c = ErrorCounts()
+    c.add([ref], [hyp])
+    return c
+
+
+def group_counts(values: list, counts: list[ErrorCounts]) -> dict[str, ErrorCounts]:
+    """Sum per-utterance counts by the utterances' values of one metadata field (None: ``NO_VALUE``).
+
+    Every utterance falls in exactly one group, so the groups' counts add up to the whole set's."""
+    out: dict[str, ErrorCounts] = {}
+    for v, c in zip(values, counts):
+        key = NO_VALUE if v is None or v == "" else str(v)
+        g = out.setdefault(key, ErrorCounts())
+        for f in dataclasses.fields(ErrorCounts):
+            setattr(g, f.name, getattr(g, f.name) + getattr(c, f.name))
+    return dict(sorted(out.items()))
+
+
+def bootstrap_interval(counts: list[ErrorCounts], seed: int = 0, num_resamples: int = 1000,
+                       level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of WER and CER: utterances resampled with replacement
+    (``num_resamples`` times, from ``seed``), each resample's rate its summed edits over its summed
+    reference length, as for the whole set."""
+    import numpy as np
+
+    n = len(counts)
+    if n == 0:
+        return {"wer": (0.0, 0.0), "cer": (0.0, 0.0)}
+    arr = np.array([[c.word_edits, c.ref_words, c.char_edits, c.ref_chars] for c in counts], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    rates = []
+    block = max(1, min(num_resamples, 2_000_000 // n))  # resamples per draw: bounded memory for large sets
+    done = 0
+    while done < num_resamples:
+        b = min(block, num_resamples - done)
+        sums = arr[rng.integers(0, n, size=(b, n))].sum(axis=1)  # (b, 4)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rates.append(np.stack([np.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1], 0.0),
+                                   np.where(sums[:, 3] > 0, sums[:, 2] / sums[:, 3], 0.0)], axis=1))
+        done += b
+    r = np.concatenate(rates)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {"wer": tuple(float(x) for x in np.percentile(r[:, 0], [lo, hi])),
+            "cer": tuple(float(x) for x in np.percentile(r[:, 1], [lo, hi]))}
+
+
+def group_report(values: list, counts: list[ErrorCounts], seed: int = 0, num_resamples: int = 1000) -> dict:
+    """Per value of a field: WER, CER, the counts and 95 % bootstrap intervals (JSON-ready)."""
+    out = {}
+    members: dict[str, list[ErrorCounts]] = {}
+    for v, c in zip(values, counts):
+        members.setdefault(NO_VALUE if v is None or v == "" else str(v), []).append(c)
+    for key, g in group_counts(values, counts).items():
+        ci = bootstrap_interval(members[key], seed=seed, num_resamples=num_resamples)
+        out[key] = {"wer": g.wer, "cer": g.cer, "wer_ci95": list(ci["wer"]), "cer_ci95": list(ci["cer"]),
+                    **dataclasses.asdict(g)}
+    return out

@@ -85,7 +85,12 @@ def random_voice(rng: random.Random) -> Voice:
     return Voice(variant=rng.choice(VARIANTS), rate=rng.randint(140, 200), pitch=rng.randint(30, 70))
 
 
-LAYOUTS = ("commonvoice", "nemo", "audiofolder", "kaldi")
+LAYOUTS = ("commonvoice", "commonvoice-release", "nemo", "audiofolder", "kaldi", "hf-hub")
+GENDERS = ("female_feminine", "male_masculine", "")
+AGES = ("twenties", "thirties", "fifties", "")
+DIALECTS = ("Sjællandsk", "Fynsk", "Sønderjysk", "Nordjysk")
+# the Hub layout's audio: codec and rate cycle over the rows, so one corpus holds all of them
+HUB_CODECS = (("FLAC", 16000), ("WAV", 44100), ("MP3", 48000), ("FLAC", 22050), ("MP3", 32000), ("WAV", 8000))
 
 
 def write_corpus(out_dir, layout: str, num: int, seed: int = 0, sample_rate: int = SYNTH_RATE,
@@ -95,7 +100,15 @@ def write_corpus(out_dir, layout: str, num: int, seed: int = 0, sample_rate: int
 
     Returns the path to give ``asr-dist shards build --input``. Sentences, voices, speeds and
     pitches are drawn from ``seed``; audio is written at ``sample_rate`` with ``channels`` channels
-    (the same signal in each)."""
+    (the same signal in each).
+
+    "commonvoice-release" is a release's language directory (cv-corpus-1/da: train, dev, test,
+    validated and other TSVs with the demographic columns, clips/); "hf-hub" a Hugging Face dataset
+    repository as downloaded: README.md with the card's ``configs:`` (subset "default" with splits
+    train, in two parquet files, and test under data/; subset "extra" under extra/), audio embedded
+    as FLAC, WAV and MP3 at the rates of ``HUB_CODECS``, row groups of 4 rows."""
+    if layout == "hf-hub":
+        return _write_hub(out_dir, num, seed, sentences, prefix)
     import csv
     import json
     from pathlib import Path
@@ -106,7 +119,10 @@ def write_corpus(out_dir, layout: str, num: int, seed: int = 0, sample_rate: int
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     out = Path(out_dir)
-    audio_dir = out / {"commonvoice": "clips", "nemo": "audio", "audiofolder": "", "kaldi": "wav"}[layout]
+    if layout == "commonvoice-release":
+        out = out / "cv-corpus-1" / "da"
+    audio_dir = out / {"commonvoice": "clips", "commonvoice-release": "clips", "nemo": "audio", "audiofolder": "",
+                       "kaldi": "wav"}[layout]
     audio_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     sentences = sentences or danish_sentences()
@@ -123,6 +139,20 @@ def write_corpus(out_dir, layout: str, num: int, seed: int = 0, sample_rate: int
         name = f"{prefix}_{i:05d}.{audio_format}"
         sf.write(audio_dir / name, audio, sample_rate, subtype="PCM_16" if audio_format in ("wav", "flac") else None)
         rows.append((name, text, len(audio) / sample_rate, f"spk{i % 7}"))
+    if layout == "commonvoice-release":
+        cols = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
+                "gender", "accents", "variant", "locale", "segment")
+        table = [(spk, name, f"s{i}", text, "", "2", "0", AGES[i % len(AGES)], GENDERS[i % len(GENDERS)],
+                  DIALECTS[i % len(DIALECTS)] if i % 5 else "", "", "da", "")
+                 for i, (name, text, _, spk) in enumerate(rows)]
+        n_test = max(1, num // 5)
+        parts = {"train": table[:num - 2 * n_test], "dev": table[num - 2 * n_test:num - n_test],
+                 "test": table[num - n_test:], "validated": table, "other": []}
+        for split, part in parts.items():
+            with open(out / f"{split}.tsv", "w", encoding="utf-8") as f:
+                f.write("\t".join(cols) + "\n")
+                f.writelines("\t".join(r) + "\n" for r in part)
+        return str(out)
     if layout == "commonvoice":
         with open(out / "train.tsv", "w", encoding="utf-8") as f:
             f.write("client_id\tpath\tsentence\n")
@@ -154,3 +184,51 @@ def recombine(sentences: list[str], n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = sorted({w for s in sentences for w in s.replace(",", " ").replace(".", " ").replace("?", " ").split()})
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+def _write_hub(out_dir, num: int, seed: int, sentences: list[str] | None, prefix: str | None) -> str:
+    import io
+    from pathlib import Path
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+    import soxr
+
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    sentences = sentences or danish_sentences()
+    synth = Synthesizer()
+    prefix = prefix or "hub"
+    rows = []
+    for i in range(num):
+        text = rng.choice(sentences)
+        audio = synth(text, random_voice(rng))
+        codec, rate = HUB_CODECS[i % len(HUB_CODECS)]
+        audio = soxr.resample(audio, SYNTH_RATE, rate, quality="HQ")
+        buf = io.BytesIO()
+        sf.write(buf, audio, rate, format=codec, subtype="PCM_16" if codec != "MP3" else None)
+        rows.append({"audio": {"bytes": buf.getvalue(), "path": f"{prefix}_{i:05d}.{codec.lower()}"}, "text": text,
+                     "speaker_id": f"spk{i % 7}", "gender": GENDERS[i % len(GENDERS)] or None,
+                     "age": 20 + i % 4 * 10, "dialect": DIALECTS[i % len(DIALECTS)]})
+    # the datasets schema (Audio feature in the parquet metadata), as push_to_hub writes it; the table is
+    # made with pyarrow, because datasets' Audio encoder needs torchcodec even for ready bytes
+    features = datasets.Features({"audio": datasets.Audio(), "text": datasets.Value("string"),
+                                  "speaker_id": datasets.Value("string"), "gender": datasets.Value("string"),
+                                  "age": datasets.Value("int32"), "dialect": datasets.Value("string")})
+    n_test = max(1, num // 4)
+    train, test = rows[:num - n_test], rows[num - n_test:]
+    half = (len(train) + 1) // 2
+    files = {"data/train-00000-of-00002.parquet": train[:half], "data/train-00001-of-00002.parquet": train[half:],
+             "data/test-00000-of-00001.parquet": test, "extra/train-00000-of-00001.parquet": rows[:3]}
+    for name, part in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(part, schema=features.arrow_schema)
+        pq.write_table(table, out / name, row_group_size=4)
+    (out / "README.md").write_text(
+        "---\nlicense: cc0-1.0\nconfigs:\n- config_name: default\n  default: true\n  data_files:\n"
+        "  - split: train\n    path: data/train-*\n  - split: test\n    path: data/test-*\n"
+        "- config_name: extra\n  data_files:\n  - split: train\n    path: extra/*.parquet\n---\n"
+        "# Synthetic Danish speech\n", encoding="utf-8")
+    return str(out)

@@ -75,6 +75,23 @@ def histogram_merge(hists) -> dict[str, int]:
     return {k: total[k] for k in sorted(total, key=int)}
 
 
+def field_value_key(value) -> str:
+    """How a metadata value is counted in index.json: strings as they are, other JSON values as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def fields_summary(per_shard) -> dict:
+    """index.json's ``fields``: for each metadata field, the samples that have it and the count of each value."""
+    total: dict[str, Counter] = {}
+    for fields in per_shard:
+        for name, counts in fields.items():
+            total.setdefault(name, Counter()).update(counts)
+    return {
+        name: {"num_samples": sum(c.values()), "num_values": len(c), "counts": dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))}
+        for name, c in sorted(total.items())
+    }
+
+
 def iter_shard(path: str | os.PathLike, data: bytes | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) for each sample of a shard (read from ``data`` when the
     caller already holds its bytes), refusing anything but plain files with safe relative names

@@ -1,10 +1,11 @@
 """Corpus readers: every supported input layout to a flat list of ``Item``s and ``Reject``s.
 
-  Common Voice TSV ─┐
-  NeMo JSONL ───────┤
-  HF audiofolder ───┼──> scan_inputs ──> [Item(key, audio ref, text_raw, speaker)] + [Reject]
-  datasets on disk ─┤
-  Kaldi data dir ───┘
+  Common Voice TSV or release dir ─┐
+  NeMo JSONL ──────────────────────┤
+  HF audiofolder ──────────────────┤
+  datasets on disk / cache ────────┼──> read_input ──> [Item(key, audio ref, text_raw, speaker, fields)] + [Reject]
+  HF Hub repo (parquet) ───────────┤
+  Kaldi data dir ──────────────────┘
 
 Reading a manifest is cheap: no audio is opened here. Every line, row or utterance that cannot
 become an item is returned as a Reject naming the input and the line, so nothing is lost quietly.
@@ -21,12 +22,20 @@ import io
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
 
-FORMATS = ("commonvoice", "nemo", "audiofolder", "hf-dataset", "kaldi")
+FORMATS = ("commonvoice", "nemo", "audiofolder", "hf-dataset", "hf-hub", "hf-cache", "kaldi")
+# layouts with splits; the others ignore --split and --subset
+SPLIT_FORMATS = ("commonvoice", "hf-hub", "hf-cache", "hf-dataset")
+COMMONVOICE_SPLITS = ("train", "dev", "test", "validated", "other", "invalidated")
+# Common Voice's demographic columns kept by default ("speaker" is its client_id)
+COMMONVOICE_FIELDS = ("speaker", "age", "gender", "accents")
+# names the sample JSON already uses; an input column of one of these names is not carried
+RESERVED_FIELDS = frozenset(("text", "text_raw", "duration", "num_samples", "source", "id", "audio_sha256"))
 TEXT_COLUMNS = ("transcription", "text", "sentence", "transcript", "normalized_text")
 AUDIO_COLUMNS = ("audio", "path", "file")
 SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")
@@ -60,7 +69,15 @@ class Item:
     offset: float = 0.0
     duration: float | None = None
     speaker: str | None = None
+    blob: tuple | None = None  # (spill file, offset, size): audio bytes copied out of a parquet/arrow table
+    fields: dict = dataclasses.field(default_factory=dict)  # metadata kept in the sample's JSON
     text: str = ""  # normalised, filled in by the builder
+
+    def metadata(self) -> dict:
+        """The fields for the sample's JSON: the speaker (where the input names one) and the kept fields."""
+        out = {"speaker": self.speaker} if self.speaker is not None else {}
+        out.update(self.fields)
+        return out
 
 
 def make_key(name: str) -> str:
@@ -94,12 +111,21 @@ def detect_format(path: Path) -> str:
             return "kaldi"
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return "hf-dataset"
+        if (path / "clips").is_dir() and any((path / f"{s}.tsv").exists() for s in COMMONVOICE_SPLITS):
+            return "commonvoice"
+        from . import hub
+
+        if hub.is_cache_dir(path):
+            return "hf-cache"
+        if hub.is_hub_repo(path):
+            return "hf-hub"
         if any(path.rglob("metadata.csv")) or any(path.rglob("metadata.jsonl")):
             return "audiofolder"
         raise InputError(
             f"{path}: a directory without wav.scp (Kaldi), state.json/dataset_dict.json (datasets "
-            f"save_to_disk) or metadata.csv/metadata.jsonl (audiofolder); point --input at one of those, "
-            f"or at a Common Voice .tsv or NeMo manifest file"
+            f"save_to_disk), dataset_info.json + *.arrow (datasets cache), *.parquet (Hugging Face dataset "
+            f"repository), clips/ + train.tsv … (Common Voice release) or metadata.csv/metadata.jsonl "
+            f"(audiofolder); point --input at one of those, or at a Common Voice .tsv or NeMo manifest file"
         )
     raise InputError(f"{path}: no such file or directory")
 
@@ -107,7 +133,11 @@ def detect_format(path: Path) -> str:
 def manifest_files(path: Path, fmt: str) -> list[Path]:
     """The small files that define an input (hashed into index.json); audio is not hashed."""
     if fmt in ("commonvoice", "nemo"):
-        return [path]
+        return [path] if path.is_file() else sorted(path.glob("*.tsv"))
+    if fmt in ("hf-hub", "hf-cache"):
+        from . import hub
+
+        return hub.manifest_files(path, fmt)
     if fmt == "kaldi":
         return [path / n for n in ("wav.scp", "text", "segments", "utt2spk") if (path / n).exists()]
     if fmt == "audiofolder":
@@ -115,11 +145,21 @@ def manifest_files(path: Path, fmt: str) -> list[Path]:
     return sorted(p for p in path.rglob("*.json"))
 
 
+_TABLE_SUFFIXES = (".parquet", ".arrow")
+_TABLE_TAIL = 1 << 20
+
+
 def hash_files(paths: list[Path]) -> str:
+    """SHA-256 over the files' names and bytes; of a parquet or arrow table (gigabytes of audio) only
+    its size and last MiB (a parquet footer holds every row group's statistics)."""
     h = hashlib.sha256()
     for p in paths:
         h.update(str(p.name).encode() + b"\0")
         with open(p, "rb") as f:
+            if p.suffix in _TABLE_SUFFIXES:
+                size = os.fstat(f.fileno()).st_size
+                h.update(str(size).encode() + b"\0")
+                f.seek(max(0, size - _TABLE_TAIL))
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
@@ -151,7 +191,42 @@ def _pick(columns, wanted: str | None, candidates: tuple[str, ...], what: str, w
     return None
 
 
-def read_commonvoice(path: Path, label: str, text_column: str | None = None, **_) -> Iterator[Item | Reject]:
+def _kept(columns, keep: list[str] | None, defaults, columns_seen: set | None) -> list[str]:
+    """The input's columns to carry: ``keep`` where given, else the layout's ``defaults`` (all columns
+    when None); names the sample JSON already uses are never carried."""
+    if columns_seen is not None:
+        columns_seen.update(columns)
+    wanted = (list(columns) if defaults is None else list(defaults)) if keep is None else keep
+    return [c for c in wanted if c in columns and c not in RESERVED_FIELDS and c != "speaker"]
+
+
+def _values(row: dict, cols: list[str]) -> dict:
+    out = {}
+    for c in cols:
+        v = row.get(c)
+        if v is not None and v != "":
+            out[c] = sys.intern(v) if isinstance(v, str) else v if isinstance(v, (bool, int, float)) else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
+    return out
+
+
+def _speaker_kept(keep: list[str] | None) -> bool:
+    return keep is None or "speaker" in keep
+
+
+def commonvoice_tsv(path: Path, split: str | None) -> Path:
+    """The TSV of ``split`` in a Common Voice release's language directory (cv-corpus-N/da)."""
+    have = [s for s in COMMONVOICE_SPLITS if (path / f"{s}.tsv").exists()]
+    if split is None:
+        raise InputError(f"{path}: a Common Voice release with splits {', '.join(have)}; choose one with --split")
+    if split not in have:
+        raise InputError(f"{path}: no split {split!r} ({split}.tsv); splits found: {', '.join(have)}")
+    return path / f"{split}.tsv"
+
+
+def read_commonvoice(path: Path, label: str, text_column: str | None = None, keep: list[str] | None = None,
+                     columns_seen: set | None = None, split: str | None = None, **_) -> Iterator[Item | Reject]:
+    if path.is_dir():
+        path = commonvoice_tsv(path, split)
     clips = path.parent / "clips"
     audio_dir = clips if clips.is_dir() else path.parent
     lines = _lines(path, label)
@@ -171,7 +246,11 @@ def read_commonvoice(path: Path, label: str, text_column: str | None = None, **_
                         f"columns found: {', '.join(header)}"
                     )
             text_col = _pick(header, text_column, ("sentence",), "text", str(path))
-            speaker_col = "client_id" if "client_id" in header else None
+            speaker_col = "client_id" if "client_id" in header and _speaker_kept(keep) else None
+            others = [c for c in header if c not in ("path", text_col)]
+            if "client_id" in header and columns_seen is not None:
+                columns_seen.add("speaker")
+            kept = _kept(others, keep, [c for c in COMMONVOICE_FIELDS], columns_seen)
             continue
         if not line.strip():
             continue
@@ -183,7 +262,8 @@ def read_commonvoice(path: Path, label: str, text_column: str | None = None, **_
         clip = row["path"]
         yield Item(
             label, f"{path.name} line {n}", make_key(_stem(clip)), row[text_col],
-            audio_path=str(audio_dir / clip), speaker=row.get(speaker_col) if speaker_col else None,
+            audio_path=str(audio_dir / clip), speaker=(row.get(speaker_col) or None) if speaker_col else None,
+            fields=_values(row, kept),
         )
 
 
@@ -191,7 +271,11 @@ def _resolve(base: Path, p: str) -> str:
     return p if os.path.isabs(p) else str(base / p)
 
 
-def read_nemo(path: Path, label: str, text_column: str | None = None, **_) -> Iterator[Item | Reject]:
+_NEMO_KEYS = ("audio_filepath", "offset", "duration")
+
+
+def read_nemo(path: Path, label: str, text_column: str | None = None, keep: list[str] | None = None,
+              columns_seen: set | None = None, **_) -> Iterator[Item | Reject]:
     text_key = text_column or "text"
     for n, line, rej in _lines(path, label):
         if rej:
@@ -216,13 +300,17 @@ def read_nemo(path: Path, label: str, text_column: str | None = None, **_) -> It
             yield Reject(label, where, "bad_line", "offset/duration are not numbers")
             continue
         audio = _resolve(path.parent, entry["audio_filepath"])
+        extra = [k for k in entry if k not in _NEMO_KEYS and k != text_key]
         yield Item(
             label, where, _segment_key(_stem(audio), offset), str(entry[text_key]), audio_path=audio,
-            offset=offset, duration=duration, speaker=str(entry["speaker"]) if entry.get("speaker") is not None else None,
+            offset=offset, duration=duration,
+            speaker=str(entry["speaker"]) if entry.get("speaker") is not None and _speaker_kept(keep) else None,
+            fields=_values(entry, _kept(extra, keep, None, columns_seen)),
         )
 
 
-def read_audiofolder(path: Path, label: str, text_column: str | None = None, **_) -> Iterator[Item | Reject]:
+def read_audiofolder(path: Path, label: str, text_column: str | None = None, keep: list[str] | None = None,
+                     columns_seen: set | None = None, **_) -> Iterator[Item | Reject]:
     metas = sorted(list(path.rglob("metadata.csv")) + list(path.rglob("metadata.jsonl")))
     for meta in metas:
         rel = meta.relative_to(path)
@@ -241,6 +329,11 @@ def read_audiofolder(path: Path, label: str, text_column: str | None = None, **_
                     raise InputError(f"{meta}: no 'file_name' column; columns found: {', '.join(row)}")
                 text_col = _pick(list(row), text_column, TEXT_COLUMNS, "text", str(meta))
                 speaker_col = _pick(list(row), None, SPEAKER_COLUMNS, "speaker", str(meta), required=False)
+                if speaker_col and columns_seen is not None:
+                    columns_seen.add("speaker")
+                if not _speaker_kept(keep):
+                    speaker_col = None
+                kept = _kept([c for c in row if c not in ("file_name", text_col)], keep, None, columns_seen)
             fname = row.get("file_name")
             if not isinstance(fname, str) or not fname:
                 yield Reject(label, where, "bad_line", "empty file_name")
@@ -249,6 +342,7 @@ def read_audiofolder(path: Path, label: str, text_column: str | None = None, **_
             yield Item(
                 label, where, make_key(rel_name), str(row.get(text_col) or ""), audio_path=str(meta.parent / fname),
                 speaker=str(row[speaker_col]) if speaker_col and row.get(speaker_col) not in (None, "") else None,
+                fields=_values(row, kept),
             )
 
 
@@ -288,7 +382,8 @@ def _jsonl_rows(meta: Path, label: str, rel: Path):
         yield where, row, None
 
 
-def read_kaldi(path: Path, label: str, **_) -> Iterator[Item | Reject]:
+def read_kaldi(path: Path, label: str, keep: list[str] | None = None, columns_seen: set | None = None,
+               **_) -> Iterator[Item | Reject]:
     def table(name: str) -> dict[str, tuple[str, str]]:
         out: dict[str, tuple[str, str]] = {}
         f = path / name
@@ -308,6 +403,11 @@ def read_kaldi(path: Path, label: str, **_) -> Iterator[Item | Reject]:
     wavs = table("wav.scp")
     segments = table("segments")
     spk = table("utt2spk")
+    # spk2gender: the gender of each speaker, carried as the field "gender"
+    gender = table("spk2gender") if spk and (keep is None or "gender" in keep) else {}
+    if columns_seen is not None:
+        columns_seen.update((["speaker"] if spk else []) + (["gender"] if (path / "spk2gender").exists() and spk else []))
+    keep_speaker = _speaker_kept(keep)
     used_recordings = set()
     for n, line, rej in _lines(path / "text", label):
         if rej:
@@ -337,7 +437,8 @@ def read_kaldi(path: Path, label: str, **_) -> Iterator[Item | Reject]:
         audio_path = wav if wav.endswith("|") else _resolve(path, wav)
         yield Item(
             label, where, make_key(utt), words, audio_path=audio_path, offset=offset, duration=duration,
-            speaker=spk[utt][0] if utt in spk else None,
+            speaker=spk[utt][0] if keep_speaker and utt in spk else None,
+            fields={"gender": sys.intern(gender[s][0])} if (s := (spk.get(utt) or ("",))[0]) in gender else {},
         )
     if not segments:
         for rec, (_, where) in wavs.items():
@@ -346,12 +447,17 @@ def read_kaldi(path: Path, label: str, **_) -> Iterator[Item | Reject]:
 
 
 def read_hf_dataset(
-    path: Path, label: str, text_column: str | None = None, audio_column: str | None = None, **_
+    path: Path, label: str, text_column: str | None = None, audio_column: str | None = None,
+    keep: list[str] | None = None, columns_seen: set | None = None, split: str | None = None, **_
 ) -> Iterator[Item | Reject]:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
     splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    if split is not None and isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise InputError(f"{path}: no split {split!r}; splits found: {', '.join(loaded)}")
+        splits = [(split, loaded[split])]
     for split, ds in splits:
         where_ds = f"{path} split {split}" if split else str(path)
         cols = ds.column_names
@@ -361,7 +467,11 @@ def read_hf_dataset(
         paths = ds.cast_column(audio_col, datasets.Audio(decode=False))[audio_col] if isinstance(
             ds.features[audio_col], datasets.Audio) else None
         texts = ds[text_col]
-        speakers = ds[speaker_col] if speaker_col else None
+        if speaker_col and columns_seen is not None:
+            columns_seen.add("speaker")
+        speakers = ds[speaker_col] if speaker_col and _speaker_kept(keep) else None
+        kept = _kept([c for c in cols if c not in (audio_col, text_col)], keep, None, columns_seen)
+        values = {c: ds[c] for c in kept}
         for i, text in enumerate(texts):
             where = f"{split + ' ' if split else ''}row {i}"
             name = (paths[i] or {}).get("path") if paths is not None else None
@@ -369,7 +479,20 @@ def read_hf_dataset(
             yield Item(
                 label, where, key, "" if text is None else str(text), dataset=(str(path), split, i, audio_col),
                 speaker=str(speakers[i]) if speakers is not None and speakers[i] is not None else None,
+                fields=_values({c: v[i] for c, v in values.items()}, kept),
             )
+
+
+def read_hf_tables(path: Path, label: str, fmt: str, subset: str | None = None, split: str | None = None,
+                   spill=None, **kw) -> Iterator[Item | Reject]:
+    from . import hub
+
+    resolve = hub.resolve_hub if fmt == "hf-hub" else hub.resolve_cache
+    subset, split, files = resolve(path, subset, split)
+    if spill is None:
+        raise InputError(f"{path}: reading a parquet/arrow dataset needs a spill file for its audio")
+    yield from hub.read_tables(files, path, label, subset, split, kw.get("text_column"), kw.get("audio_column"),
+                               kw.get("keep"), spill, kw.get("columns_seen") if kw.get("columns_seen") is not None else set())
 
 
 READERS = {
@@ -377,6 +500,8 @@ READERS = {
     "nemo": read_nemo,
     "audiofolder": read_audiofolder,
     "hf-dataset": read_hf_dataset,
+    "hf-hub": lambda path, label, **kw: read_hf_tables(path, label, "hf-hub", **kw),
+    "hf-cache": lambda path, label, **kw: read_hf_tables(path, label, "hf-cache", **kw),
     "kaldi": read_kaldi,
 }
 
@@ -387,20 +512,39 @@ class InputSpec:
     format: str
     label: str
     manifest_sha256: str
+    subset: str | None = None
+    split: str | None = None
 
 
-def resolve_input(path: str, fmt: str | None) -> InputSpec:
+def resolve_input(path: str, fmt: str | None, subset: str | None = None, split: str | None = None) -> InputSpec:
+    """An input's layout and identity; ``subset``/``split`` choose the part of a layout that has them
+    (a Hub repository, a datasets cache or save_to_disk dir, a Common Voice release dir)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: no such file or directory")
     fmt = fmt or detect_format(p)
     if fmt not in READERS:
         raise InputError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return InputSpec(p, fmt, path, hash_files(manifest_files(p, fmt)))
+    if fmt in ("hf-hub", "hf-cache"):
+        from . import hub
+
+        subset, split, _ = (hub.resolve_hub if fmt == "hf-hub" else hub.resolve_cache)(p, subset, split)
+    elif fmt == "commonvoice" and p.is_dir():
+        commonvoice_tsv(p, split)
+        subset = None
+    else:
+        subset = None
+        split = split if fmt == "hf-dataset" else None
+    return InputSpec(p, fmt, path, hash_files(manifest_files(p, fmt)), subset, split)
 
 
-def read_input(spec: InputSpec, text_column: str | None = None, audio_column: str | None = None):
-    return READERS[spec.format](spec.path, spec.label, text_column=text_column, audio_column=audio_column)
+def read_input(spec: InputSpec, text_column: str | None = None, audio_column: str | None = None,
+               keep: list[str] | None = None, spill=None, columns_seen: set | None = None):
+    """Items and Rejects of one input; ``keep`` names the fields to carry (None: the layout's defaults),
+    ``columns_seen`` collects the fields the input offers, ``spill`` takes parquet/arrow audio bytes."""
+    return READERS[spec.format](spec.path, spec.label, text_column=text_column, audio_column=audio_column,
+                                keep=keep, spill=spill, columns_seen=columns_seen, subset=spec.subset,
+                                split=spec.split)
 
 
 _DATASETS: dict = {}
@@ -408,7 +552,11 @@ _DATASETS: dict = {}
 
 def item_audio(item: Item) -> str | bytes:
     """An item's audio for soundfile: the path of a plain file (libsndfile reads what it needs),
-    or the bytes of a Kaldi command's output or a datasets row."""
+    or the bytes of a Kaldi command's output, a datasets row or a parquet/arrow table's row."""
+    if item.blob is not None:
+        from .hub import read_blob
+
+        return read_blob(item.blob)
     if item.dataset is None and not item.audio_path.rstrip().endswith("|"):
         return item.audio_path
     return _item_audio_bytes(item)

@@ -104,6 +104,9 @@ def _check_sample(key: str, files: dict[str, bytes], audio_ext: str, allowed: se
     return out
 
 
+INFO_VALUES_SHOWN = 12
+
+
 def info(directory: str) -> str:
     """Counts, hours, a duration histogram and the character inventory, as text."""
     d = Path(directory)
@@ -126,4 +129,12 @@ def info(directory: str) -> str:
     lines += ["", "characters (count):"]
     chars = index["characters"]
     lines.append("  " + "  ".join(f"{c if c != ' ' else '␣'}:{n}" for c, n in sorted(chars.items(), key=lambda kv: -kv[1])))
+    fields = index.get("fields") or {}
+    if fields:
+        lines += ["", "metadata fields (samples with a value; the most frequent values):"]
+    for name, f in fields.items():
+        shown = list(f["counts"].items())[:INFO_VALUES_SHOWN]
+        more = f" … {f['num_values'] - len(shown)} more" if f["num_values"] > len(shown) else ""
+        lines.append(f"  {name}: {f['num_samples']} samples, {f['num_values']} values: "
+                     + ", ".join(f"{v}:{n}" for v, n in shown) + more)
     return "\n".join(lines)

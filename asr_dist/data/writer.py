@@ -21,7 +21,9 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,7 +45,8 @@ from ..text import (
     vocab_json_bytes,
 )
 from . import index as fmt
-from .sources import InputError, Item, Reject, item_audio, read_input, resolve_input
+from .hub import Spill
+from .sources import RESERVED_FIELDS, InputError, Item, Reject, item_audio, read_input, resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ class BuildOptions:
     input_format: str | None = None
     text_column: str | None = None
     audio_column: str | None = None
+    subset: str | None = None  # of a Hugging Face dataset repository or cache
+    split: str | None = None  # of a Hugging Face dataset or a Common Voice release
+    keep_fields: list[str] | None = None  # metadata carried into each sample's JSON; None: the layout's defaults
     audio_format: str = "flac"
     normalizer: str = "danish"
     normalizer_settings: dict = dataclasses.field(default_factory=dict)
@@ -92,6 +98,12 @@ class BuildOptions:
                 raise InputError(f"--part {i}/{n}: I must be in 0..N-1")
         if not 0 <= self.max_reject_fraction <= 1:
             raise InputError("--max-reject-fraction must be between 0 and 1")
+        if self.keep_fields is not None:
+            self.keep_fields = list(dict.fromkeys(f.strip() for f in self.keep_fields if f.strip()))
+            reserved = sorted(set(self.keep_fields) & RESERVED_FIELDS)
+            if reserved:
+                raise InputError(f"--keep-fields {','.join(reserved)}: the sample JSON already has "
+                                 f"{'this field' if len(reserved) == 1 else 'these fields'}; choose other names")
 
 
 @dataclasses.dataclass
@@ -161,14 +173,20 @@ def _in_part(name: str, part: tuple[int, int] | None) -> bool:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % n == i
 
 
-def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None) -> tuple[list[Item], list[Reject]]:
-    """All items of all inputs, text normalised, duplicates and text rejects removed, in shuffle order."""
+def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None,
+         spill: Spill | None = None) -> tuple[list[Item], list[Reject]]:
+    """All items of all inputs, text normalised, duplicates and text rejects removed, in shuffle order.
+
+    Audio held in parquet/arrow tables is copied to ``spill`` on the way (a row group at a time)."""
     allowed = vocab_chars(vocab) if vocab else None
     items: list[Item] = []
     rejects: list[Reject] = []
     seen: dict[str, Item] = {}
+    offered: dict[str, set] = {}
     for spec in specs:
-        for it in read_input(spec, opts.text_column, opts.audio_column):
+        columns = offered.setdefault(spec.label, set())
+        for it in read_input(spec, opts.text_column, opts.audio_column, keep=opts.keep_fields, spill=spill,
+                             columns_seen=columns):
             if isinstance(it, Reject):
                 if _in_part(f"{it.input}\0{it.item}", opts.part):
                     rejects.append(it)
@@ -191,6 +209,13 @@ def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None) 
                     rejects.append(Reject(it.input, it.item, "oov_chars", "characters not in --vocab: " + "".join(oov)))
                     continue
             items.append(it)
+    if opts.keep_fields is not None:
+        everywhere = set().union(*offered.values())
+        missing = [f for f in opts.keep_fields if f not in everywhere]
+        if missing:
+            have = "; ".join(f"{label}: {', '.join(sorted(c)) or '(none)'}" for label, c in offered.items())
+            raise InputError(f"--keep-fields {','.join(missing)}: no input has {'this field' if len(missing) == 1 else 'these fields'}; "
+                             f"fields found: {have}")
     items.sort(key=lambda it: order_key(opts.seed, it.key))
     return items, rejects
 
@@ -288,8 +313,7 @@ def _encode_item(item: Item, audio_format: str) -> tuple[str, bytes, dict]:
         "id": item.item,
         "audio_sha256": hashlib.sha256(data).hexdigest(),
     }
-    if item.speaker is not None:
-        meta["speaker"] = item.speaker
+    meta.update(item.metadata())
     return item.key, fmt.tar_member_bytes(item.key, {audio_format: data, "json": _meta_bytes(meta)}), meta
 
 
@@ -319,6 +343,7 @@ def write_shard(task: ShardTask) -> dict:
     digest = hashlib.sha256()
     hist: dict[str, int] = {}
     chars: Counter = Counter()
+    fields: dict[str, Counter] = {}
     seconds, size, count = 0.0, 0, 0
     with open(tmp, "wb") as f:
         for _, blob, meta in samples:
@@ -329,6 +354,9 @@ def write_shard(task: ShardTask) -> dict:
             seconds += meta["duration"]
             fmt.histogram_add(hist, meta["duration"])
             chars.update(meta["text"])
+            for k, v in meta.items():
+                if k not in RESERVED_FIELDS:
+                    fields.setdefault(k, Counter())[fmt.field_value_key(v)] += 1
         end = fmt.tar_end(size)
         f.write(end)
         digest.update(end)
@@ -343,6 +371,7 @@ def write_shard(task: ShardTask) -> dict:
         "sha256": digest.hexdigest(),
         "histogram": hist,
         "characters": dict(sorted(chars.items())),
+        "fields": {k: dict(sorted(c.items())) for k, c in sorted(fields.items())},
     }
 
 
@@ -422,7 +451,10 @@ def _plan(out: Path, sources: list, shard_size: int, audio_format: str, sort_in_
 def _fingerprint(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None) -> dict:
     return {
         "format_version": fmt.FORMAT_VERSION,
-        "inputs": [{"path": s.label, "format": s.format, "manifest_sha256": s.manifest_sha256} for s in specs],
+        "inputs": [{"path": s.label, "format": s.format, "manifest_sha256": s.manifest_sha256,
+                    **({"subset": s.subset} if s.subset else {}), **({"split": s.split} if s.split else {})}
+                   for s in specs],
+        "keep_fields": opts.keep_fields,
         "text_column": opts.text_column,
         "audio_column": opts.audio_column,
         "audio_format": opts.audio_format,
@@ -462,6 +494,7 @@ def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | No
         "shards": [{k: s[k] for k in ("name", "num_samples", "audio_seconds", "bytes", "sha256")} for s in shards],
         "duration_histogram": {"bin_seconds": fmt.HIST_BIN_SECONDS, "counts": fmt.histogram_merge(s["histogram"] for s in shards)},
         "characters": dict(sorted(chars.items())),
+        "fields": fmt.fields_summary(s.get("fields", {}) for s in shards),
         "text_normalizer": fingerprint["normalizer"],
         "vocab_sha256": vocab_hash(vocab),
         "num_rejected": len(rows),
@@ -493,11 +526,44 @@ def build(opts: BuildOptions) -> BuildSummary:
     t0 = time.time()
     normalizer = Normalizer(opts.normalizer, **opts.normalizer_settings)
     vocab = load_vocab(opts.vocab) if opts.vocab else None
-    specs = [resolve_input(p, opts.input_format) for p in opts.inputs]
-    items, rejects = scan(opts, specs, normalizer, vocab)
-    log.info("scanned %d inputs: %d items, %d rejected by text or key", len(specs), len(items), len(rejects))
+    specs = [resolve_input(p, opts.input_format, opts.subset, opts.split) for p in opts.inputs]
     out = Path(opts.output)
     fingerprint = _fingerprint(opts, specs, normalizer, vocab)
+    complete = _complete_index(out, fingerprint) if not (opts.dry_run or opts.overwrite) else None
+    if complete is not None:  # before the scan, which copies the audio of parquet/arrow inputs
+        s = _summary_from_index(complete, opts.output, opts.max_reject_fraction)
+        s.already_complete = True
+        return s
+    tables = any(s.format in ("hf-hub", "hf-cache") for s in specs)
+    spill_dir = None
+    if tables:
+        # beside the output (the same disk, sized for the corpus); a dry run writes nothing there
+        if not opts.dry_run:
+            out.mkdir(parents=True, exist_ok=True)
+        spill_dir = Path(tempfile.mkdtemp(prefix=".spill-", dir=None if opts.dry_run else out))
+    try:
+        spill = Spill(spill_dir / "audio.bin") if spill_dir else None
+        return _build(opts, t0, specs, out, fingerprint, normalizer, vocab, spill)
+    finally:
+        if spill_dir is not None:
+            spill.close()
+            shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _complete_index(out: Path, fingerprint: dict) -> dict | None:
+    p = out / fmt.INDEX_NAME
+    if not p.exists():
+        return None
+    existing = json.loads(p.read_text(encoding="utf-8"))
+    return existing if existing.get("fingerprint") == fingerprint else None
+
+
+def _build(opts: BuildOptions, t0: float, specs, out: Path, fingerprint: dict, normalizer: Normalizer,
+           vocab: dict | None, spill: Spill | None) -> BuildSummary:
+    items, rejects = scan(opts, specs, normalizer, vocab, spill)
+    if spill is not None:
+        spill.flush()
+    log.info("scanned %d inputs: %d items, %d rejected by text or key", len(specs), len(items), len(rejects))
     if not opts.dry_run:
         existing, finished = _prepare_output(out, fingerprint, opts.overwrite)
         if existing is not None:

@@ -1,0 +1,101 @@
+"""WER per metadata group in `asr-dist evaluate --by`: exact group counts summing to the whole, the same
+on 1 and 2 ranks, equal to jiwer on each group's predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import jiwer
+import pytest
+import torch
+import torch.multiprocessing as mp
+import transformers
+
+from asr_dist.cli import main
+from asr_dist.data.writer import BuildOptions, build
+from asr_dist.decode import ModelDirError, evaluate_model
+from asr_dist.distributed import DistEnv
+from asr_dist.export import make_processor
+from asr_dist.model import PRESETS
+from asr_dist.synth import write_corpus
+
+
+@pytest.fixture(scope="module")
+def model_and_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groups")
+    src = Path(write_corpus(root / "corpus", "nemo", 13, seed=31))
+    lines = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()]
+    for i, e in enumerate(lines):  # NeMo's extra keys become fields; utterance 5 has no dialect
+        e.update(gender="fm"[i % 2], **({"dialect": ("Fynsk", "Jysk", "Sjællandsk")[i % 3]} if i != 5 else {}))
+    src.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines), encoding="utf-8")
+    build(BuildOptions(inputs=[str(src)], output=str(root / "shards"), shard_size=4, progress=False))
+    vocab = json.loads((root / "shards" / "vocab.json").read_text())
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab), pad_token_id=0))
+    with torch.no_grad():  # characters, not only blanks, so every group has edits
+        model.lm_head.bias.copy_(torch.randn(len(vocab)) * 2)
+        model.lm_head.bias[0] = -5
+    model.save_pretrained(str(root / "model"))
+    make_processor(root / "shards" / "vocab.json").save_pretrained(str(root / "model"))
+    (root / "model" / "asr_dist.json").write_text(json.dumps({"text_normalizer": {"name": "danish", "settings": {}}}))
+    return root
+
+
+def _ranks(rank, world, port, root, out):
+    torch.set_num_threads(1)
+    evaluate_model(str(root / "model"), str(root / "shards"), report=str(out / "report.json"),
+                   predictions=str(out / "pred.tsv"), micro_batch_size=3, num_workers=0,
+                   denv=DistEnv(rank, rank, world, "127.0.0.1", port, "test"), progress=False,
+                   group_by=["gender", "dialect"], seed=5)
+
+
+@pytest.mark.slow
+def test_groups_identical_on_1_and_2_ranks_and_equal_to_jiwer(model_and_set, tmp_path):
+    root = model_and_set
+    reports = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        if world == 1:
+            _ranks(0, 1, 0, root, out)
+        else:
+            mp.spawn(_ranks, args=(2, 29700 + os.getpid() % 200, root, out), nprocs=2, join=True)
+        reports[world] = json.loads((out / "report.json").read_text())
+    assert reports[1]["groups"] == reports[2]["groups"]
+    rep = reports[1]
+    rows = {r["key"]: r for r in csv.DictReader(open(tmp_path / "w1" / "pred.tsv", encoding="utf-8"), delimiter="\t")}
+    for field in ("gender", "dialect"):
+        groups = rep["groups"][field]
+        for k in ("utterances", "ref_words", "word_edits", "char_edits", "substitutions", "deletions", "insertions"):
+            want = rep["num_utterances" if k == "utterances" else "num_words" if k == "ref_words" else k]
+            assert sum(g[k] for g in groups.values()) == want, (field, k)
+        for g in groups.values():
+            assert g["wer_ci95"][0] <= g["wer"] <= g["wer_ci95"][1]
+    assert set(rep["groups"]["dialect"]) == {"Fynsk", "Jysk", "Sjællandsk", "(none)"}
+    assert rep["groups"]["dialect"]["(none)"]["utterances"] == 1
+    # each group's WER is jiwer's on that group's predictions
+    from asr_dist.data import index as fmt
+
+    gender = {}
+    for shard in fmt.read_index(root / "shards")["shards"]:
+        for loc in fmt.list_shard(root / "shards" / shard["name"]):
+            gender[loc.key] = json.loads(loc.meta)["gender"]
+    for value in ("f", "m"):
+        sel = [r for k, r in rows.items() if gender[k] == value]
+        assert rep["groups"]["gender"][value]["wer"] == pytest.approx(
+            jiwer.wer([r["reference"] for r in sel], [r["hypothesis"] or "" for r in sel]), abs=1e-12)
+
+
+def test_unknown_field_and_the_table(model_and_set, tmp_path, capsys):
+    root = model_and_set
+    with pytest.raises(ModelDirError, match=r"no metadata field age in its samples; fields there: dialect, gender"):
+        evaluate_model(str(root / "model"), str(root / "shards"), num_workers=0, progress=False, group_by=["age"])
+    assert main(["evaluate", "--model", str(root / "model"), "--shards", str(root / "shards"), "--by", "gender",
+                 "--workers", "0", "--no-progress", "--report", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "by gender:" in out and "95 % CI" in out
+    groups = json.loads((tmp_path / "r.json").read_text())["groups"]["gender"]
+    assert sum(g["utterances"] for g in groups.values()) == 13

@@ -48,6 +48,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="force the layout of every --input instead of detecting it")
     g.add_argument("--text-column", help="transcript column/field (default: sentence, text, transcription, … as found)")
     g.add_argument("--audio-column", help="audio column of a datasets input (default: audio)")
+    g.add_argument("--allow-commands", action="store_true",
+                   help="run the shell commands of Kaldi wav.scp entries ending in '|' (only for manifests you trust)")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", required=True, metavar="DIR", help="shard set directory")
     g.add_argument("--audio-format", choices=("flac", "wav"), default="flac", help="stored audio, 16 kHz mono 16-bit (default: flac)")
@@ -90,7 +92,8 @@ def build_options_from_args(args):
         normalizer_settings=settings, vocab=args.vocab, min_duration=args.min_duration,
         max_duration=args.max_duration, shard_size=args.shard_size, seed=args.seed,
         sort_in_shard=args.sort_in_shard, workers=args.workers, part=args.part,
-        max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite, dry_run=args.dry_run,
+        max_reject_fraction=args.max_reject_fraction, allow_commands=args.allow_commands,
+        overwrite=args.overwrite, dry_run=args.dry_run,
         progress=not args.no_progress,
     )
 

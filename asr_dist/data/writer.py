@@ -68,6 +68,7 @@ class BuildOptions:
     workers: int = 1
     part: tuple[int, int] | None = None  # (I, N), 0 <= I < N
     max_reject_fraction: float = 0.05
+    allow_commands: bool = False  # run Kaldi wav.scp commands ("… |") through the shell
     overwrite: bool = False
     dry_run: bool = False
     progress: bool = True
@@ -167,7 +168,7 @@ def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None) 
     rejects: list[Reject] = []
     seen: dict[str, Item] = {}
     for spec in specs:
-        for it in read_input(spec, opts.text_column, opts.audio_column):
+        for it in read_input(spec, opts.text_column, opts.audio_column, opts.allow_commands):
             if isinstance(it, Reject):
                 if _in_part(f"{it.input}\0{it.item}", opts.part):
                     rejects.append(it)

@@ -20,6 +20,7 @@ import webdataset as wds
 
 from asr_dist.cli import main
 from asr_dist.data import index as fmt
+from asr_dist.data.sources import InputError
 from asr_dist.data.verify import verify
 from asr_dist.data.writer import BuildOptions, build, merge
 
@@ -179,16 +180,34 @@ def test_kaldi_segments_and_commands(corpus, tmp_path):
     scp = [line.split() for line in (d / "wav.scp").read_text().splitlines()]
     text = [line.split(" ", 1) for line in (d / "text").read_text(encoding="utf-8").splitlines()]
     # recording 0 as a command, cut into two segments; recording 1 plain; recording 2 not in text
-    (d / "wav.scp").write_text(f"rec0 cat {d / scp[0][1]} |\nrec1 {scp[1][1]}\nrec2 {scp[2][1]}\n")
+    ran = tmp_path / "ran"
+    (d / "wav.scp").write_text(f"rec1 {scp[1][1]}\nrec0 touch {ran}; cat {d / scp[0][1]} |\nrec2 {scp[2][1]}\n")
     dur0 = sf.info(d / scp[0][1]).duration
     (d / "segments").write_text(f"u0a rec0 0.0 {dur0 / 2:.3f}\nu0b rec0 {dur0 / 2:.3f} {dur0:.3f}\nu1 rec1 0 -1\nu3 rec9 0 1\n")
     (d / "text").write_text(f"u0a det er\nu0b en test\nu1 {text[1][1]}\nu3 hej\nu4 ingen segment\n", encoding="utf-8")
     (d / "utt2spk").write_text("u0a s0\nu0b s0\nu1 s1\n")
-    s = build(opts(str(d), tmp_path / "out", min_duration=0.3, max_reject_fraction=1))
+    # a command runs through the shell only when allowed: without the flag, an error naming the line and the flag
+    with pytest.raises(InputError, match=r"wav\.scp: line 2 is a command .*--allow-commands"):
+        build(opts(str(d), tmp_path / "out", min_duration=0.3, max_reject_fraction=1))
+    assert not ran.exists()
+    s = build(opts(str(d), tmp_path / "out", min_duration=0.3, max_reject_fraction=1, allow_commands=True))
+    assert ran.exists()
     samples = read_set(tmp_path / "out")
     assert sorted(samples) == ["u0a", "u0b", "u1"]
     assert abs(samples["u0a"][0]["duration"] - dur0 / 2) < 2e-3 and samples["u0a"][0]["speaker"] == "s0"
     assert {r["reason"] for r in rejects(tmp_path / "out")} == {"missing_audio_entry"} and s.num_rejected == 2
+
+
+def test_a_path_ending_in_a_pipe_is_a_file_name_not_a_command(corpus, tmp_path):
+    """Only Kaldi's wav.scp has commands; a NeMo manifest's path ending in '|' is a missing file."""
+    src = Path(corpus("nemo", num=4))
+    ran = tmp_path / "ran"
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
+    rows[0]["audio_filepath"] = f"/bin/sh -c 'touch {ran}' |"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    s = build(opts(str(src), tmp_path / "out", max_reject_fraction=1, allow_commands=True))
+    assert not ran.exists()
+    assert [r["reason"] for r in rejects(tmp_path / "out")] == ["missing_file"] and s.num_kept == 3
 
 
 def test_given_vocab_reports_characters_outside_it(corpus, tmp_path):

@@ -161,10 +161,11 @@ def cmd_train(args) -> int:
     accelerator = configure_accelerator()
     if args.dry_run:
         from .data.loader import ShardSet, TrainLoader
-        from .engine import check_layerdrop, deepspeed_config
+        from .engine import check_layerdrop, check_shard_builds, deepspeed_config
 
         world = args.world_size or get_env().world_size
         check_layerdrop(cfg, world, shared_draws=cfg.model.sync_free_forward)  # (a model with an adapter: at the start)
+        check_shard_builds(cfg)
         shards = ShardSet.open(cfg.data.train_shards)
         d = cfg.data
         loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=d.micro_batch_size,

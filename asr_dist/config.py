@@ -40,6 +40,7 @@ class DataArgs:
     bucket_batches: int = 32  # length bucketing buffer, in micro-batches (1 = no bucketing)
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
+    allow_failed_shards: bool = False  # train on a shard set whose build rejected more than --max-reject-fraction
 
 
 @dataclass

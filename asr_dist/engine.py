@@ -31,7 +31,7 @@ import torch.distributed as dist
 from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
-from .data.index import ShardError
+from .data.index import ShardError, build_failure, read_index
 from .flops import peak_flops, train_flops_per_audio_second
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, accumulation_steps
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
@@ -134,6 +134,20 @@ def check_layerdrop(cfg: Config, world_size: int, shared_draws: bool) -> None:
             f"false, or a model with an adapter): each rank would skip different layers, and DeepSpeed's gradient "
             f"reduction then mismatches between ranks (a crash or a hang). Set model.sync_free_forward=true (it skips "
             f"the same layers on every rank), model.layerdrop=0, or train on one rank")
+
+
+def check_shard_builds(cfg: Config) -> None:
+    """A shard set whose build rejected more than its --max-reject-fraction is refused unless
+    data.allow_failed_shards says to use it anyway."""
+    if cfg.data.allow_failed_shards:
+        return
+    sets = [("data.train_shards", d) for d in cfg.data.train_shards]
+    sets += [(f"data.eval_shards.{name}", d) for name, d in cfg.data.eval_shards.items()]
+    for key, d in sets:
+        why = build_failure(read_index(d))
+        if why:
+            raise ConfigError(f"{key}: {d}: {why}. Fix the inputs and build it again (or with a higher "
+                              f"--max-reject-fraction), or set data.allow_failed_shards=true to use it as it is")
 
 
 def merge_user_config(ds: dict, path: str) -> None:
@@ -265,6 +279,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.rank, self.world = denv.rank, denv.world_size
         # everything that can fail on the config or the data fails here, before any model work
+        check_shard_builds(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards)
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,

@@ -174,6 +174,22 @@ def read_index(directory: str | os.PathLike) -> dict:
     return index
 
 
+def build_failure(index: dict) -> str | None:
+    """Why the build of this set failed (more rejected than its --max-reject-fraction), or None."""
+    failed = index.get("build_failed")
+    if not failed:
+        return None
+    return (f"its build failed: {100 * failed['reject_fraction']:.1f} % of the items were rejected, over "
+            f"--max-reject-fraction {failed['max_reject_fraction']} (see {REJECTS_NAME})")
+
+
+def failure_mark(reject_fraction: float, max_reject_fraction: float) -> dict | None:
+    """index.json's ``build_failed``: set when more than ``max_reject_fraction`` was rejected."""
+    if reject_fraction <= max_reject_fraction:
+        return None
+    return {"reject_fraction": round(reject_fraction, 6), "max_reject_fraction": max_reject_fraction}
+
+
 def write_json_atomic(path: Path, obj, **kwargs) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

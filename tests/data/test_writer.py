@@ -141,6 +141,37 @@ def test_bad_input_is_listed_in_rejects(corpus, tmp_path):
     assert fmt.read_index(tmp_path / "out")["num_samples"] == 5
     # with a threshold that allows it, the same input exits 0
     assert main(["shards", "build", "-i", str(tsv), "-o", str(tmp_path / "out2"), "--no-progress", "--max-reject-fraction", "0.7"]) == 0
+    assert fmt.read_index(tmp_path / "out2")["build_failed"] is None
+
+
+def test_a_failed_build_is_marked_and_refused_by_training(corpus, tmp_path, capsys):
+    tsv = Path(corpus("commonvoice", num=12))
+    rows = tsv.read_bytes().splitlines(keepends=True)
+    for i in (1, 2, 3):  # 3 of 12 transcripts empty after normalisation: 25 % rejected, over the default 5 %
+        rows[i] = rows[i].decode().rsplit("\t", 1)[0].encode() + b"\t...\n"
+    tsv.write_bytes(b"".join(rows))
+    out = tmp_path / "out"
+    assert main(["shards", "build", "-i", str(tsv), "-o", str(out), "--shard-size", "4", "--no-progress"]) == 1
+    assert fmt.read_index(out)["build_failed"] == {"reject_fraction": 0.25, "max_reject_fraction": 0.05}
+    capsys.readouterr()
+    assert main(["shards", "info", str(out)]) == 0
+    assert "BUILD FAILED: 25.0 % of the items were rejected, over --max-reject-fraction 0.05" in capsys.readouterr().out
+
+    def dry_run(*extra):
+        return subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
+                               f"data.train_shards=[{out}]", "data.eval_shards={}", "data.global_batch_size=4", "data.micro_batch_size=2",
+                               *extra, "--dry-run"], capture_output=True, text=True)
+
+    refused = dry_run()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"data.train_shards: {out}: its build failed: 25.0 %" in refused.stderr
+    assert "data.allow_failed_shards=true" in refused.stderr
+    allowed = dry_run("data.allow_failed_shards=true")
+    assert allowed.returncode == 0, allowed.stderr
+    # the same build confirmed under a limit it meets: the mark goes, and training takes the set
+    assert main(["shards", "build", "-i", str(tsv), "-o", str(out), "--shard-size", "4", "--no-progress",
+                 "--max-reject-fraction", "0.3"]) == 0
+    assert fmt.read_index(out)["build_failed"] is None and dry_run().returncode == 0
 
 
 def test_structural_errors_name_what_was_found(corpus, tmp_path, capsys):

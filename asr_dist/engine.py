@@ -198,6 +198,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def loader_state_for(saved: list[dict], rank: int, same_world: bool) -> dict:
+    """The loader state this rank resumes from. On another number of ranks every rank starts from
+    rank 0's position (the loader re-deals the rest of the epoch), and the damaged samples that all
+    saved ranks skipped are counted once, on rank 0: train/skipped_samples sums them over ranks."""
+    if same_world:
+        return saved[rank]
+    skipped = sum(s.get("skipped_samples", 0) for s in saved)
+    return {**saved[0], "skipped_samples": skipped if rank == 0 else 0}
+
+
 def _gather(obj, world_size: int) -> list:
     if world_size == 1:
         return [obj]
@@ -353,7 +363,7 @@ class Trainer:
         if client is None:
             raise TrainingError(f"DeepSpeed could not load {path}")
         same_world = client["world_size"] == self.world
-        self.loader.load_state_dict(client["loader"][self.rank if same_world else 0])
+        self.loader.load_state_dict(loader_state_for(client["loader"], self.rank, same_world))
         if same_world:
             set_rng_state(client["rng"][self.rank])
         self.history = client.get("history", [])
@@ -369,6 +379,12 @@ class Trainer:
             "config": to_dict(self.cfg), "history": self.history, "best": self.best, "asr_dist_version": __version__,
         }
         path = self.ckpt_dir / tag
+        if self.denv.is_main and path.exists():
+            # a save of this step cut off before (a resumed run reaches it again): its files would mix
+            # with the new ones (another world size leaves extra partitions that the loader then reads)
+            log.warning("removing %s, left by an earlier save of step %d, before saving it again", path, step)
+            shutil.rmtree(path)
+        self._barrier()
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         except (OSError, RuntimeError) as e:
@@ -515,7 +531,7 @@ class Trainer:
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < self.total_steps:
                     self.save(step)
                 if self.preemption.agreed(self.device, self.world):
-                    self.save(step)
+                    self._save_unless_saved(step)
                     log.warning("preempted at step %d: checkpoint saved; exiting with code %d", step, EXIT_PREEMPTED)
                     raise SystemExit(EXIT_PREEMPTED)
         results = self.evaluate(step) if self.evals else {}

@@ -94,6 +94,8 @@ class DistributedArgs:
     max_skipped_steps: int = 50  # consecutive steps skipped for inf/NaN gradients that stop the run, with a diagnosis
     timeout_minutes: int = 30  # collective timeout: a hung rank stops the others within this
     heartbeat_timeout_s: float = 300.0  # a rank silent this long is lost: the others stop, naming it (0: off)
+    watchdog_factor: float = 10.0  # a rank with no optimizer step for this many median step times is hung: every rank dumps its stacks to the log and the job stops, naming the frame it waits in (0: off)
+    watchdog_floor_s: float = 600.0  # the watchdog never trips before this many seconds without a step
     deepspeed_config: Optional[str] = None  # your own DeepSpeed JSON, merged in; contradictions are errors
 
 
@@ -250,6 +252,9 @@ def validate(cfg: Config) -> None:
     if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] <= ps[1]):
         raise ConfigError(f"train.profile_steps={list(ps)}: give [first, last] optimizer steps, 1 <= first <= last "
                           f"(e.g. [20, 22]: a few steps after the first ones), or [] for no profile")
+    if cfg.distributed.watchdog_factor < 0 or not cfg.distributed.watchdog_floor_s > 0:
+        raise ConfigError("distributed.watchdog_factor must be at least 0 (0: no watchdog) and "
+                          "distributed.watchdog_floor_s above 0 (e.g. 10 and 600)")
     if not 1 <= cfg.data.pad_to_multiple_of <= 16000 * 30:
         raise ConfigError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: give samples, 1 (no rounding) to "
                           f"480000 (30 s); 16000 rounds batches up to whole seconds")

@@ -14,6 +14,7 @@ part in saves and in the collectives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import errno
@@ -39,6 +40,7 @@ from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
 from .model import build_model, compile_regions, layerdrop_draw, use_sync_free_forward
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +311,9 @@ class Trainer:
         init_process_group(denv, cfg.distributed.timeout_minutes)
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
                           if self.world > 1 and cfg.distributed.heartbeat_timeout_s > 0 else None)
+        self.watchdog = (Watchdog(self.rank, self.world, cfg.distributed.watchdog_factor, cfg.distributed.watchdog_floor_s,
+                                  store=dist.distributed_c10d._get_default_store() if self.world > 1 else None)
+                         if cfg.distributed.watchdog_factor > 0 else None)
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(device_index(denv, acc.device_count()))) if acc.device_name() != "cpu" else torch.device("cpu")
         if self.device.type == "cuda":
@@ -370,7 +375,15 @@ class Trainer:
         self.best = client.get("best", {})
         log.info("resumed from %s at step %d (epoch %d)", path, self.engine.global_steps, self.loader.epoch)
 
+    def _unwatched(self):
+        """Evaluation and saves are no optimizer steps: the watchdog waits for them."""
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
     def save(self, step: int) -> Path:
+        with self._unwatched():
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
         tag = ckpt.tag_for(step)
         client = {
             "step": step, "epoch": self.loader.epoch, "world_size": self.world,
@@ -432,6 +445,10 @@ class Trainer:
     # ── evaluation ──
 
     def evaluate(self, step: int) -> dict:
+        with self._unwatched():
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict:
         results = {}
         model = self.engine.module
         self.engine.eval()
@@ -514,6 +531,8 @@ class Trainer:
                 if not boundary:
                     continue
                 step = engine.global_steps
+                if self.watchdog is not None:
+                    self.watchdog.step_done()
                 window["steps"] += 1
                 profiler.maybe_stop(step, final=step >= self.total_steps)
                 if engine.skipped_steps > last_skipped:
@@ -534,6 +553,8 @@ class Trainer:
                     self._save_unless_saved(step)
                     log.warning("preempted at step %d: checkpoint saved; exiting with code %d", step, EXIT_PREEMPTED)
                     raise SystemExit(EXIT_PREEMPTED)
+        if self.watchdog is not None:
+            self.watchdog.stop()  # what is left (evaluation, export) makes no optimizer steps
         results = self.evaluate(step) if self.evals else {}
         self._record(step, results)
         self._save_unless_saved(step)
@@ -560,7 +581,8 @@ class Trainer:
             self.best = {"step": step, "set": name, "wer": first["wer"], "cer": first["cer"]}
             from .export import export
 
-            export(self, self.out / "best")
+            with self._unwatched():
+                export(self, self.out / "best")
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
         engine = self.engine
@@ -659,6 +681,8 @@ def train(cfg: Config, denv: DistEnv | None = None) -> dict:
                 trainer.heartbeat.diagnose()
             raise
         finally:
+            if trainer.watchdog is not None:
+                trainer.watchdog.stop()
             if trainer.heartbeat is not None:
                 trainer.heartbeat.stop()
             trainer.writer.close()

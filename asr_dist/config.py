@@ -177,7 +177,13 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(*layers)
         for o in overrides or []:
             key = o.split("=", 1)[0]
-            value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            try:
+                value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            except OmegaConfBaseException:
+                raise
+            except Exception as e:  # the value is parsed as YAML: yaml's errors, undecodable bytes
+                raise ConfigError(f"command line: {o!r}: the value is not valid YAML "
+                                  f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); quote it") from None
             try:
                 # replace, not merge: `data.eval_shards={}` empties the map rather than keeping the YAML's sets
                 OmegaConf.update(cfg, key, value, merge=False)

@@ -184,9 +184,12 @@ def vocab_chars(vocab: dict[str, int]) -> set[str]:
 
 
 def load_vocab(path) -> dict[str, int]:
-    with open(path, encoding="utf-8") as f:
-        vocab = json.load(f)
-    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors; RecursionError: absurdly deep nesting
+        raise ValueError(f"{path}: not a JSON vocabulary ({str(e)[:200] or type(e).__name__})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
         raise ValueError(f"{path}: a vocabulary must be a JSON object of token -> integer id")
     for token in (PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER):
         if token not in vocab:

@@ -259,7 +259,13 @@ def _csv_rows(meta: Path, label: str, rel: Path):
             continue
         if not line.strip():
             continue
-        fields = next(csv.reader(io.StringIO(line)))
+        try:
+            fields = next(csv.reader(io.StringIO(line)))
+        except csv.Error as e:  # e.g. a carriage return inside an unquoted field
+            if header is None:
+                raise InputError(f"{meta}: line {n}, the header, is not CSV ({e})") from None
+            yield f"{rel} line {n}", None, Reject(label, f"{rel} line {n}", "bad_line", f"not CSV: {e}")
+            continue
         if header is None:
             header = fields
             continue

@@ -36,4 +36,5 @@ def test_an_input_the_campaign_found_ends_in_a_clear_error(path, seeds_root, tmp
 def test_a_few_hundred_mutations_end_in_success_or_a_clear_error(name, seeds_root):
     row = fuzz.run_target(name, 300, seeds_root, seed=1, timeout=10)
     assert row.cases == 300 and row.other == row.hang == row.memory == 0, row.failures[:3]
-    assert row.clear > 0  # the mutations do reach the readers' checks
+    if not name.startswith("manifest"):  # (a damaged manifest line is a reject: a success)
+        assert row.clear > 0  # the mutations do reach the readers' checks

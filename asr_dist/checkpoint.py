@@ -68,18 +68,36 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that is not a readable PyTorch file (cut short, overwritten, another format)."""
+
+
 def load_safely(path, map_location=None, *args, torch_load=None, **kw):
     """torch.load with weights_only=True: a checkpoint from elsewhere cannot run code when loaded.
+    A file that torch cannot read at all raises ``DamagedCheckpoint`` naming it.
     (``torch_load``: the real torch.load, while ``safe_torch_load`` has replaced it.)"""
+    import pickle
+
     import torch
 
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return (torch_load or torch.load)(path, map_location, *args, weights_only=True, **kw)
+        try:
+            return (torch_load or torch.load)(path, map_location, *args, weights_only=True, **kw)
+        except pickle.UnpicklingError:
+            raise  # refused for safety: see refused_as
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                UnicodeDecodeError, OverflowError, MemoryError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            # weights_only's unpickler and the zip reader report damage in all of these
+            raise DamagedCheckpoint(f"{path} is damaged or not a PyTorch checkpoint: "
+                                    f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
 
 
 @contextlib.contextmanager
 def refused_as(path, error: type[Exception]):
-    """Within it, a checkpoint that ``load_safely`` refuses raises ``error`` saying so, naming ``path``."""
+    """Within it, a checkpoint that ``load_safely`` refuses, or finds damaged, raises ``error`` saying so,
+    naming ``path`` (the checkpoint directory; the damaged file's name is in the message too)."""
     import pickle
 
     try:
@@ -87,6 +105,8 @@ def refused_as(path, error: type[Exception]):
     except pickle.UnpicklingError as e:
         raise error(f"{path} holds objects other than tensors and plain data, refused for safety "
                     f"(torch.load weights_only=True): {str(e).splitlines()[-1][:300]}") from None
+    except DamagedCheckpoint as e:
+        raise error(f"{e}; resume from another checkpoint (train.resume=PATH) or copy this one again") from None
 
 
 @contextlib.contextmanager

@@ -54,6 +54,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="metadata carried into each sample's JSON, e.g. speaker,gender,age,dialect (default: "
                         "Common Voice speaker,age,gender,accents; NeMo its extra keys; audiofolder and Hugging Face "
                         "their columns; Kaldi speaker and spk2gender's gender)")
+    g.add_argument("--allow-commands", action="store_true",
+                   help="run the shell commands of Kaldi wav.scp entries ending in '|' (only for manifests you trust)")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", required=True, metavar="DIR", help="shard set directory")
     g.add_argument("--audio-format", choices=("flac", "wav"), default="flac", help="stored audio, 16 kHz mono 16-bit (default: flac)")
@@ -97,7 +99,8 @@ def build_options_from_args(args):
         normalizer_settings=settings, vocab=args.vocab, min_duration=args.min_duration,
         max_duration=args.max_duration, shard_size=args.shard_size, seed=args.seed,
         sort_in_shard=args.sort_in_shard, workers=args.workers, part=args.part,
-        max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite, dry_run=args.dry_run,
+        max_reject_fraction=args.max_reject_fraction, allow_commands=args.allow_commands,
+        overwrite=args.overwrite, dry_run=args.dry_run,
         progress=not args.no_progress,
     )
 
@@ -165,10 +168,11 @@ def cmd_train(args) -> int:
     accelerator = configure_accelerator()
     if args.dry_run:
         from .data.loader import ShardSet, TrainLoader
-        from .engine import check_layerdrop, deepspeed_config
+        from .engine import check_layerdrop, check_shard_builds, deepspeed_config
 
         world = args.world_size or get_env().world_size
         check_layerdrop(cfg, world, shared_draws=cfg.model.sync_free_forward)  # (a model with an adapter: at the start)
+        check_shard_builds(cfg)
         shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
         d = cfg.data
         loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=d.micro_batch_size,

@@ -45,6 +45,7 @@ class DataArgs:
     sync_buckets: bool = True  # the ranks of a step take micro-batches of the same length quantile (a shared shuffle of their buffers), so none waits long for the slowest; fixed utterance count only (the large-batch mode fills micro-batches by seconds already)
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
+    allow_failed_shards: bool = False  # train on a shard set whose build rejected more than --max-reject-fraction
 
 
 @dataclass
@@ -98,6 +99,8 @@ class DistributedArgs:
     max_skipped_steps: int = 50  # consecutive steps skipped for inf/NaN gradients that stop the run, with a diagnosis
     timeout_minutes: int = 30  # collective timeout: a hung rank stops the others within this
     heartbeat_timeout_s: float = 300.0  # a rank silent this long is lost: the others stop, naming it (0: off)
+    watchdog_factor: float = 10.0  # a rank with no optimizer step for this many median step times is hung: every rank dumps its stacks to the log and the job stops, naming the frame it waits in (0: off)
+    watchdog_floor_s: float = 600.0  # the watchdog never trips before this many seconds without a step
     deepspeed_config: Optional[str] = None  # your own DeepSpeed JSON, merged in; contradictions are errors
 
 
@@ -210,7 +213,13 @@ def merge_config(path: str | None = None, overrides: list[str] | None = None) ->
         cfg = OmegaConf.merge(*layers)
         for o in overrides or []:
             key = o.split("=", 1)[0]
-            value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            try:
+                value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+            except OmegaConfBaseException:
+                raise
+            except Exception as e:  # the value is parsed as YAML: yaml's errors, undecodable bytes
+                raise ConfigError(f"command line: {o!r}: the value is not valid YAML "
+                                  f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); quote it") from None
             if isinstance(_node(cfg, key), ListConfig) and isinstance(value, str):
                 value = [value]  # `data.train_shards=/data/x`: a single path where a list is expected
             try:
@@ -336,6 +345,9 @@ def validate(cfg: Config) -> None:
     if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] <= ps[1]):
         raise ConfigError(f"train.profile_steps={list(ps)}: give [first, last] optimizer steps, 1 <= first <= last "
                           f"(e.g. [20, 22]: a few steps after the first ones), or [] for no profile")
+    if cfg.distributed.watchdog_factor < 0 or not cfg.distributed.watchdog_floor_s > 0:
+        raise ConfigError("distributed.watchdog_factor must be at least 0 (0: no watchdog) and "
+                          "distributed.watchdog_floor_s above 0 (e.g. 10 and 600)")
     if not 1 <= cfg.data.pad_to_multiple_of <= 16000 * 30:
         raise ConfigError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: give samples, 1 (no rounding) to "
                           f"480000 (30 s); 16000 rounds batches up to whole seconds")

@@ -116,7 +116,7 @@ class Heartbeat:
     rank logs which one and ends, even while its main thread is blocked in a collective (NCCL can
     wait there until the collective timeout; gloo fails at once, but without saying which peer).
     Counters, not clocks, so nodes need not agree on the time; a rank hung in Python still beats,
-    so hangs are left to the collective timeout."""
+    so hangs are left to asr_dist.watchdog."""
 
     def __init__(self, rank: int, world_size: int, timeout: float, on_lost=None):
         import threading

@@ -14,6 +14,7 @@ part in saves and in the collectives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import errno
@@ -30,8 +31,8 @@ import torch.distributed as dist
 
 from . import __version__
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, to_dict
-from .data.index import ShardError
+from .config import Config, ConfigError, shard_dirs, to_dict
+from .data.index import ShardError, build_failure, read_index
 from .flops import peak_flops, train_flops_per_audio_second
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, accumulation_steps
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
@@ -39,6 +40,7 @@ from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
 from .model import build_model, compile_regions, layerdrop_draw, use_sync_free_forward
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,23 @@ def check_layerdrop(cfg: Config, world_size: int, shared_draws: bool) -> None:
             f"the same layers on every rank), model.layerdrop=0, or train on one rank")
 
 
+def check_shard_builds(cfg: Config) -> None:
+    """A shard set whose build rejected more than its --max-reject-fraction is refused unless
+    data.allow_failed_shards says to use it anyway."""
+    if cfg.data.allow_failed_shards:
+        return
+    sets = [("data.train_shards", d) for d in shard_dirs(cfg.data.train_shards)]
+    sets += [(f"data.eval_shards.{name}", d) for name, d in cfg.data.eval_shards.items()]
+    for key, d in sets:
+        try:
+            why = build_failure(read_index(d))
+        except FileNotFoundError:
+            continue  # not a shard set at all: opening it says so
+        if why:
+            raise ConfigError(f"{key}: {d}: {why}. Fix the inputs and build it again (or with a higher "
+                              f"--max-reject-fraction), or set data.allow_failed_shards=true to use it as it is")
+
+
 def merge_user_config(ds: dict, path: str) -> None:
     """Add a user's DeepSpeed JSON to the generated one; any value that contradicts it is an error."""
     try:
@@ -182,6 +201,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def loader_state_for(saved: list[dict], rank: int, same_world: bool) -> dict:
+    """The loader state this rank resumes from. On another number of ranks every rank starts from
+    rank 0's position (the loader re-deals the rest of the epoch), and the damaged samples that all
+    saved ranks skipped are counted once, on rank 0: train/skipped_samples sums them over ranks."""
+    if same_world:
+        return saved[rank]
+    skipped = sum(s.get("skipped_samples", 0) for s in saved)
+    return {**saved[0], "skipped_samples": skipped if rank == 0 else 0}
 
 
 def _gather(obj, world_size: int) -> list:
@@ -265,6 +294,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.rank, self.world = denv.rank, denv.world_size
         # everything that can fail on the config or the data fails here, before any model work
+        check_shard_builds(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,
@@ -285,6 +315,9 @@ class Trainer:
         init_process_group(denv, cfg.distributed.timeout_minutes)
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
                           if self.world > 1 and cfg.distributed.heartbeat_timeout_s > 0 else None)
+        self.watchdog = (Watchdog(self.rank, self.world, cfg.distributed.watchdog_factor, cfg.distributed.watchdog_floor_s,
+                                  store=dist.distributed_c10d._get_default_store() if self.world > 1 else None)
+                         if cfg.distributed.watchdog_factor > 0 else None)
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(device_index(denv, acc.device_count()))) if acc.device_name() != "cpu" else torch.device("cpu")
         if self.device.type == "cuda":
@@ -339,14 +372,22 @@ class Trainer:
         if client is None:
             raise TrainingError(f"DeepSpeed could not load {path}")
         same_world = client["world_size"] == self.world
-        self.loader.load_state_dict(client["loader"][self.rank if same_world else 0])
+        self.loader.load_state_dict(loader_state_for(client["loader"], self.rank, same_world))
         if same_world:
             set_rng_state(client["rng"][self.rank])
         self.history = client.get("history", [])
         self.best = client.get("best", {})
         log.info("resumed from %s at step %d (epoch %d)", path, self.engine.global_steps, self.loader.epoch)
 
+    def _unwatched(self):
+        """Evaluation and saves are no optimizer steps: the watchdog waits for them."""
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
     def save(self, step: int) -> Path:
+        with self._unwatched():
+            return self._save(step)
+
+    def _save(self, step: int) -> Path:
         tag = ckpt.tag_for(step)
         client = {
             "step": step, "epoch": self.loader.epoch, "world_size": self.world,
@@ -355,6 +396,12 @@ class Trainer:
             "config": to_dict(self.cfg), "history": self.history, "best": self.best, "asr_dist_version": __version__,
         }
         path = self.ckpt_dir / tag
+        if self.denv.is_main and path.exists():
+            # a save of this step cut off before (a resumed run reaches it again): its files would mix
+            # with the new ones (another world size leaves extra partitions that the loader then reads)
+            log.warning("removing %s, left by an earlier save of step %d, before saving it again", path, step)
+            shutil.rmtree(path)
+        self._barrier()
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         except (OSError, RuntimeError) as e:
@@ -402,6 +449,10 @@ class Trainer:
     # ── evaluation ──
 
     def evaluate(self, step: int) -> dict:
+        with self._unwatched():
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict:
         results = {}
         model = self.engine.module
         self.engine.eval()
@@ -484,6 +535,8 @@ class Trainer:
                 if not boundary:
                     continue
                 step = engine.global_steps
+                if self.watchdog is not None:
+                    self.watchdog.step_done()
                 window["steps"] += 1
                 profiler.maybe_stop(step, final=step >= self.total_steps)
                 if engine.skipped_steps > last_skipped:
@@ -501,9 +554,11 @@ class Trainer:
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < self.total_steps:
                     self.save(step)
                 if self.preemption.agreed(self.device, self.world):
-                    self.save(step)
+                    self._save_unless_saved(step)
                     log.warning("preempted at step %d: checkpoint saved; exiting with code %d", step, EXIT_PREEMPTED)
                     raise SystemExit(EXIT_PREEMPTED)
+        if self.watchdog is not None:
+            self.watchdog.stop()  # what is left (evaluation, export) makes no optimizer steps
         results = self.evaluate(step) if self.evals else {}
         self._record(step, results)
         self._save_unless_saved(step)
@@ -530,7 +585,8 @@ class Trainer:
             self.best = {"step": step, "set": name, "wer": first["wer"], "cer": first["cer"]}
             from .export import export
 
-            export(self, self.out / "best")
+            with self._unwatched():
+                export(self, self.out / "best")
 
     def _log(self, step: int, window: dict, start_time: float, start_step: int) -> None:
         engine = self.engine
@@ -638,6 +694,8 @@ def train(cfg: Config, denv: DistEnv | None = None) -> dict:
                 trainer.heartbeat.diagnose()
             raise
         finally:
+            if trainer.watchdog is not None:
+                trainer.watchdog.stop()
             if trainer.heartbeat is not None:
                 trainer.heartbeat.stop()
             trainer.writer.close()

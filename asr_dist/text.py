@@ -191,9 +191,9 @@ def load_vocab(path) -> dict[str, int]:
             vocab = json.load(f)
     except FileNotFoundError:
         raise PathNotFound(f"{path}: no such vocabulary file") from None
-    except json.JSONDecodeError as e:
-        raise InvalidValue(f"{path}: not a JSON vocabulary ({e})") from None
-    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors; RecursionError: absurdly deep nesting
+        raise InvalidValue(f"{path}: not a JSON vocabulary ({str(e)[:200] or type(e).__name__})") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
         raise InvalidValue(f"{path}: a vocabulary must be a JSON object of token -> integer id")
     for token in (PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER):
         if token not in vocab:

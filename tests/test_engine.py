@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,3 +217,34 @@ def test_a_weighted_mix_logs_each_sets_share(train_shards, tmp_path):
         for kind in ("utterance", "audio"):
             assert row[f"data/mix_{kind}_share/train"] + row[f"data/mix_{kind}_share/dev"] == pytest.approx(1.0)
     assert abs(shares[-1]["data/mix_utterance_share/dev"] - 0.3) <= 0.03, shares[-1]
+
+
+def test_resume_on_another_world_size_keeps_the_skipped_sample_count(train_shards, tmp_path):
+    """Damaged samples skipped by two ranks, resumed on one: train/skipped_samples (the sum over ranks)
+    neither restarts from 0 nor counts rank 0's share for every rank."""
+    from asr_dist.data.loader import TrainLoader
+    from asr_dist.engine import loader_state_for
+
+    d = tmp_path / "s"
+    shutil.copytree(train_shards / "s-train", d)
+    for name in ("shard-000001.tar", "shard-000004.tar", "shard-000009.tar"):  # one sample's audio in three
+        data = bytearray((d / name).read_bytes())
+        at = data.index(b"fLaC")
+        data[at:at + 4] = b"XXXX"
+        (d / name).write_bytes(bytes(data))
+    kw = dict(micro_batch_size=2, global_batch_size=8, num_workers=0, on_corrupt="skip", bucket_batches=4)
+    ranks = [TrainLoader(str(d), rank=r, world_size=2, **kw) for r in range(2)]
+    for loader in ranks:
+        list(loader)  # one epoch each
+    saved = [json.loads(json.dumps(loader.state_dict())) for loader in ranks]
+    total = sum(loader.skipped_samples for loader in ranks)
+    assert total == 3 and all(loader.skipped_samples < total for loader in ranks)
+    alone = TrainLoader(str(d), rank=0, world_size=1, **kw)
+    alone.load_state_dict(loader_state_for(saved, 0, same_world=False))
+    assert alone.skipped_samples == total
+    list(alone)  # the next epoch meets the same three samples again
+    assert alone.skipped_samples == 2 * total
+    again = [TrainLoader(str(d), rank=r, world_size=2, **kw) for r in range(2)]
+    for r, loader in enumerate(again):
+        loader.load_state_dict(loader_state_for(saved, r, same_world=True))
+    assert [loader.skipped_samples for loader in again] == [loader.skipped_samples for loader in ranks]

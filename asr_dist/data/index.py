@@ -185,12 +185,64 @@ def read_index(directory: str | os.PathLike) -> dict:
     if not p.exists():
         hint = " (a build was interrupted here: re-run it with the same arguments to finish)" if (d / STATE_NAME).exists() else ""
         raise PathNotFound(f"{d}: no {INDEX_NAME}; not a complete shard set{hint}")
-    with open(p, encoding="utf-8") as f:
-        index = json.load(f)
-    version = index.get("format_version")
+    try:
+        with open(p, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors; RecursionError: absurdly deep nesting
+        raise InvalidValue(f"{p}: not valid JSON ({str(e)[:200] or type(e).__name__}); rebuild the shard set") from None
+    version = index.get("format_version") if isinstance(index, dict) else None
     if version != FORMAT_VERSION:
-        raise InvalidValue(f"{p}: format version {version}, this asr-dist reads version {FORMAT_VERSION}")
+        raise InvalidValue(f"{p}: format version {version!r}, this asr-dist reads version {FORMAT_VERSION}")
+    problem = _index_problem(index)
+    if problem:
+        raise InvalidValue(f"{p}: {problem}; rebuild the shard set (asr-dist shards build)")
     return index
+
+
+def _index_problem(index: dict) -> str | None:
+    """What is wrong with the fields readers rely on, or None (the fields of FORMAT.md)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    for key, ok in (("num_samples", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                    ("audio_seconds", number), ("audio_format", lambda v: v in AUDIO_EXTS),
+                    ("vocab_sha256", lambda v: isinstance(v, str)), ("shards", lambda v: isinstance(v, list)),
+                    ("text_normalizer", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+                     and isinstance(v.get("settings", {}), dict)),
+                    ("characters", lambda v: isinstance(v, dict)),
+                    ("build_failed", lambda v: v is None or (isinstance(v, dict) and number(v.get("reject_fraction"))
+                                                             and number(v.get("max_reject_fraction"))))):
+        if key == "build_failed" and key not in index:
+            continue  # sets built before the field existed
+        if key not in index or not ok(index[key]):
+            return f"field {key!r} is missing or malformed ({str(index.get(key))[:80]})"
+    for i, shard in enumerate(index["shards"]):
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and SHARD_RE.match(shard["name"])
+                and isinstance(shard.get("num_samples"), int) and not isinstance(shard["num_samples"], bool)
+                and shard["num_samples"] >= 0 and number(shard.get("audio_seconds"))):
+            return f"shard entry {i} is malformed (a shard-NNNNNN.tar name, num_samples, audio_seconds): {str(shard)[:120]}"
+    hist = index.get("duration_histogram")
+    if not (isinstance(hist, dict) and number(hist.get("bin_seconds")) and hist["bin_seconds"] > 0
+            and isinstance(hist.get("counts"), dict)
+            and all(isinstance(k, str) and k.lstrip("-").isdigit() and isinstance(v, int) for k, v in hist["counts"].items())):
+        return f"field 'duration_histogram' is missing or malformed ({str(hist)[:80]})"
+    return None
+
+
+def build_failure(index: dict) -> str | None:
+    """Why the build of this set failed (more rejected than its --max-reject-fraction), or None."""
+    failed = index.get("build_failed")
+    if not failed:
+        return None
+    return (f"its build failed: {100 * failed['reject_fraction']:.1f} % of the items were rejected, over "
+            f"--max-reject-fraction {failed['max_reject_fraction']} (see {REJECTS_NAME})")
+
+
+def failure_mark(reject_fraction: float, max_reject_fraction: float) -> dict | None:
+    """index.json's ``build_failed``: set when more than ``max_reject_fraction`` was rejected."""
+    if reject_fraction <= max_reject_fraction:
+        return None
+    return {"reject_fraction": round(reject_fraction, 6), "max_reject_fraction": max_reject_fraction}
 
 
 def write_json_atomic(path: Path, obj, **kwargs) -> None:

@@ -54,7 +54,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from ..audio import SAMPLE_RATE
+from ..audio import SAMPLE_RATE, AudioError, decode
 from ..errors import UserError
 from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER, load_vocab
 from . import index as fmt
@@ -169,11 +169,13 @@ def normalize(audio: np.ndarray) -> np.ndarray:
 
 def decode_audio(data: bytes, where: str) -> np.ndarray:
     try:
-        audio, sr = sf.read(io.BytesIO(data), dtype="float32")
-    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr, channels = f.samplerate, f.channels
+        audio, _ = decode(data)  # in blocks: a damaged header's frame count allocates nothing
+    except (AudioError, sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise fmt.ShardError(f"{where}: audio does not decode ({e})") from None
-    if sr != SAMPLE_RATE or audio.ndim != 1:
-        raise fmt.ShardError(f"{where}: {sr} Hz, {audio.ndim}-d audio; shards hold 16 kHz mono")
+    if sr != SAMPLE_RATE or channels != 1:
+        raise fmt.ShardError(f"{where}: {sr} Hz, {channels}-channel audio; shards hold 16 kHz mono")
     return audio
 
 

@@ -64,7 +64,8 @@ class Item:
     item: str  # where in that input: "line 12", "row 3", an utterance id
     key: str
     text_raw: str
-    audio_path: str | None = None  # a file, or a Kaldi command ending in "|"
+    audio_path: str | None = None  # a file
+    command: str | None = None  # a Kaldi wav.scp command whose stdout is the audio (--allow-commands)
     dataset: tuple | None = None  # (dataset dir, split, row, audio column) for save_to_disk inputs
     offset: float = 0.0
     duration: float | None = None
@@ -354,7 +355,13 @@ def _csv_rows(meta: Path, label: str, rel: Path):
             continue
         if not line.strip():
             continue
-        fields = next(csv.reader(io.StringIO(line)))
+        try:
+            fields = next(csv.reader(io.StringIO(line)))
+        except csv.Error as e:  # e.g. a carriage return inside an unquoted field
+            if header is None:
+                raise InputError(f"{meta}: line {n}, the header, is not CSV ({e})") from None
+            yield f"{rel} line {n}", None, Reject(label, f"{rel} line {n}", "bad_line", f"not CSV: {e}")
+            continue
         if header is None:
             header = fields
             continue
@@ -383,7 +390,9 @@ def _jsonl_rows(meta: Path, label: str, rel: Path):
 
 
 def read_kaldi(path: Path, label: str, keep: list[str] | None = None, columns_seen: set | None = None,
-               **_) -> Iterator[Item | Reject]:
+               allow_commands: bool = False, **_) -> Iterator[Item | Reject]:
+    """A Kaldi data dir. A wav.scp entry ending in '|' is a shell command, run only when the user
+    allowed it: a manifest from elsewhere could run anything."""
     def table(name: str) -> dict[str, tuple[str, str]]:
         out: dict[str, tuple[str, str]] = {}
         f = path / name
@@ -433,10 +442,15 @@ def read_kaldi(path: Path, label: str, keep: list[str] | None = None, columns_se
             yield Reject(label, where, "missing_audio_entry", f"recording {rec} is not in wav.scp")
             continue
         used_recordings.add(rec)
-        wav = wavs[rec][0]
-        audio_path = wav if wav.endswith("|") else _resolve(path, wav)
+        wav, wav_where = wavs[rec]
+        command = wav[:-1].strip() if wav.endswith("|") else None
+        if command is not None and not allow_commands:
+            raise InputError(f"{path / 'wav.scp'}: {wav_where.split(' ', 1)[1]} is a command ({wav!r}), which would "
+                             f"run through the shell; pass --allow-commands if you trust this manifest, or "
+                             f"convert the audio to files first")
         yield Item(
-            label, where, make_key(utt), words, audio_path=audio_path, offset=offset, duration=duration,
+            label, where, make_key(utt), words, audio_path=None if command else _resolve(path, wav), command=command,
+            offset=offset, duration=duration,
             speaker=spk[utt][0] if keep_speaker and utt in spk else None,
             fields={"gender": sys.intern(gender[s][0])} if (s := (spk.get(utt) or ("",))[0]) in gender else {},
         )
@@ -539,12 +553,14 @@ def resolve_input(path: str, fmt: str | None, subset: str | None = None, split: 
 
 
 def read_input(spec: InputSpec, text_column: str | None = None, audio_column: str | None = None,
-               keep: list[str] | None = None, spill=None, columns_seen: set | None = None):
+               keep: list[str] | None = None, spill=None, columns_seen: set | None = None,
+               allow_commands: bool = False):
     """Items and Rejects of one input; ``keep`` names the fields to carry (None: the layout's defaults),
-    ``columns_seen`` collects the fields the input offers, ``spill`` takes parquet/arrow audio bytes."""
+    ``columns_seen`` collects the fields the input offers, ``spill`` takes parquet/arrow audio bytes;
+    Kaldi commands run only with ``allow_commands``."""
     return READERS[spec.format](spec.path, spec.label, text_column=text_column, audio_column=audio_column,
                                 keep=keep, spill=spill, columns_seen=columns_seen, subset=spec.subset,
-                                split=spec.split)
+                                split=spec.split, allow_commands=allow_commands)
 
 
 _DATASETS: dict = {}
@@ -557,16 +573,16 @@ def item_audio(item: Item) -> str | bytes:
         from .hub import read_blob
 
         return read_blob(item.blob)
-    if item.dataset is None and not item.audio_path.rstrip().endswith("|"):
+    if item.dataset is None and item.command is None:
         return item.audio_path
     return _item_audio_bytes(item)
 
 
 def _item_audio_bytes(item: Item) -> bytes:
-    from ..audio import AudioError, read_source_bytes
+    from ..audio import AudioError, read_file_bytes, run_command
 
-    if item.dataset is None:
-        return read_source_bytes(item.audio_path)
+    if item.command is not None:
+        return run_command(item.command)
     ds_path, split, row, col = item.dataset
     ds = _DATASETS.get((ds_path, split))
     if ds is None:
@@ -582,7 +598,7 @@ def _item_audio_bytes(item: Item) -> bytes:
         if value.get("bytes"):
             return value["bytes"]
         if value.get("path"):
-            return read_source_bytes(_resolve(Path(ds_path), value["path"]))
+            return read_file_bytes(_resolve(Path(ds_path), value["path"]))
     if isinstance(value, str):
-        return read_source_bytes(_resolve(Path(ds_path), value))
+        return read_file_bytes(_resolve(Path(ds_path), value))
     raise AudioError("missing_file", f"row {row} column {col!r} holds neither audio bytes nor a path")

@@ -117,6 +117,9 @@ def info(directory: str) -> str:
         f"audio: {index['sample_rate']} Hz mono {index['audio_format']}; text normaliser: "
         f"{index['text_normalizer']['name']} {json.dumps(index['text_normalizer']['settings'])}",
         f"rejected at build: {index['num_rejected']} (see {fmt.REJECTS_NAME})",
+        *([f"BUILD FAILED: {fmt.build_failure(index).split(': ', 1)[1]}; training refuses this set unless "
+           f"data.allow_failed_shards=true (or rebuild with a higher --max-reject-fraction)"]
+          if fmt.build_failure(index) else []),
         "",
         "duration histogram (seconds):",
     ]

@@ -75,6 +75,7 @@ class BuildOptions:
     workers: int = 1
     part: tuple[int, int] | None = None  # (I, N), 0 <= I < N
     max_reject_fraction: float = 0.05
+    allow_commands: bool = False  # run Kaldi wav.scp commands ("… |") through the shell
     overwrite: bool = False
     dry_run: bool = False
     progress: bool = True
@@ -186,7 +187,7 @@ def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None,
     for spec in specs:
         columns = offered.setdefault(spec.label, set())
         for it in read_input(spec, opts.text_column, opts.audio_column, keep=opts.keep_fields, spill=spill,
-                             columns_seen=columns):
+                             columns_seen=columns, allow_commands=opts.allow_commands):
             if isinstance(it, Reject):
                 if _in_part(f"{it.input}\0{it.item}", opts.part):
                     rejects.append(it)
@@ -470,8 +471,9 @@ def _fingerprint(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict 
 
 
 def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | None, rejects_rows: Iterable[str],
-              builder: dict) -> dict:
-    """vocab.json, rejects.tsv and, last, index.json: from then on the set is complete."""
+              builder: dict, max_reject_fraction: float) -> dict:
+    """vocab.json, rejects.tsv and, last, index.json: from then on the set is complete (and marked
+    failed when more than ``max_reject_fraction`` of its items were rejected: training refuses it)."""
     chars = Counter()
     for s in shards:
         chars.update(s["characters"])
@@ -481,6 +483,7 @@ def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | No
     rows = list(rejects_rows)
     fmt.write_bytes_atomic(out / fmt.REJECTS_NAME, (fmt.REJECTS_HEADER + "".join(rows)).encode("utf-8"))
     total_seconds = sum(s["audio_seconds"] for s in shards)
+    kept = sum(s["num_samples"] for s in shards)
     index = {
         "format_version": fmt.FORMAT_VERSION,
         "sample_rate": SAMPLE_RATE,
@@ -498,6 +501,7 @@ def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | No
         "text_normalizer": fingerprint["normalizer"],
         "vocab_sha256": vocab_hash(vocab),
         "num_rejected": len(rows),
+        "build_failed": fmt.failure_mark(len(rows) / (kept + len(rows)) if rows else 0.0, max_reject_fraction),
         "seed": fingerprint["seed"],
         "sorted_in_shard": fingerprint["sort_in_shard"] and fingerprint["part"] is None,
         "part": fingerprint["part"],
@@ -508,6 +512,13 @@ def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | No
     fmt.write_json_atomic(out / fmt.INDEX_NAME, index, indent=1)
     (out / fmt.STATE_NAME).unlink(missing_ok=True)
     return index
+
+
+def _remark(out: Path, index: dict, summary: BuildSummary) -> None:
+    """A complete set confirmed with another --max-reject-fraction: its failure mark follows the new limit."""
+    mark = fmt.failure_mark(summary.reject_fraction, summary.max_reject_fraction)
+    if index.get("build_failed") != mark:
+        fmt.write_json_atomic(out / fmt.INDEX_NAME, {**index, "build_failed": mark}, indent=1)
 
 
 def _summary_from_index(index: dict, opts_out: str, max_frac: float) -> BuildSummary:
@@ -569,6 +580,7 @@ def _build(opts: BuildOptions, t0: float, specs, out: Path, fingerprint: dict, n
         if existing is not None:
             s = _summary_from_index(existing, opts.output, opts.max_reject_fraction)
             s.already_complete = True
+            _remark(out, existing, s)
             return s
 
     work = {"min_duration": opts.min_duration, "max_duration": opts.max_duration}
@@ -596,7 +608,7 @@ def _build(opts: BuildOptions, t0: float, specs, out: Path, fingerprint: dict, n
     tasks = _plan(out, kept, opts.shard_size, opts.audio_format, opts.sort_in_shard and opts.part is None)
     shards = _write_shards(out, tasks, finished, fingerprint, opts.workers, opts.progress, "writing shards")
     builder = {"name": "asr-dist", "version": __version__, "arguments": _public_args(opts)}
-    _finalize(out, shards, fingerprint, vocab, (r.tsv_row() for r in rejects), builder)
+    _finalize(out, shards, fingerprint, vocab, (r.tsv_row() for r in rejects), builder, opts.max_reject_fraction)
     summary.num_shards = len(shards)
     summary.audio_seconds = sum(s["audio_seconds"] for s in shards)
     summary.elapsed = time.time() - t0
@@ -654,6 +666,7 @@ def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool
     if existing is not None:
         s = _summary_from_index(existing, output, max_reject_fraction)
         s.already_complete = True
+        _remark(out, existing, s)
         return s
     slices: list[TarSlice] = []
     for d, idx in zip(dirs, indexes):
@@ -670,7 +683,7 @@ def merge(parts: list[str], output: str, overwrite: bool = False, progress: bool
     vocab = load_vocab(dirs[0] / fmt.VOCAB_NAME) if base["given_vocab_sha256"] is not None else None
     builder = {"name": "asr-dist", "version": __version__, "merged_from": [str(d) for d in dirs],
                "arguments": dict(indexes[0]["builder"]["arguments"], part=None)}
-    index = _finalize(out, shards, fingerprint, vocab, rejects, builder)
+    index = _finalize(out, shards, fingerprint, vocab, rejects, builder, max_reject_fraction)
     s = _summary_from_index(index, output, max_reject_fraction)
     s.elapsed = time.time() - t0
     return s

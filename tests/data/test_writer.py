@@ -20,6 +20,7 @@ import webdataset as wds
 
 from asr_dist.cli import main
 from asr_dist.data import index as fmt
+from asr_dist.data.sources import InputError
 from asr_dist.data.verify import verify
 from asr_dist.data.writer import BuildOptions, build, merge
 
@@ -140,6 +141,37 @@ def test_bad_input_is_listed_in_rejects(corpus, tmp_path):
     assert fmt.read_index(tmp_path / "out")["num_samples"] == 5
     # with a threshold that allows it, the same input exits 0
     assert main(["shards", "build", "-i", str(tsv), "-o", str(tmp_path / "out2"), "--no-progress", "--max-reject-fraction", "0.7"]) == 0
+    assert fmt.read_index(tmp_path / "out2")["build_failed"] is None
+
+
+def test_a_failed_build_is_marked_and_refused_by_training(corpus, tmp_path, capsys):
+    tsv = Path(corpus("commonvoice", num=12))
+    rows = tsv.read_bytes().splitlines(keepends=True)
+    for i in (1, 2, 3):  # 3 of 12 transcripts empty after normalisation: 25 % rejected, over the default 5 %
+        rows[i] = rows[i].decode().rsplit("\t", 1)[0].encode() + b"\t...\n"
+    tsv.write_bytes(b"".join(rows))
+    out = tmp_path / "out"
+    assert main(["shards", "build", "-i", str(tsv), "-o", str(out), "--shard-size", "4", "--no-progress"]) == 1
+    assert fmt.read_index(out)["build_failed"] == {"reject_fraction": 0.25, "max_reject_fraction": 0.05}
+    capsys.readouterr()
+    assert main(["shards", "info", str(out)]) == 0
+    assert "BUILD FAILED: 25.0 % of the items were rejected, over --max-reject-fraction 0.05" in capsys.readouterr().out
+
+    def dry_run(*extra):
+        return subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
+                               f"data.train_shards=[{out}]", "data.eval_shards={}", "data.global_batch_size=4", "data.micro_batch_size=2",
+                               *extra, "--dry-run"], capture_output=True, text=True)
+
+    refused = dry_run()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"data.train_shards: {out}: its build failed: 25.0 %" in refused.stderr
+    assert "data.allow_failed_shards=true" in refused.stderr
+    allowed = dry_run("data.allow_failed_shards=true")
+    assert allowed.returncode == 0, allowed.stderr
+    # the same build confirmed under a limit it meets: the mark goes, and training takes the set
+    assert main(["shards", "build", "-i", str(tsv), "-o", str(out), "--shard-size", "4", "--no-progress",
+                 "--max-reject-fraction", "0.3"]) == 0
+    assert fmt.read_index(out)["build_failed"] is None and dry_run().returncode == 0
 
 
 def test_structural_errors_name_what_was_found(corpus, tmp_path, capsys):
@@ -179,16 +211,34 @@ def test_kaldi_segments_and_commands(corpus, tmp_path):
     scp = [line.split() for line in (d / "wav.scp").read_text().splitlines()]
     text = [line.split(" ", 1) for line in (d / "text").read_text(encoding="utf-8").splitlines()]
     # recording 0 as a command, cut into two segments; recording 1 plain; recording 2 not in text
-    (d / "wav.scp").write_text(f"rec0 cat {d / scp[0][1]} |\nrec1 {scp[1][1]}\nrec2 {scp[2][1]}\n")
+    ran = tmp_path / "ran"
+    (d / "wav.scp").write_text(f"rec1 {scp[1][1]}\nrec0 touch {ran}; cat {d / scp[0][1]} |\nrec2 {scp[2][1]}\n")
     dur0 = sf.info(d / scp[0][1]).duration
     (d / "segments").write_text(f"u0a rec0 0.0 {dur0 / 2:.3f}\nu0b rec0 {dur0 / 2:.3f} {dur0:.3f}\nu1 rec1 0 -1\nu3 rec9 0 1\n")
     (d / "text").write_text(f"u0a det er\nu0b en test\nu1 {text[1][1]}\nu3 hej\nu4 ingen segment\n", encoding="utf-8")
     (d / "utt2spk").write_text("u0a s0\nu0b s0\nu1 s1\n")
-    s = build(opts(str(d), tmp_path / "out", min_duration=0.3, max_reject_fraction=1))
+    # a command runs through the shell only when allowed: without the flag, an error naming the line and the flag
+    with pytest.raises(InputError, match=r"wav\.scp: line 2 is a command .*--allow-commands"):
+        build(opts(str(d), tmp_path / "out", min_duration=0.3, max_reject_fraction=1))
+    assert not ran.exists()
+    s = build(opts(str(d), tmp_path / "out", min_duration=0.3, max_reject_fraction=1, allow_commands=True))
+    assert ran.exists()
     samples = read_set(tmp_path / "out")
     assert sorted(samples) == ["u0a", "u0b", "u1"]
     assert abs(samples["u0a"][0]["duration"] - dur0 / 2) < 2e-3 and samples["u0a"][0]["speaker"] == "s0"
     assert {r["reason"] for r in rejects(tmp_path / "out")} == {"missing_audio_entry"} and s.num_rejected == 2
+
+
+def test_a_path_ending_in_a_pipe_is_a_file_name_not_a_command(corpus, tmp_path):
+    """Only Kaldi's wav.scp has commands; a NeMo manifest's path ending in '|' is a missing file."""
+    src = Path(corpus("nemo", num=4))
+    ran = tmp_path / "ran"
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
+    rows[0]["audio_filepath"] = f"/bin/sh -c 'touch {ran}' |"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    s = build(opts(str(src), tmp_path / "out", max_reject_fraction=1, allow_commands=True))
+    assert not ran.exists()
+    assert [r["reason"] for r in rejects(tmp_path / "out")] == ["missing_file"] and s.num_kept == 3
 
 
 def test_given_vocab_reports_characters_outside_it(corpus, tmp_path):

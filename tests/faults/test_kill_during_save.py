@@ -49,3 +49,23 @@ def test_kill_while_saving_resumes_from_the_previous_checkpoint(train_shards, tm
     whole = tmp_path / "whole"
     assert launch("python", overrides(train_shards, whole, *args[-5:])).returncode == 0
     assert losses(out) == losses(whole) and max(losses(out)) == 10
+
+
+def test_a_save_over_a_cut_off_directory_of_the_same_step_clears_it_first(train_shards, tmp_path):
+    """A resumed run reaching the step of a cut-off save writes a clean directory: no stale file of
+    the earlier save (here another world size's partition, which zero_to_fp32 would read) stays in it."""
+    out = tmp_path / "run"
+    args = overrides(train_shards, out, "train.max_steps=4", "train.checkpoint_every=2", "eval.every_steps=0",
+                     "data.eval_shards={}")
+    r = launch("python", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = out / "checkpoints" / "step-00000004"
+    fresh = sorted(p.name for p in cut.iterdir())
+    (cut / "COMPLETE").unlink()  # as if the save had been cut off
+    stale = cut / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    stale.write_bytes(b"left by an earlier save on two ranks")
+    r = launch("python", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"resumed from \S+/step-00000002 at step 2", r.stderr), r.stderr[-3000:]
+    assert f"removing {cut}, left by an earlier save of step 4" in r.stderr
+    assert sorted(p.name for p in cut.iterdir()) == fresh and not stale.exists()

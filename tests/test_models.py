@@ -156,3 +156,40 @@ def test_flops_follow_the_family_layout():
     assert f["wav2vec2-conformer"].layer_flops(conformer, 400) > 1.4 * f["wav2vec2"].layer_flops(w2v, 400)
     assert f["data2vec-audio"].positional_flops(d2v, 400) < f["wav2vec2"].positional_flops(w2v, 400)
     assert train_flops_per_audio_second(conformer, 8.0, True) > train_flops_per_audio_second(w2v, 8.0, True)
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "wav2vec2"])
+def test_each_family_s_starting_config_loads_and_refuses_another_family(name, tmp_path):
+    """configs/<family>.yaml reads with a checkpoint of its family; pointed at another family's, it still
+    loads (the family comes from config.json), and model.family pins it."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    d = save_base_model(name, tmp_path / name)
+    cfg = load_config(str(config), [f"model.pretrained={d}"])
+    assert cfg.model.freeze_feature_encoder and cfg.distributed.precision == "fp16"
+    other = save_base_model("wav2vec2", tmp_path / "w2v")
+    with pytest.raises(ModelError, match="is a wav2vec2 checkpoint"):
+        load_config(str(config), [f"model.pretrained={other}", f"model.family={name}"])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gradient_checkpointing_trains_alike_in_every_family(name):
+    """model.gradient_checkpointing: the same loss and gradients, with the layers' activations recomputed."""
+    torch.manual_seed(0)
+    plain, family = build_model(ModelArgs(preset="tiny", family=name, mask_time_prob=0.0), VOCAB)
+    checkpointed = copy.deepcopy(plain)
+    getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
+    assert checkpointed.is_gradient_checkpointing
+    x = torch.randn(2, 12000)
+    mask = torch.ones(2, 12000, dtype=torch.bool)
+    mask[1, 8000:] = False
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
+    grads = []
+    for model in (plain.train(), checkpointed.train()):
+        out = model(x, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append((out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6) and grads[0][1].keys() == grads[1][1].keys()
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-6, msg=n)

@@ -50,11 +50,12 @@ class DataArgs:
 
 @dataclass
 class ModelArgs:
-    pretrained: Optional[str] = None  # local directory of a pretrained wav2vec2 / XLS-R checkpoint (no downloads)
-    preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m (= large)
+    pretrained: Optional[str] = None  # local directory of a pretrained checkpoint (no downloads); its config.json's model_type names the family: wav2vec2 (XLS-R, MMS), hubert, wavlm, data2vec-audio, wav2vec2-conformer
+    preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m (= large) for wav2vec2; each family lists its own
+    family: Optional[str] = None  # the encoder family of model.preset (default wav2vec2); with model.pretrained it is read from config.json, and a different value here is an error
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
-    attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2
+    attention: Optional[str] = None  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2; default: sdpa where the family has it (wavlm: eager only)
     cudnn_attention: bool = False  # let PyTorch use cuDNN's fused attention: fast per call, but it builds a graph for every new batch shape (off: flash / memory-efficient kernels)
     cudnn_benchmark: bool = False  # let cuDNN time every convolution algorithm for each new input shape and keep the fastest: pays only with few distinct shapes (data.pad_to_multiple_of=16000)
     fft_positional_conv: bool = False  # compute the positional convolution (kernel 128, 16 groups) with FFTs in float32: the same result (within 1e-5), about 40x fewer FLOPs
@@ -298,12 +299,15 @@ def validate(cfg: Config) -> None:
                           "does not mix by weight yet; give a plain list of shard directories, or a fixed utterance count")
     if (cfg.model.pretrained is None) == (cfg.model.preset is None):
         raise ConfigError("give exactly one of model.pretrained (a local checkpoint directory) or model.preset "
-                          f"({', '.join(PRESETS)})")
-    if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(PRESETS)}")
+                          f"({', '.join(PRESETS)}, with model.family for another family than wav2vec2)")
     if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: no config.json there; point it at a local "
                           f"checkpoint directory (save_pretrained layout); nothing is downloaded")
+    if cfg.model.attention is not None and cfg.model.attention not in ("sdpa", "eager", "flash_attention_2"):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}; choose one of sdpa, eager, flash_attention_2")
+    from .models import check_model_config  # the family: from model.pretrained's config.json, or model.family
+
+    check_model_config(cfg.model, cfg.distributed.zero_stage)
     if (cfg.train.max_steps is None) == (cfg.train.num_epochs is None):
         raise ConfigError("give exactly one of train.max_steps or train.num_epochs")
     for name, value in (("train.max_steps", cfg.train.max_steps), ("train.num_epochs", cfg.train.num_epochs)):
@@ -313,7 +317,6 @@ def validate(cfg: Config) -> None:
         "distributed.precision": (cfg.distributed.precision, ("fp16", "bf16", "fp32")),
         "optim.name": (cfg.optim.name, ("adam", "adamw")),
         "data.on_corrupt": (cfg.data.on_corrupt, ("stop", "skip")),
-        "model.attention": (cfg.model.attention, ("sdpa", "eager", "flash_attention_2")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -1,9 +1,9 @@
 """Using a trained model: `asr-dist evaluate` (exact WER/CER on a shard set or any corpus the shard
 builder reads) and `asr-dist transcribe` (any audio, long recordings in overlapping chunks).
 
-A model directory is what training exports: transformers' Wav2Vec2ForCTC + Wav2Vec2Processor, and
-asr_dist.json naming the text normaliser of its training data, which evaluation applies to the
-references of a corpus given in another layout.
+A model directory is what training exports: a transformers CTC model of one of asr_dist.models'
+families (named by its config.json) + its processor, and asr_dist.json naming the text normaliser of
+its training data, which evaluation applies to the references of a corpus given in another layout.
 """
 
 from __future__ import annotations
@@ -50,19 +50,21 @@ def model_directory(path: str):
 
 
 def load_model_dir(model_dir: str, device: torch.device):
-    import transformers
-
+    """``(model, vocab, meta, family)`` of an exported model directory."""
     d = Path(model_dir)
     if not (d / "config.json").exists():
         raise ModelDirError(f"{d}: no config.json; give a model directory exported by training ({{output_dir}}/model "
                             f"or {{output_dir}}/best)")
-    from .model import set_attention_kernels
+    from .models import ModelError, load_for_inference, set_attention_kernels
 
     set_attention_kernels(False)  # evaluation batches change length at every step (see the function)
-    model = transformers.Wav2Vec2ForCTC.from_pretrained(str(d), local_files_only=True).to(device).eval()
+    try:
+        model, family = load_for_inference(d, device)
+    except ModelError as e:
+        raise ModelDirError(str(e)) from None
     vocab = load_vocab(d / "vocab.json")
     meta = json.loads((d / "asr_dist.json").read_text()) if (d / "asr_dist.json").exists() else {}
-    return model, vocab, meta
+    return model, vocab, meta, family
 
 
 def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
@@ -113,7 +115,7 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
         os.environ.update(MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=denv.rank,
                                 world_size=denv.world_size, timeout=datetime.timedelta(minutes=30))
-    model, vocab, meta = load_model_dir(model_dir, device)
+    model, vocab, meta, family = load_model_dir(model_dir, device)
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir = _as_shards(source, Path(model_dir) / "vocab.json", meta, Path(tmp)) if denv.is_main else None
         if denv.world_size > 1:
@@ -128,8 +130,8 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
                             micro_batch_seconds=micro_batch_seconds, num_workers=num_workers)
         t0 = time.time()
         with tqdm(total=len(loader), unit="batch", desc="evaluating", disable=not (progress and denv.is_main)) as bar:
-            r = evaluate_set(lambda x, m: model(input_values=x, attention_mask=m).logits,
-                             model._get_feat_extract_output_lengths, loader, beam or GreedyDecoder(vocab),
+            r = evaluate_set(lambda x, m: model(**{family.input_name: x}, attention_mask=m).logits,
+                             lambda n: family.output_frames(model.config, n), loader, beam or GreedyDecoder(vocab),
                              model.config.pad_token_id, device, torch.float32, denv.world_size,
                              keep_predictions=predictions is not None or bool(group_by), progress=bar)
         elapsed = time.time() - t0
@@ -214,7 +216,11 @@ def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: in
         windows.append((start, min(end, len(x)), 0 if start == 0 else stride, 0 if last else stride))
         if last:
             break
-    ratio = 1 / model.config.inputs_to_logits_ratio
+    ratio = 1 / model.config.inputs_to_logits_ratio  # what the pipeline uses to cut the frames of a window
+    from .models import family_for
+
+    family = family_for(model.config)
+    featurize = family.featurizer()
     pieces = []
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
@@ -223,10 +229,10 @@ def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: in
         mask = np.zeros((len(group), width), np.int64)
         for j, (a, b, _, _) in enumerate(group):
             seg = x[a:b]
-            batch[j, :len(seg)] = (seg - seg.mean()) / np.sqrt(seg.var() + 1e-7)
+            batch[j, :len(seg)] = featurize(seg)
             mask[j, :len(seg)] = 1
         with torch.no_grad():
-            logits = model(input_values=torch.from_numpy(batch).to(device),
+            logits = model(**{family.input_name: torch.from_numpy(batch).to(device)},
                            attention_mask=torch.from_numpy(mask).to(device)).logits.float().cpu()
         for j, (a, b, left, right) in enumerate(group):
             n = int(round((b - a) * ratio))
@@ -251,7 +257,7 @@ def _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, d
     beam = _beam_decoder(model_dir, decoder)
     if beam is not None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, _, _ = load_model_dir(model_dir, device)
+        model, _, _, _ = load_model_dir(model_dir, device)
         chunk, stride = int(chunk_length_s * 16000), int(stride_length_s * 16000)
         if chunk <= 2 * stride:
             raise InvalidValue(f"--chunk-length {chunk_length_s} must be more than twice --stride {stride_length_s}")

@@ -64,9 +64,9 @@ def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -
     """Seconds one optimizer step of the demo's model takes on this machine: the fastest of five timed
     steps after a warm-up one (a moment of other work on the cores, as a test suite ending, doubled a
     two-step estimate and halved the demo's training)."""
-    from .model import build_model
+    from .models import build_model
 
-    model = build_model(cfg.model, vocab).to(device)
+    model = build_model(cfg.model, vocab)[0].to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     n = cfg.data.global_batch_size
     x = torch.randn(n, int(audio_seconds * 16000), device=device)
@@ -95,7 +95,7 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     from .distributed import configure_accelerator
     from .engine import train
     from .export import make_processor
-    from .model import build_model
+    from .models import build_model
 
     t_start = time.time()
     if device == "auto":
@@ -137,8 +137,9 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     untrained = out / "untrained"
     if untrained.exists():
         shutil.rmtree(untrained)
-    build_model(cfg.model, vocab, seed=cfg.seed).save_pretrained(str(untrained))
-    make_processor(shards / "vocab.json").save_pretrained(str(untrained))
+    model, family = build_model(cfg.model, vocab, seed=cfg.seed)
+    model.save_pretrained(str(untrained))
+    make_processor(shards / "vocab.json", family).save_pretrained(str(untrained))
     before = evaluate_model(str(untrained), str(out / "shards" / "eval"), progress=False, num_workers=0)
 
     print(f"[4/5] training the tiny wav2vec2 on {device} with DeepSpeed; TensorBoard logs in {run / 'tensorboard'}",

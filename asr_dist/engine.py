@@ -39,7 +39,8 @@ from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
-from .model import build_model, compile_regions, layerdrop_draw, use_sync_free_forward
+from .models import build_model
+from .models.ctc import layerdrop_draw
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -323,23 +324,24 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)
-        model = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
+        model, self.family = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
         if cfg.model.compile:
-            compile_regions(model)
-        self.sync_free = cfg.model.sync_free_forward and use_sync_free_forward(model)
+            self.family.compile(model)
+        self.sync_free = cfg.model.sync_free_forward and self.family.use_sync_free_forward(model)
         check_layerdrop(cfg, self.world, shared_draws=self.sync_free)
         self.layerdrop = cfg.model.layerdrop if self.sync_free else 0.0  # else transformers' forward draws
-        self.layers = model.config.num_hidden_layers
-        if self.sync_free and cfg.distributed.zero_stage == 3 and hasattr(model.wav2vec2, "masked_spec_embed"):
-            # SpecAugment's embedding is used by the model's own forward, not by its owner's: ZeRO-3 gathers it there
-            deepspeed.zero.register_external_parameter(model, model.wav2vec2.masked_spec_embed)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.layers = self.family.num_layers(model.config)
+        if cfg.distributed.zero_stage == 3 and self.sync_free:
+            for p in self.family.zero3_external_parameters(model):
+                deepspeed.zero.register_external_parameter(model, p)
+        params = self.family.trainable_parameters(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         ckpt.use_safe_loading(self.engine)
         # the large-batch mode's micro-batches hold different numbers of utterances: see utterance_weighted
         self.utterances_per_micro = None if cfg.data.micro_batch_seconds is None else (
             self.shards.num_samples / (self.loader.steps_per_epoch * self.loader.accumulation * self.world))
-        self.frozen_encoder = not any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
+        front = self.family.front_end(model)
+        self.frozen_encoder = front is not None and not any(p.requires_grad for p in front.parameters())
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
         self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
@@ -457,8 +459,9 @@ class Trainer:
         model = self.engine.module
         self.engine.eval()
         for name, loader in self.evals.items():
-            r = evaluate_set(lambda x, m: self.engine(input_values=x, attention_mask=m).logits,
-                             model._get_feat_extract_output_lengths, loader, self.decoder, model.config.pad_token_id,
+            r = evaluate_set(lambda x, m: self.engine(**{self.family.input_name: x}, attention_mask=m).logits,
+                             lambda n: self.family.output_frames(model.config, n), loader, self.decoder,
+                             model.config.pad_token_id,
                              self.device, self.input_dtype, self.world, self.cfg.eval.num_examples)
             results[name] = {"loss": r["loss"], "wer": r["wer"], "cer": r["cer"], "utterances": r["counts"].utterances,
                              "words": r["counts"].ref_words}
@@ -506,10 +509,10 @@ class Trainer:
                 try:
                     if self.sync_free:  # masks and lengths made on the host, from these
                         skips = layerdrop_draw(self.layerdrop, self.layers, cfg.seed, step) if self.layerdrop else None
-                        out = engine(input_values=inputs, lengths=batch["attention_mask"].sum(-1), labels=batch["labels"],
-                                     skip_layers=skips)
+                        out = engine(**{self.family.input_name: inputs}, lengths=batch["attention_mask"].sum(-1),
+                                     labels=batch["labels"], skip_layers=skips)
                     else:
-                        out = engine(input_values=inputs,
+                        out = engine(**{self.family.input_name: inputs},
                                      attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
                                      labels=batch["labels"].to(self.device, non_blocking=True))
                     engine.backward(utterance_weighted(out.loss, len(batch["keys"]), self.utterances_per_micro))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .data.loader import EvalLoader
 from .metrics import ErrorCounts, GreedyDecoder
-from .model import ctc_loss
+from .models.ctc import ctc_loss
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """Export: a Hugging Face model directory that `transformers.pipeline("automatic-speech-recognition")`
-loads unchanged: the model (fp32 safetensors, consolidated under ZeRO-3), a Wav2Vec2Processor
+loads unchanged: the model (fp32 safetensors, consolidated under ZeRO-3), its family's processor
 (feature extractor + CTC tokenizer over the shard set's vocab.json), a model card, and
 asr_dist.json with the text normaliser that made the training transcripts.
 """
@@ -17,22 +17,18 @@ import torch
 import transformers
 
 from . import __version__
-from .audio import SAMPLE_RATE
 from .config import shard_dirs
 from .data import index as fmt
 from .errors import InvalidValue
-from .text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER
 
 log = logging.getLogger(__name__)
 
 
-def make_processor(vocab_path: Path) -> transformers.Wav2Vec2Processor:
-    tokenizer = transformers.Wav2Vec2CTCTokenizer(str(vocab_path), unk_token=UNK_TOKEN, pad_token=PAD_TOKEN,
-                                                  word_delimiter_token=WORD_DELIMITER)
-    feature_extractor = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE,
-                                                              padding_value=0.0, do_normalize=True,
-                                                              return_attention_mask=True)
-    return transformers.Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+def make_processor(vocab_path: Path, family=None):
+    """The processor of ``family`` (wav2vec2's by default) over ``vocab_path``."""
+    from .models import FAMILIES
+
+    return (family or FAMILIES["wav2vec2"]).processor(vocab_path)
 
 
 def export(trainer, out: Path) -> None:
@@ -49,7 +45,7 @@ def export(trainer, out: Path) -> None:
     model = engine.module
     model.config.dtype = "float32"
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME).save_pretrained(str(tmp))
+    make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME, trainer.family).save_pretrained(str(tmp))
     (tmp / "asr_dist.json").write_text(json.dumps({
         "asr_dist_version": __version__, "text_normalizer": trainer.shards.text_normalizer,
         "train_shards": trainer.cfg.data.train_shards, "steps": engine.global_steps,
@@ -89,7 +85,7 @@ def model_card(trainer) -> str:
 
     return f"""---
 language: da
-tags: [automatic-speech-recognition, wav2vec2, asr-dist]
+tags: [automatic-speech-recognition, {trainer.family.name}, asr-dist]
 library_name: transformers
 pipeline_tag: automatic-speech-recognition
 ---
@@ -97,7 +93,7 @@ pipeline_tag: automatic-speech-recognition
 # {Path(cfg.output_dir).name}
 
 This model was fine-tuned with asr-dist from
-{cfg.model.pretrained or f'a randomly initialised `{cfg.model.preset}` wav2vec2'} on the shard set(s)
+{cfg.model.pretrained or f'a randomly initialised `{cfg.model.preset}` {trainer.family.name}'} on the shard set(s)
 {', '.join(f'`{d}`' for d in shard_dirs(cfg.data.train_shards))} ({trainer.shards.audio_seconds / 3600:.2f} hours).
 
 It achieves the following results on the evaluation set(s): {summary or 'no evaluation set was given'}.
@@ -147,7 +143,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
     from . import checkpoint as ckpt_mod
     from .config import Config
     from .data.loader import ShardSet
-    from .model import build_model
+    from .models import build_model
 
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / ckpt_mod.MARKER).exists():
@@ -163,7 +159,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
         raise InvalidValue(f"{ckpt}: its training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
                          f"evaluate the exported model directory instead")
     shards = ShardSet.open(str(shard_dir))
-    model = build_model(cfg.model, shards.vocab, seed=cfg.seed)
+    model, family = build_model(cfg.model, shards.vocab, seed=cfg.seed)
     weights = {k: v for k, v in (state.get("module") or {}).items()}
     expected = model.state_dict()
     if any(k not in weights or weights[k].shape != v.shape for k, v in expected.items()):  # ZeRO-3 partitions
@@ -178,7 +174,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
         raise InvalidValue(f"{ckpt}: weights missing from the checkpoint: {missing[:5]}")
     model.config.dtype = "float32"
     model.save_pretrained(str(out), safe_serialization=True)
-    make_processor(shard_dir / fmt.VOCAB_NAME).save_pretrained(str(out))
+    make_processor(shard_dir / fmt.VOCAB_NAME, family).save_pretrained(str(out))
     (out / "asr_dist.json").write_text(json.dumps({
         "asr_dist_version": __version__, "text_normalizer": shards.text_normalizer,
         "train_shards": cfg.data.train_shards, "steps": int(state.get("step", 0)), "checkpoint": str(ckpt),

@@ -1,4 +1,5 @@
-"""Model FLOPs of wav2vec2 CTC training, counted from the config, for perf/tflops and MFU.
+"""Model FLOPs of CTC training, counted from the config, for perf/tflops and MFU. The model's family
+(asr_dist.models, from ``config.model_type``) counts its positional embedding and its layers.
 
 Multiply-adds count 2 FLOPs; a trained layer costs 3x its forward pass (forward, and backward for
 inputs and weights), a frozen one 1x (its input needs no gradient: the feature encoder is first).
@@ -19,12 +20,14 @@ def forward_flops(config, num_samples: int, layers: float | None = None) -> tupl
         frames = (frames - kernel) // stride + 1
         encoder += 2.0 * frames * kernel * channels * dim
         channels = dim
+    from .models import family_for
+
+    family = family_for(config)
     frames = max(frames, 1)
-    h, f = config.hidden_size, config.intermediate_size
+    h = config.hidden_size
     rest = 2.0 * frames * channels * h  # feature projection
-    rest += 2.0 * frames * config.num_conv_pos_embeddings * h * h / config.num_conv_pos_embedding_groups
-    per_layer = 2.0 * frames * (4 * h * h + 2 * h * f) + 4.0 * frames * frames * h  # projections, FFN, attention
-    rest += (config.num_hidden_layers if layers is None else layers) * per_layer
+    rest += family.positional_flops(config, frames)
+    rest += (family.num_layers(config) if layers is None else layers) * family.layer_flops(config, frames)
     rest += 2.0 * frames * h * config.vocab_size  # CTC head
     return encoder, rest
 

@@ -20,9 +20,9 @@ import json
 import time
 
 import torch
-import transformers
 
-from asr_dist.model import PRESETS, FusedLayerNormConvLayer, fft_conv1d
+from asr_dist.models import FAMILIES
+from asr_dist.models.wav2vec2 import FusedLayerNormConvLayer, feature_encoder, fft_conv1d
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     batch = args.batch or (32 if cuda else 4)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    config = transformers.Wav2Vec2Config(**PRESETS["xlsr-300m"], vocab_size=40)
-    eager = transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2FeatureEncoder(config).to(device, dtype).eval()
-    fused = transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2FeatureEncoder(config).to(device, dtype).eval()
+    config = FAMILIES["wav2vec2"].preset_config("xlsr-300m", vocab_size=40)
+    eager = feature_encoder(config).to(device, dtype).eval()
+    fused = feature_encoder(config).to(device, dtype).eval()
     fused.load_state_dict(eager.state_dict())
     for block in fused.conv_layers:
         block.__class__ = FusedLayerNormConvLayer

@@ -2,8 +2,9 @@
 """Training throughput: asr-dist against a plain PyTorch loop, same model, same synthetic audio.
 
 Audio: noise-like "speech" of log-normal durations clipped to 1.5-15 s (mean about 5.5 s), built into
-a shard set; transcripts of about 12 characters per second. Model: Wav2Vec2ForCTC from a preset with
-random weights and a frozen feature encoder. Every variant trains global batches of 32 utterances
+a shard set; transcripts of about 12 characters per second. Model: a CTC model of one family
+(``--family``: wav2vec2 by default, or any of asr_dist.models) from a preset with random weights and a
+frozen feature encoder; every variant, the plain loops too, trains the same family. Every variant trains global batches of 32 utterances
 (16 x 2 accumulation) and reports audio seconds per second after warm-up, step time, padding
 fraction, peak GPU memory and MFU (GPU only: model FLOPs from asr_dist.flops, about 101 GFLOP per
 audio second for XLS-R-300M at 5.5 s utterances, encoder frozen; peak from --peak-tflops).
@@ -13,6 +14,7 @@ the run); each result is also appended to --jsonl as it comes.
 
   python bench/train_throughput.py                      # CPU: tiny preset, fp32, a few steps (CI keeps it working)
   python bench/train_throughput.py --preset xlsr-300m --precision fp16 --steps 20   # on a GPU
+  python bench/train_throughput.py --family hubert      # another family's tiny preset, on CPU
   python bench/train_throughput.py --list               # the variants
 -> one JSON object on stdout
 """
@@ -42,6 +44,8 @@ from asr_dist.data.loader import LabelEncoder, ShardSet, collate, normalize  # n
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 from synthetic import make_corpus  # noqa: E402
 
+FAMILY = "wav2vec2"  # --family: the model family every variant trains
+
 def make_shards(root: Path, n: int, seed: int = 0) -> str:
     manifest = make_corpus(root, n, seed)
     build(BuildOptions(inputs=[manifest], output=str(root / "shards"), shard_size=32, progress=False, max_duration=16))
@@ -51,12 +55,10 @@ def make_shards(root: Path, n: int, seed: int = 0) -> str:
 def flops_per_audio_second(preset: str, seconds: float = 5.5) -> float:
     """Training FLOPs of one audio second (asr_dist.flops, from the config), frozen feature encoder,
     at the corpus's mean duration."""
-    import transformers
-
     from asr_dist.flops import train_flops_per_audio_second
-    from asr_dist.model import PRESETS
+    from asr_dist.models import FAMILIES
 
-    return train_flops_per_audio_second(transformers.Wav2Vec2Config(**PRESETS[preset], vocab_size=40), seconds, True)
+    return train_flops_per_audio_second(FAMILIES[FAMILY].preset_config(preset, vocab_size=40), seconds, True)
 
 
 def plain_model(shards: str, preset: str, device: torch.device,
@@ -65,11 +67,12 @@ def plain_model(shards: str, preset: str, device: torch.device,
     ``cudnn_sdpa``: PyTorch's own choice of attention kernels (cuDNN's on Hopper), as a user of plain
     PyTorch gets; false: asr-dist's default (``model.cudnn_attention=false``)."""
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
+    from asr_dist.models import build_model
 
     samples, vocab = load_samples(shards)
-    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0, cudnn_attention=cudnn_sdpa), vocab).to(device).train()
-    model.freeze_feature_encoder()
+    model, family = build_model(ModelArgs(preset=preset, family=FAMILY, mask_time_prob=0.0, cudnn_attention=cudnn_sdpa,
+                                          freeze_feature_encoder=True), vocab)
+    model = model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     return samples, model, opt
 
@@ -212,11 +215,11 @@ def hf_trainer(shards: str, preset: str, precision: str, steps: int, warmup: int
     import transformers
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
+    from asr_dist.models import build_model
 
     samples, vocab = load_samples(shards)
-    model = build_model(ModelArgs(preset=preset, mask_time_prob=0.0, cudnn_attention=True), vocab)  # torch's choice
-    model.freeze_feature_encoder()
+    model, _ = build_model(ModelArgs(preset=preset, family=FAMILY, mask_time_prob=0.0, cudnn_attention=True,
+                                     freeze_feature_encoder=True), vocab)  # torch's choice of attention kernels
     clock = {"audio": 0.0, "batches": 0, "counting": False, "t0": None, "t1": None}
 
     class Data(torch.utils.data.Dataset):
@@ -264,6 +267,7 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
     from asr_dist.engine import train
 
     cfg = load_config(None, [f"output_dir={out}", f"data.train_shards=[{shards}]", f"model.preset={preset}",
+                             f"model.family={FAMILY}",
                              "model.freeze_feature_encoder=true", "model.mask_time_prob=0.0",
                              f"train.max_steps={warmup + steps}", f"train.log_every={max(1, min(3, warmup))}",
                              "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never",
@@ -387,6 +391,7 @@ def run_one(args, name: str, kind: str, kw: dict, shards: str, tmp: Path) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--family", default="wav2vec2", help="the model family (asr_dist.models.FAMILIES)")
     ap.add_argument("--precision", default=None, help="default: fp16 on a GPU, fp32 on CPU")
     ap.add_argument("--utterances", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4, help="measured optimizer steps per variant")
@@ -409,6 +414,8 @@ def main() -> None:
     ap.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shards", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global FAMILY
+    FAMILY = args.family
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     args.precision = args.precision or ("fp16" if cuda else "fp32")
@@ -428,14 +435,14 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variant(s) {sorted(unknown)}; --list shows them")
     names = [n for n in (args.only or [n for n in table if cuda or table[n][0] != "profile"]) if n not in args.skip]
-    result = {"benchmark": "train_throughput", "preset": args.preset, "precision": args.precision, "device":
+    result = {"benchmark": "train_throughput", "family": args.family, "preset": args.preset, "precision": args.precision, "device":
               torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "loader_workers": args.workers}
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp) / "data", args.utterances)
         for name in names:
             cmd = [sys.executable, __file__, "--run-one", name, "--shards", shards]
-            for flag in ("preset", "precision", "utterances", "steps", "warmup", "workers", "large_micro", "large_seconds"):
+            for flag in ("preset", "family", "precision", "utterances", "steps", "warmup", "workers", "large_micro", "large_seconds"):
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             cmd += ["--zero", *map(str, args.zero)]
             t = time.time()

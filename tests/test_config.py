@@ -56,7 +56,7 @@ def test_a_single_path_is_a_list_of_one(yaml):
 
 
 def test_large_is_xlsr_300m(yaml):
-    from asr_dist.model import PRESETS
+    from asr_dist.config import PRESETS
 
     assert load_config(yaml, ["model.preset=large"]).model.preset == "large"
     assert PRESETS["large"] == PRESETS["xlsr-300m"] and PRESETS["large"]["num_hidden_layers"] == 24
@@ -181,7 +181,7 @@ def test_shipped_configs_load(tmp_path):
     cfg = load_config(str(REPO / "configs" / "test.yaml"))
     assert cfg.model.preset == "tiny" and cfg.train.max_steps == 50 and cfg.eval.every_steps == 25
     (tmp_path / "xlsr").mkdir()
-    (tmp_path / "xlsr" / "config.json").write_text("{}")
+    (tmp_path / "xlsr" / "config.json").write_text('{"model_type": "wav2vec2"}')  # what XLS-R-300M's says
     seed = load_config(str(REPO / "configs" / "xlsr300m-danish.yaml"), [f"model.pretrained={tmp_path / 'xlsr'}"])
     ds = deepspeed_config(seed, 1, 15 * 1000)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2)
@@ -230,14 +230,14 @@ def test_attention_kernels_agree_and_typos_are_refused():
     import torch
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
+    from asr_dist.models import build_model
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}
     x, mask = torch.randn(2, 16000), torch.ones(2, 16000, dtype=torch.bool)
     mask[1, 8000:] = False  # padding must be masked alike by both kernels
     logits = []
     for kernel in ("sdpa", "eager"):
-        model = build_model(ModelArgs(preset="tiny", attention=kernel), vocab).eval()
+        model = build_model(ModelArgs(preset="tiny", attention=kernel), vocab)[0].eval()
         assert model.config._attn_implementation == kernel
         with torch.no_grad():
             logits.append(model(input_values=x, attention_mask=mask).logits)
@@ -253,16 +253,16 @@ def test_cudnn_attention_is_left_out_unless_asked():
     import torch
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
+    from asr_dist.models import build_model
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}
     assert load_config(None, ["output_dir=x", "data.train_shards=[x]", "train.max_steps=1",
                               "model.preset=tiny"]).model.cudnn_attention is False
     try:
-        build_model(ModelArgs(preset="tiny"), vocab)
+        build_model(ModelArgs(preset="tiny"), vocab)[0]
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert not torch.backends.cudnn.benchmark
-        build_model(ModelArgs(preset="tiny", cudnn_attention=True, cudnn_benchmark=True), vocab)
+        build_model(ModelArgs(preset="tiny", cudnn_attention=True, cudnn_benchmark=True), vocab)[0]
         assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.benchmark
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
@@ -291,11 +291,12 @@ def test_fft_positional_conv_trains_like_the_direct_one():
     import torch
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model, fft_conv1d
+    from asr_dist.models import build_model
+    from asr_dist.models.wav2vec2 import fft_conv1d
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
-    direct = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), vocab).train()
-    fft = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0, fft_positional_conv=True), vocab).train()
+    direct = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), vocab)[0].train()
+    fft = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0, fft_positional_conv=True), vocab)[0].train()
     fft.load_state_dict(direct.state_dict())
     assert fft.wav2vec2.encoder.pos_conv_embed.conv._conv_forward.func is fft_conv1d
     assert list(fft.state_dict()) == list(direct.state_dict())
@@ -329,12 +330,12 @@ def test_compiled_layers_train_like_eager_and_keep_their_names():
     from torch._dynamo.utils import counters
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model, compile_regions
+    from asr_dist.models import FAMILIES, build_model
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
-    eager = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), vocab).train()
+    eager = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), vocab)[0].train()
     compiled = copy.deepcopy(eager)
-    compile_regions(compiled)
+    FAMILIES["wav2vec2"].compile(compiled)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     torch._dynamo.reset()
     counters.clear()

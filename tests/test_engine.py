@@ -147,7 +147,7 @@ def test_layerdrop_on_two_ranks_reduces_the_same_gradients_at_every_zero_stage(t
     the same parameters on both ranks, and train to the same losses (stage 0 reduces a zero gradient for
     a parameter without one). Without the shared draw, ZeRO 1/2 died at the first step ("Received data
     size doesn't match expected size")."""
-    from asr_dist.model import layerdrop_draw
+    from asr_dist.models.ctc import layerdrop_draw
 
     args = ["train.max_steps=6", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}"]
     runs = {}
@@ -169,10 +169,10 @@ def test_large_batch_mode_weighs_every_utterance_alike():
     utterances were cut into micro-batches (padding is neutral for layer-norm wav2vec2s)."""
     from asr_dist.config import ModelArgs
     from asr_dist.engine import utterance_weighted
-    from asr_dist.model import build_model
+    from asr_dist.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4})
+    model, _ = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4})
     lengths = [4000, 5200, 6100, 7000, 9000, 12000]
     audio = [torch.randn(n) for n in lengths]
     labels = [torch.randint(2, 5, (3 + i,)) for i in range(6)]

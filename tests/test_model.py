@@ -11,8 +11,12 @@ import pytest
 import torch
 import transformers
 
-from asr_dist.config import ModelArgs
-from asr_dist.model import PRESETS, build_model, ctc_loss, layerdrop_draw, model_overrides, use_sync_free_forward
+from asr_dist.config import PRESETS, ModelArgs
+from asr_dist.models import FAMILIES, build_model
+from asr_dist.models.ctc import ctc_loss, layerdrop_draw
+
+W2V = FAMILIES["wav2vec2"]
+use_sync_free_forward, model_overrides = W2V.use_sync_free_forward, W2V.overrides
 
 VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
 ARGS = ModelArgs(preset="tiny", mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2, mask_feature_length=8,
@@ -100,7 +104,7 @@ def test_sync_free_forward_never_reads_the_device():
     or check looks at a value on the device, and the CTC loss gets its lengths from the host (its
     targets are copied to the device). transformers' forward cannot: it reads the labels' maximum,
     the lengths for SpecAugment and the padding mask, and selects the targets on the device."""
-    model = build_model(ARGS, VOCAB).to("meta").train()
+    model = build_model(ARGS, VOCAB)[0].to("meta").train()
     stock = copy.deepcopy(model)
     use_sync_free_forward(model)
     _, mask, labels = _batch([16000, 12000, 9000])
@@ -171,11 +175,9 @@ def test_compiled_layers_run_under_the_sync_free_forward():
     transformers' eager forward."""
     from torch._dynamo.utils import counters
 
-    from asr_dist.model import compile_regions
-
-    eager = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), VOCAB).train()
+    eager = build_model(ModelArgs(preset="tiny", mask_time_prob=0.0), VOCAB)[0].train()
     compiled = copy.deepcopy(eager)
-    compile_regions(compiled)
+    W2V.compile(compiled)
     assert use_sync_free_forward(compiled)
     torch._dynamo.reset()
     counters.clear()

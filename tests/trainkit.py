@@ -57,3 +57,19 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+
+
+def save_base_model(family_name: str, out: Path, seed: int = 0) -> Path:
+    """A random tiny *base* model of a family (no CTC head, as XLS-R and the other pretrained checkpoints
+    are published) saved with save_pretrained, with its feature extractor: what model.pretrained reads."""
+    import torch
+    import transformers
+
+    from asr_dist.models import FAMILIES
+
+    family = FAMILIES[family_name]
+    torch.manual_seed(seed)
+    transformers.AutoModel.from_config(family.preset_config("tiny")).save_pretrained(str(out))
+    transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                          return_attention_mask=True).save_pretrained(str(out))
+    return out

@@ -88,10 +88,10 @@ def test_cudnn_attention_switch_decides_the_kernel(cudnn_attention):
     from torch.profiler import ProfilerActivity, profile
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model
+    from asr_dist.models import build_model
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}
-    model = build_model(ModelArgs(preset="base", mask_time_prob=0.0, cudnn_attention=cudnn_attention), vocab).cuda()
+    model = build_model(ModelArgs(preset="base", mask_time_prob=0.0, cudnn_attention=cudnn_attention), vocab)[0].cuda()
     x = torch.randn(4, 48000, device="cuda")
     mask = torch.ones(4, 48000, dtype=torch.bool, device="cuda")
     mask[1, 30000:] = False
@@ -121,12 +121,13 @@ def test_sync_free_forward_waits_for_the_gpu_less():
     import numpy as np
 
     from asr_dist.config import ModelArgs
-    from asr_dist.model import build_model, use_sync_free_forward
+    from asr_dist.models import build_model
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3, "b": 4}
-    hf = build_model(ModelArgs(preset="base", mask_time_prob=0.2, mask_time_length=2), vocab).cuda().train()
+    hf, family = build_model(ModelArgs(preset="base", mask_time_prob=0.2, mask_time_length=2), vocab)
+    hf = hf.cuda().train()
     ours = copy.deepcopy(hf)
-    assert use_sync_free_forward(ours)
+    assert family.use_sync_free_forward(ours)
     lengths = torch.tensor([48000, 40000, 30000, 20000])
     mask = torch.arange(48000)[None] < lengths[:, None]
     x = torch.randn(4, 48000, device="cuda") * mask.cuda()

@@ -1,8 +1,10 @@
-"""The model: a transformers Wav2Vec2ForCTC, from a local checkpoint or a size preset.
+"""The wav2vec2 family (XLS-R, MMS, wav2vec2-base/large): Wav2Vec2ForCTC, and what the families
+that share its layout reuse (hubert.py, data2vec_audio.py): the sync-free training forward, the FFT
+positional convolution, regional compilation with fused feature-encoder blocks.
 
-It knows nothing of ranks or DeepSpeed (the engine wraps it). The CTC head is sized from the shard
-set's vocab.json; [PAD] is the CTC blank. Hugging Face computes the CTC loss in fp32
-(log_softmax(dtype=float32)) with mean reduction; ctc_zero_infinity drops impossible alignments.
+Hugging Face computes the CTC loss in fp32 (log_softmax(dtype=float32)) with mean reduction;
+ctc_zero_infinity drops impossible alignments. The sync-free forward computes the same loss from
+host-side lengths (asr_dist.models.ctc).
 """
 
 from __future__ import annotations
@@ -12,70 +14,44 @@ import logging
 
 import torch
 import transformers
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import CausalLMOutput
-from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2LayerNormConvLayer, _compute_mask_indices
 
-from .config import PRESETS, ModelArgs
-from .text import PAD_TOKEN
+from ..config import PRESETS
+from . import ModelError, ModelFamily, register
+from .ctc import ctc_loss, to_device
 
 log = logging.getLogger(__name__)
 
 
-def model_overrides(args: ModelArgs, vocab: dict[str, int]) -> dict:
-    return dict(
-        vocab_size=len(vocab), pad_token_id=vocab[PAD_TOKEN], ctc_loss_reduction="mean", ctc_zero_infinity=True,
-        layerdrop=args.layerdrop, mask_time_prob=args.mask_time_prob, mask_time_length=args.mask_time_length,
-        mask_feature_prob=args.mask_feature_prob, mask_feature_length=args.mask_feature_length,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        activation_dropout=args.activation_dropout, feat_proj_dropout=args.feat_proj_dropout,
-        final_dropout=args.final_dropout,
-    )
+@register
+class Wav2Vec2Family(ModelFamily):
+    name = "wav2vec2"
+    model_types = ("wav2vec2",)
+    config_class = transformers.Wav2Vec2Config
+    ctc_class = transformers.Wav2Vec2ForCTC
+    base_attr = "wav2vec2"
+    presets = PRESETS
+    sync_free = True
+    fft_positional_conv = True
+    time_masks_over_padding = False  # SpecAugment's time masks are drawn within each utterance's frames
 
+    def use_sync_free_forward(self, model) -> bool:
+        """``model(input_values, lengths=…, labels=…)`` runs ``sync_free_forward``; a call without
+        ``lengths`` (evaluation, user code) still runs transformers' own forward. False: not for this model."""
+        if getattr(model.config, "add_adapter", False):
+            log.info("model.sync_free_forward: not for a model with an adapter; transformers' forward is used")
+            return False
+        model.forward = functools.partial(sync_free_forward, model, self.base(model), model.forward,
+                                          time_masks_over_padding=self.time_masks_over_padding)
+        return True
 
-def set_kernels(args: ModelArgs) -> None:
-    """The process-wide kernel choices of a training run: attention (below) and cuDNN's autotuning."""
-    set_attention_kernels(args.cudnn_attention)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    def use_fft_positional_conv(self, model) -> None:
+        use_fft_positional_conv(self.base(model).encoder.pos_conv_embed.conv)
 
-
-def set_attention_kernels(cudnn_attention: bool = False) -> None:
-    """Which fused attention kernels PyTorch's SDPA may pick (a process-wide setting).
-
-    On Hopper GPUs PyTorch prefers cuDNN's fused attention, and cuDNN builds (and compiles) an
-    execution graph for every new (batch, length) shape, forward and backward: reported at 55 ms to
-    1 s each. Speech batches change length at almost every step, so by default it is left out and
-    SDPA uses the flash or memory-efficient kernels, which need no per-shape planning
-    (``model.cudnn_attention=true`` lets cuDNN in again: for fixed shapes it is the faster kernel)."""
-    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
-
-
-def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0) -> transformers.Wav2Vec2ForCTC:
-    """A Wav2Vec2ForCTC with its feature encoder frozen (when asked), ready for DeepSpeed."""
-    torch.manual_seed(seed)
-    set_kernels(args)
-    overrides = model_overrides(args, vocab)
-    if args.pretrained:
-        model = transformers.Wav2Vec2ForCTC.from_pretrained(args.pretrained, local_files_only=True,
-                                                            ignore_mismatched_sizes=True,
-                                                            attn_implementation=args.attention, **overrides)
-    else:
-        config = transformers.Wav2Vec2Config(**PRESETS[args.preset], **overrides)
-        config._attn_implementation = args.attention
-        model = transformers.Wav2Vec2ForCTC(config)
-    freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
-    if freeze:  # a pretrained front end is kept; a random one (a preset) has to learn
-        model.freeze_feature_encoder()
-    if args.gradient_checkpointing:
-        # transformers 5.24 renamed it (the old name warns); 5.17, on the GPU machines, has only the old one
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    if args.fft_positional_conv:
-        use_fft_positional_conv(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("Wav2Vec2ForCTC %s: %.1f M parameters, %.1f M trainable", args.pretrained or args.preset,
-             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
-    return model
+    def compile(self, model) -> None:
+        compile_regions(self.base(model))
 
 
 def _layer_norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -91,7 +67,7 @@ def _layer_norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 _compiled_layer_norm_gelu = None
 
 
-class FusedLayerNormConvLayer(transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2LayerNormConvLayer):
+class FusedLayerNormConvLayer(Wav2Vec2LayerNormConvLayer):
     """The same block and parameters, its norm and activation compiled as one kernel (dynamic length)."""
 
     def forward(self, hidden_states):
@@ -100,6 +76,11 @@ class FusedLayerNormConvLayer(transformers.models.wav2vec2.modeling_wav2vec2.Wav
             _compiled_layer_norm_gelu = torch.compile(_layer_norm_gelu, dynamic=True)
         ln = self.layer_norm
         return _compiled_layer_norm_gelu(self.conv(hidden_states), ln.weight, ln.bias, ln.eps)
+
+
+def feature_encoder(config) -> torch.nn.Module:
+    """wav2vec2's convolutional feature encoder alone (for the kernel benchmarks)."""
+    return transformers.models.wav2vec2.modeling_wav2vec2.Wav2Vec2FeatureEncoder(config)
 
 
 def fft_size(n: int) -> int:
@@ -138,17 +119,16 @@ def fft_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y.to(x.dtype)
 
 
-def use_fft_positional_conv(model: transformers.Wav2Vec2ForCTC) -> None:
+def use_fft_positional_conv(conv: torch.nn.Conv1d) -> None:
     """The positional convolution computed by ``fft_conv1d``: the same module, parameters, weight norm
     and hooks (DeepSpeed's too); only the arithmetic of its ``_conv_forward`` changes."""
-    conv = model.wav2vec2.encoder.pos_conv_embed.conv
     if conv.padding_mode != "zeros" or not isinstance(conv.padding[0], int):
-        raise ValueError(f"model.fft_positional_conv: unexpected positional convolution {conv}")
+        raise ModelError(f"model.fft_positional_conv: unexpected positional convolution {conv}")
     conv._conv_forward = functools.partial(fft_conv1d, padding=conv.padding[0], groups=conv.groups)
     log.info("positional convolution (kernel %d, %d groups) computed with FFTs", conv.kernel_size[0], conv.groups)
 
 
-def compile_regions(model: transformers.Wav2Vec2ForCTC) -> None:
+def compile_regions(encoder_model) -> None:
     """``torch.compile`` every transformer layer in place, and the feature encoder's norm + activation,
     each with a dynamic time dimension.
 
@@ -160,32 +140,26 @@ def compile_regions(model: transformers.Wav2Vec2ForCTC) -> None:
     torch 2.13), and batch lengths vary at every step; the memory-bound norm and GELU between the
     feature encoder's convolutions compile as one function for all 7 blocks and every length (two
     graphs: inductor picks one reduction for the large blocks and one for the small)."""
-    layers = model.wav2vec2.encoder.layers
+    layers = encoder_model.encoder.layers
     for layer in layers:
         layer.compile(dynamic=True)
     fused = 0
-    if model.config.feat_extract_norm == "layer" and model.config.feat_extract_activation == "gelu":
-        for block in model.wav2vec2.feature_extractor.conv_layers:
-            block.__class__ = FusedLayerNormConvLayer  # same parameters and names, the forward above
-            fused += 1
+    config = encoder_model.config
+    if getattr(config, "feat_extract_norm", "layer") == "layer" and config.feat_extract_activation == "gelu":
+        for block in encoder_model.feature_extractor.conv_layers:
+            if type(block).__name__.endswith("LayerNormConvLayer"):  # the same block in every family that has it
+                block.__class__ = FusedLayerNormConvLayer  # same parameters and names, the forward above
+                fused += 1
     log.info("torch.compile: %d transformer layers (one shared graph, dynamic length)%s", len(layers),
              f", the norm + GELU of {fused} feature-encoder blocks" if fused else "")
 
 
-def use_sync_free_forward(model: transformers.Wav2Vec2ForCTC) -> bool:
-    """``model(input_values, lengths=…, labels=…)`` runs ``sync_free_forward``; a call without
-    ``lengths`` (evaluation, user code) still runs transformers' own forward. False: not for this model."""
-    if model.config.add_adapter:
-        log.info("model.sync_free_forward: not for a model with an adapter; transformers' forward is used")
-        return False
-    model.forward = functools.partial(sync_free_forward, model, model.forward)
-    return True
-
-
-def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_values: torch.Tensor,
+def sync_free_forward(model, w2v, hf_forward, input_values: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      lengths: torch.Tensor | None = None, skip_layers: list[bool] | None = None, **kwargs):
-    """Wav2Vec2ForCTC's forward and CTC loss, with every mask and length made on the host.
+                      lengths: torch.Tensor | None = None, skip_layers: list[bool] | None = None, *,
+                      time_masks_over_padding: bool = False, **kwargs):
+    """The *ForCTC forward and CTC loss of the wav2vec2 layout (``w2v``: its encoder model), with every
+    mask and length made on the host.
 
     transformers' forward makes the host wait for the GPU up to nine times per micro-batch: the label
     check (``labels.max()``), SpecAugment's mask (lengths ``.tolist()``, a blocking copy, a boolean
@@ -199,12 +173,16 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     the same loss and gradients as transformers' forward (tested). ``labels`` (on the CPU) are moved
     here. What is left is PyTorch's CUDA CTC loss, which copies its offsets to the GPU itself.
 
+    ``time_masks_over_padding``: SpecAugment's time masks drawn over the padded length, as HuBERT's
+    forward draws them (it does not pass the padding mask to its mask draw).
+
     LayerDrop: ``skip_layers`` (from ``layerdrop_draw``: the same on every rank) says which layers to
     skip; without it each layer is drawn from torch's generator, as transformers draws it."""
     if lengths is None or kwargs:
         return hf_forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
-    cfg, w2v = model.config, model.wav2vec2
+    cfg = model.config
     enc, device = w2v.encoder, input_values.device
+    stable = getattr(cfg, "do_stable_layer_norm", False)  # data2vec-audio has only the post-norm layout
     batch, frames = input_values.shape[0], int(model._get_feat_extract_output_lengths(input_values.shape[1]))
     frame_lengths = model._get_feat_extract_output_lengths(lengths.cpu()).long()
     frame_mask = torch.arange(frames) < frame_lengths[:, None]  # (batch, frames), host
@@ -213,15 +191,18 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
                          f"the shards' vocab.json is not the one the CTC head was sized for")
 
     # the feature encoder first: the GPU runs it while the host draws SpecAugment's masks
-    hidden, _ = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
+    hidden = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
+    if isinstance(hidden, tuple):  # wav2vec2's returns (hidden, normed features), HuBERT's the hidden states
+        hidden = hidden[0]
     time_mask = feature_mask = None  # SpecAugment, as transformers draws it: time, then channels
     if model.training and getattr(cfg, "apply_spec_augment", True):
         if cfg.mask_time_prob > 0:
-            time_mask = _to_device(torch.from_numpy(_compute_mask_indices(
+            time_mask = to_device(torch.from_numpy(_compute_mask_indices(
                 (batch, frames), mask_prob=cfg.mask_time_prob, mask_length=cfg.mask_time_length,
-                attention_mask=frame_mask, min_masks=cfg.mask_time_min_masks)), device)
+                attention_mask=None if time_masks_over_padding else frame_mask, min_masks=cfg.mask_time_min_masks)),
+                device)
         if cfg.mask_feature_prob > 0:
-            feature_mask = _to_device(torch.from_numpy(_compute_mask_indices(
+            feature_mask = to_device(torch.from_numpy(_compute_mask_indices(
                 (batch, cfg.hidden_size), mask_prob=cfg.mask_feature_prob, mask_length=cfg.mask_feature_length,
                 min_masks=cfg.mask_feature_min_masks)), device)
     if time_mask is not None:
@@ -230,21 +211,20 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
         hidden = hidden.masked_fill(feature_mask[:, None, :], 0)
     attention = None
     if bool((frame_lengths < frames).any()):  # padding: zero its frames and keep attention off them
-        mask = _to_device(frame_mask, device)
+        mask = to_device(frame_mask, device)
         hidden = hidden.masked_fill(~mask[..., None], 0)
         attention = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask,
                                               allow_is_bidirectional_skip=False)
     hidden = hidden + enc.pos_conv_embed(hidden)
-    hidden = enc.dropout(hidden if cfg.do_stable_layer_norm else enc.layer_norm(hidden))
-    every_layer = is_deepspeed_zero3_enabled()  # ZeRO-3 gathers each layer's weights on every rank
+    hidden = enc.dropout(hidden if stable else enc.layer_norm(hidden))
     for i, layer in enumerate(enc.layers):
         if skip_layers is not None:
             skip = model.training and skip_layers[i]
         else:
             skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
-        if not skip or every_layer:
+        if not skip:  # (LayerDrop is refused under ZeRO-3, which would have to gather every layer)
             hidden = layer(hidden, attention_mask=attention)
-    if cfg.do_stable_layer_norm:
+    if stable:
         hidden = enc.layer_norm(hidden)
     logits = model.lm_head(model.dropout(hidden))
     loss = None
@@ -254,38 +234,3 @@ def sync_free_forward(model: transformers.Wav2Vec2ForCTC, hf_forward, input_valu
     return CausalLMOutput(loss=loss, logits=logits)
 
 
-def layerdrop_draw(probability: float, layers: int, seed: int, step: int) -> list[bool]:
-    """Which transformer layers LayerDrop skips in optimizer step ``step``: drawn from a generator
-    seeded with (seed, step) alone, so every rank and every micro-batch of the step skips the same
-    layers (DeepSpeed then reduces gradients of the same parameters on every rank), a resumed run
-    draws what the uninterrupted one drew, and 1 or N ranks draw alike."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return (torch.rand(layers, generator=generator) < probability).tolist()
-
-
-def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Tensor, blank: int,
-             reduction: str = "mean", zero_infinity: bool = True) -> torch.Tensor:
-    """transformers' CTC loss (fp32 log-softmax; labels -100 and blank dropped; "mean": per target
-    length, then over the batch; "per_token": per target length, each utterance's; "sum"; "none")
-    from labels and lengths on the CPU: the targets are packed there, as
-    a (batch, longest) block, and the lengths stay there, so ``F.ctc_loss`` copies nothing back from
-    the GPU (given lengths on the GPU, it would)."""
-    keep = (labels >= 0) & (labels != blank)
-    target_lengths = keep.sum(-1)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # each row's kept labels first, in order
-    width = max(1, int(target_lengths.max()))
-    targets = labels.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], blank)
-    log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
-    with torch.backends.cudnn.flags(enabled=False):
-        nll = torch.nn.functional.ctc_loss(log_probs, _to_device(targets, logits.device), frame_lengths,
-                                           target_lengths, blank=blank, reduction="none", zero_infinity=zero_infinity)
-    if reduction in ("none", "sum"):
-        return nll.sum() if reduction == "sum" else nll
-    # divided here: F.ctc_loss would divide by the lengths where they are, on the CPU
-    per_token = nll / _to_device(target_lengths.clamp(min=1), nll.device)
-    return per_token.mean() if reduction == "mean" else per_token
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor to ``device`` without waiting for it (pinned first, so the copy is asynchronous)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -1,0 +1,292 @@
+"""The model seam: one ``ModelFamily`` per CTC encoder family owns everything that differs between them.
+
+  model.pretrained/config.json "model_type" ──family_for──> ModelFamily   (or model.family + model.preset)
+  ModelFamily.build(args, vocab) ──> transformers' *ForCTC (a base checkpoint gets a CTC head sized to vocab.json)
+      .featurize      1-D float32 16 kHz audio ──> the model's input (run in the loader's workers)
+      .output_frames  input samples ──> CTC frames (the convolution layout, adapter strides)
+      .front_end      the feature encoder (frozen when asked; None where a family has none)
+      .use_sync_free_forward / zero3_external_parameters / compile / flops pieces / processor (export)
+
+The engine, evaluation, decoding, export, loader and bench ask the family; they name no encoder class.
+A checkpoint of a family that is not here is refused by its model_type, never loaded as another one.
+Models know nothing of ranks or DeepSpeed (the engine wraps them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, ModelArgs
+from ..data.loader import normalize
+from ..text import PAD_TOKEN
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ConfigError):
+    """A model directory or model setting asr-dist cannot train or load; the message says what to change."""
+
+
+class ModelFamily:
+    """One CTC encoder family of transformers. The defaults fit the wav2vec2-like families (a convolutional
+    feature encoder over the raw waveform, then a transformer encoder); a family overrides what differs."""
+
+    name: str = ""  # what model.family takes, and the model card's tag
+    model_types: tuple[str, ...] = ()  # config.json "model_type" values this family loads
+    config_class = None  # transformers' config class
+    ctc_class = None  # transformers' *ForCTC class
+    base_attr: str = ""  # the *ForCTC attribute holding the encoder (model.wav2vec2, model.hubert, …)
+    input_name: str = "input_values"  # the forward's keyword for the model input
+    presets: dict[str, dict] = {}  # from-scratch layouts: config_class arguments
+    attention_kernels: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")  # what transformers implements
+    sync_free: bool = False  # whether sync_free_forward implements this family's training forward
+    fft_positional_conv: bool = False  # whether the positional convolution can be computed with FFTs
+
+    # ── build ──
+
+    def overrides(self, args: ModelArgs, vocab: dict[str, int]) -> dict:
+        """Config values a run sets on any checkpoint or preset: the CTC head, the loss, regularisation."""
+        return dict(
+            vocab_size=len(vocab), pad_token_id=vocab[PAD_TOKEN], ctc_loss_reduction="mean", ctc_zero_infinity=True,
+            layerdrop=args.layerdrop, mask_time_prob=args.mask_time_prob, mask_time_length=args.mask_time_length,
+            mask_feature_prob=args.mask_feature_prob, mask_feature_length=args.mask_feature_length,
+            hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+            activation_dropout=args.activation_dropout, feat_proj_dropout=args.feat_proj_dropout,
+            final_dropout=args.final_dropout,
+        )
+
+    def attention(self, args: ModelArgs) -> str:
+        return args.attention or ("sdpa" if "sdpa" in self.attention_kernels else self.attention_kernels[0])
+
+    def preset_config(self, preset: str, **overrides):
+        return self.config_class(**self.presets[preset], **overrides)
+
+    def build(self, args: ModelArgs, vocab: dict[str, int]):
+        """The *ForCTC model of ``args`` (a local checkpoint, or a preset with random weights)."""
+        overrides = self.overrides(args, vocab)
+        if args.pretrained:
+            model, info = self.ctc_class.from_pretrained(args.pretrained, local_files_only=True,
+                                                         ignore_mismatched_sizes=True, output_loading_info=True,
+                                                         attn_implementation=self.attention(args), **overrides)
+            # a base checkpoint (no CTC head) gets a new head; anything else left random means a wrong checkpoint
+            missing = [k for k in info["missing_keys"] if not k.startswith("lm_head.") and "masked_spec_embed" not in k]
+            if missing:
+                raise ModelError(f"model.pretrained={args.pretrained}: {len(missing)} weights of the {self.name} "
+                                 f"encoder are not in the checkpoint (e.g. {', '.join(missing[:3])}); it is not a complete "
+                                 f"{self.name} checkpoint")
+            return model
+        config = self.preset_config(args.preset, **overrides)
+        config._attn_implementation = self.attention(args)
+        return self.ctc_class(config)
+
+    def check(self, args: ModelArgs, zero_stage: int) -> None:
+        """Refuse, when the config is read, what this family cannot do (the reason in the message)."""
+        if args.preset is not None and args.preset not in self.presets:
+            raise ModelError(f"model.preset={args.preset!r} for the {self.name} family; choose one of "
+                             f"{', '.join(self.presets)}")
+        if args.attention is not None and args.attention not in self.attention_kernels:
+            raise ModelError(f"model.attention={args.attention} for {self.name}: transformers implements its "
+                             f"attention as {' or '.join(self.attention_kernels)} only; set model.attention to one of those")
+        if args.freeze_feature_encoder and not self.has_front_end:
+            raise ModelError(f"model.freeze_feature_encoder=true for {self.name}: it has no convolutional feature "
+                             f"encoder to freeze (its input is {self.input_name}); set it to false or leave it out")
+        if args.fft_positional_conv and not self.fft_positional_conv:
+            raise ModelError(f"model.fft_positional_conv=true for {self.name}: it has no single grouped positional "
+                             f"convolution to compute with FFTs (wav2vec2, hubert and wavlm have); set it to false")
+
+    # ── what the parts are ──
+
+    has_front_end: bool = True
+
+    def base(self, model):
+        return getattr(model, self.base_attr)
+
+    def front_end(self, model) -> torch.nn.Module | None:
+        """The convolutional feature encoder, or None where the family has none."""
+        return self.base(model).feature_extractor if self.has_front_end else None
+
+    def freeze_front_end(self, model) -> None:
+        front = self.front_end(model)
+        if front is None:
+            raise ModelError(f"{self.name} has no convolutional feature encoder to freeze")
+        front._freeze_parameters()
+
+    def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def num_layers(self, config) -> int:
+        return config.num_hidden_layers
+
+    def zero3_external_parameters(self, model) -> list[torch.nn.Parameter]:
+        """Parameters the sync-free forward uses outside their owner's forward, which ZeRO-3 must gather
+        there: SpecAugment's embedding (transformers' forward uses it inside its owner's)."""
+        base = self.base(model)
+        return [base.masked_spec_embed] if hasattr(base, "masked_spec_embed") else []
+
+    # ── the input and its frames ──
+
+    def featurizer(self) -> Callable[[np.ndarray], np.ndarray]:
+        """A picklable function the loader's workers apply to each utterance (1-D float32, 16 kHz)."""
+        return normalize
+
+    def output_frames(self, config, num_samples):
+        """CTC frames for ``num_samples`` input samples (an int or a tensor of them): each convolution of
+        the feature encoder, then each strided adapter layer."""
+        n = num_samples
+        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+            n = (n - kernel) // stride + 1
+        if getattr(config, "add_adapter", False):
+            for _ in range(config.num_adapter_layers):
+                n = (n - 1) // config.adapter_stride + 1  # kernel = stride, padding stride // 2
+        return n
+
+    # ── the training forward and kernels ──
+
+    def use_sync_free_forward(self, model) -> bool:
+        """Install the sync-free training forward; False where it does not implement this model."""
+        log.info("model.sync_free_forward: not implemented for %s; transformers' forward is used", self.name)
+        return False
+
+    def use_fft_positional_conv(self, model) -> None:
+        raise ModelError(f"{self.name}: no FFT positional convolution")
+
+    def compile(self, model) -> None:
+        """``torch.compile`` every transformer layer in place (regional, dynamic length; see wav2vec2's)."""
+        layers = self.base(model).encoder.layers
+        for layer in layers:
+            layer.compile(dynamic=True)
+        log.info("torch.compile: %d transformer layers (one shared graph, dynamic length)", len(layers))
+
+    # ── FLOPs (asr_dist.flops adds them up) ──
+
+    def positional_flops(self, config, frames: int) -> float:
+        """Forward FLOPs of the positional convolution over ``frames``."""
+        h = config.hidden_size
+        return 2.0 * frames * config.num_conv_pos_embeddings * h * h / config.num_conv_pos_embedding_groups
+
+    def layer_flops(self, config, frames: int) -> float:
+        """Forward FLOPs of one transformer layer: projections, feed-forward, attention scores and mix."""
+        h, f = config.hidden_size, config.intermediate_size
+        return 2.0 * frames * (4 * h * h + 2 * h * f) + 4.0 * frames * frames * h
+
+    # ── export ──
+
+    def processor(self, vocab_path: Path):
+        """The processor written with the model: what transformers' ASR pipeline loads with it."""
+        import transformers
+
+        from ..audio import SAMPLE_RATE
+        from ..text import UNK_TOKEN, WORD_DELIMITER
+
+        tokenizer = transformers.Wav2Vec2CTCTokenizer(str(vocab_path), unk_token=UNK_TOKEN, pad_token=PAD_TOKEN,
+                                                      word_delimiter_token=WORD_DELIMITER)
+        feature_extractor = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE,
+                                                                  padding_value=0.0, do_normalize=True,
+                                                                  return_attention_mask=True)
+        return transformers.Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _supported() -> str:
+    return ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+
+
+def family_for(model_type_or_config) -> ModelFamily:
+    """The family of a config.json ``model_type`` (or of a config or model directory); unknown: a ModelError."""
+    source = ""
+    if isinstance(model_type_or_config, (str, Path)) and Path(model_type_or_config, "config.json").is_file():
+        source = f"{model_type_or_config}: "
+        try:
+            model_type = json.loads(Path(model_type_or_config, "config.json").read_text()).get("model_type")
+        except ValueError as e:
+            raise ModelError(f"{source}config.json is not valid JSON ({e})") from None
+    elif isinstance(model_type_or_config, str):
+        model_type = model_type_or_config
+    else:
+        model_type = getattr(model_type_or_config, "model_type", None)
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise ModelError(f"{source}model_type {model_type!r} is not a CTC encoder family asr-dist trains; supported: "
+                     f"{_supported()}. A checkpoint is never loaded as another family")
+
+
+def family_of(args: ModelArgs) -> ModelFamily:
+    """The family ``args`` names: read from model.pretrained's config.json, else model.family (wav2vec2)."""
+    if args.pretrained:
+        family = family_for(args.pretrained)
+        if args.family is not None and args.family != family.name:
+            raise ModelError(f"model.family={args.family} but model.pretrained={args.pretrained} is a {family.name} "
+                             f"checkpoint; leave model.family out (it is read from config.json)")
+        return family
+    name = args.family or "wav2vec2"
+    if name not in FAMILIES:
+        raise ModelError(f"model.family={name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def check_model_config(args: ModelArgs, zero_stage: int) -> ModelFamily:
+    """What the model section asks of its family, checked when the config is read."""
+    family = family_of(args)
+    family.check(args, zero_stage)
+    return family
+
+
+def set_kernels(args: ModelArgs) -> None:
+    """The process-wide kernel choices of a training run: attention (below) and cuDNN's autotuning."""
+    set_attention_kernels(args.cudnn_attention)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+
+
+def set_attention_kernels(cudnn_attention: bool = False) -> None:
+    """Which fused attention kernels PyTorch's SDPA may pick (a process-wide setting).
+
+    On Hopper GPUs PyTorch prefers cuDNN's fused attention, and cuDNN builds (and compiles) an
+    execution graph for every new (batch, length) shape, forward and backward: reported at 55 ms to
+    1 s each. Speech batches change length at almost every step, so by default it is left out and
+    SDPA uses the flash or memory-efficient kernels, which need no per-shape planning
+    (``model.cudnn_attention=true`` lets cuDNN in again: for fixed shapes it is the faster kernel)."""
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+
+
+def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0):
+    """``(model, family)``: the family's CTC model with its front end frozen (when asked), ready for DeepSpeed."""
+    family = family_of(args)
+    torch.manual_seed(seed)
+    set_kernels(args)
+    model = family.build(args, vocab)
+    freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
+    if freeze and family.has_front_end:  # a pretrained front end is kept; a random one (a preset) has to learn
+        family.freeze_front_end(model)
+    if args.gradient_checkpointing:
+        # transformers 5.24 renamed it (the old name warns); 5.17, on the GPU machines, has only the old one
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    if args.fft_positional_conv:
+        family.use_fft_positional_conv(model)
+    trainable = sum(p.numel() for p in family.trainable_parameters(model))
+    log.info("%s %s: %.1f M parameters, %.1f M trainable", type(model).__name__, args.pretrained or args.preset,
+             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
+    return model, family
+
+
+def load_for_inference(model_dir: str | Path, device: torch.device):
+    """``(model, family)`` of an exported model directory, in eval mode on ``device``."""
+    family = family_for(model_dir)
+    model = family.ctc_class.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
+    return model, family
+
+
+from . import wav2vec2, hubert, wavlm, data2vec_audio, wav2vec2_conformer  # noqa: E402,F401  (they register)

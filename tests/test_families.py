@@ -1,0 +1,115 @@
+"""Every family fine-tuned for real, the normal way: model.pretrained=DIR, where DIR holds a random tiny
+base model of the family (no CTC head) and its feature extractor; two ranks, ZeRO-1, DeepSpeed on CPU.
+The loss falls, and the export transcribes in transformers' pipeline what `asr-dist evaluate` transcribes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import psutil
+import pytest
+import soundfile as sf
+import torch
+
+from asr_dist.models import FAMILIES
+from trainkit import REPO, env, launch, losses, overrides, save_base_model
+
+RUN = ["model.preset=null", "distributed.zero_stage=1", "eval.every_steps=0", "train.checkpoint_every=0",
+       "data.eval_shards={}", "model.mask_time_prob=0.05", "model.mask_time_length=2"]
+
+
+def _dev_audio(shards) -> dict:
+    """The held-out set's audio by key, read from its tar shards."""
+    audio = {}
+    for tar in sorted((shards / "s-dev").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".flac"):
+                    audio[m.name[: -len(".flac")]] = sf.read(io.BytesIO(t.extractfile(m).read()), dtype="float32")[0]
+    return audio
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_fine_tunes_from_a_base_checkpoint_and_exports_for_the_pipeline(name, train_shards, tmp_path):
+    import transformers
+
+    from asr_dist.decode import evaluate_model
+
+    base = save_base_model(name, tmp_path / "base")
+    out = tmp_path / "run"
+    r = launch("torchrun", overrides(train_shards, out, f"model.pretrained={base}", "train.max_steps=20", *RUN))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    curve = list(losses(out).values())
+    assert len(curve) == 20 and sum(curve[-4:]) < sum(curve[:4]), curve  # the loss falls
+    model_dir = out / "model"
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    family = FAMILIES[name]
+    assert config.model_type == family.model_types[0] and config.architectures == [family.ctc_class.__name__]
+    # evaluate reads the export and the run's last checkpoint alike
+    scores = [evaluate_model(str(d), str(train_shards / "s-dev"), micro_batch_size=4, num_workers=0, progress=False)
+              for d in (model_dir, out / "checkpoints" / "step-00000020")]
+    assert scores[0]["num_utterances"] == 10 and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
+    assert scores[0]["char_edits"] == scores[1]["char_edits"]
+    asr = transformers.pipeline("automatic-speech-recognition", model=str(model_dir), device="cpu")
+    audio = _dev_audio(train_shards)
+    assert isinstance(asr({"raw": next(iter(audio.values())), "sampling_rate": 16000})["text"], str)
+    # after 20 steps the model says nothing yet (blanks everywhere; some families' encoders then give
+    # nearly the same state at every frame): a copy of the export with the base checkpoint's encoder and
+    # a random head says a lot, and tells whether the pipeline transcribes each utterance as evaluate
+    # does (one utterance a batch: no padding)
+    sharp = tmp_path / "sharp"
+    shutil.copytree(model_dir, sharp)
+    model = family.ctc_class.from_pretrained(str(sharp))
+    family.base(model).load_state_dict(transformers.AutoModel.from_pretrained(str(base)).state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        model.lm_head.bias.zero_()
+    model.save_pretrained(str(sharp))
+    predictions = tmp_path / "predictions.tsv"
+    result = evaluate_model(str(sharp), str(train_shards / "s-dev"), predictions=str(predictions),
+                            micro_batch_size=1, num_workers=0, progress=False, decoder={"greedy": True})
+    assert result["num_utterances"] == 10
+    hyps = {row["key"]: row["hypothesis"] for row in csv.DictReader(predictions.open(encoding="utf-8"), delimiter="\t")}
+    assert sorted(audio) == sorted(hyps) and sum(len(h) for h in hyps.values()) > 100, hyps
+    asr = transformers.pipeline("automatic-speech-recognition", model=str(sharp), device="cpu")
+    for key, x in audio.items():
+        text = asr({"raw": x, "sampling_rate": 16000})["text"]
+        assert " ".join(text.replace("[UNK]", "").split()) == hyps[key], key
+
+
+@pytest.mark.slow
+def test_a_hubert_run_resumes_to_identical_losses(train_shards, tmp_path):
+    """Exact resume for a family other than wav2vec2: a run stopped (SIGUSR1 to one rank) and resumed has
+    the uninterrupted run's loss at every step (SpecAugment and LayerDrop drawing)."""
+    base = save_base_model("hubert", tmp_path / "base")
+    args = [f"model.pretrained={base}", "train.max_steps=12", *RUN, "model.layerdrop=0.3"]
+    whole = tmp_path / "whole"
+    r = launch("torchrun", overrides(train_shards, whole, *args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(29600 + os.getpid() % 100), str(REPO / "launch" / "train.py"), "--config",
+                             str(REPO / "configs" / "test.yaml"), *overrides(train_shards, cut, *args)], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    ranks = psutil.Process(proc.pid).children(recursive=False)
+    assert len(ranks) == 2
+    ranks[-1].send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exiting with code 75" in stderr, stderr[-3000:]
+    assert len(losses(cut)) < 12, "the run ended before the signal arrived"
+    r = launch("torchrun", overrides(train_shards, cut, *args))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert losses(cut) == losses(whole)

@@ -1,0 +1,196 @@
+"""The model seam: every family builds from a base checkpoint of its own kind (and only of its kind),
+counts its frames and FLOPs, and refuses, when the config is read, what it cannot do."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from asr_dist.config import ConfigError, ModelArgs, load_config
+from asr_dist.flops import train_flops_per_audio_second
+from asr_dist.models import FAMILIES, ModelError, build_model, family_for
+from trainkit import save_base_model
+
+VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
+BASE = ["output_dir=x", "data.train_shards=[x]", "train.max_steps=1"]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_base_checkpoint_gets_a_ctc_head_and_keeps_every_encoder_weight(name, tmp_path):
+    d = save_base_model(name, tmp_path / "base", seed=3)
+    base = transformers.AutoModel.from_pretrained(str(d))
+    cfg = load_config(None, BASE + [f"model.pretrained={d}"])  # the family is read from config.json
+    model, family = build_model(cfg.model, VOCAB)
+    assert family.name == name and type(model) is family.ctc_class and model.config.model_type == base.config.model_type
+    assert model.lm_head.out_features == len(VOCAB) and model.config.pad_token_id == 0
+    state = model.state_dict()
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(state[f"{family.base_attr}.{k}"], v, msg=k)
+    # a pretrained front end is frozen by default; the rest trains
+    assert not any(p.requires_grad for p in family.front_end(model).parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if "feature_extractor" not in n)
+    # the frames: the family's count is the model's own, for single lengths and batches of them
+    for n in (400, 639, 16000, 16001, 23456):
+        assert family.output_frames(model.config, n) == int(model._get_feat_extract_output_lengths(n)), n
+    lengths = torch.tensor([16000, 8000, 5000])
+    assert torch.equal(family.output_frames(model.config, lengths), model._get_feat_extract_output_lengths(lengths))
+    with torch.no_grad():
+        logits = model.eval()(**{family.input_name: torch.from_numpy(family.featurizer()(
+            np.random.default_rng(0).standard_normal(16000).astype(np.float32)))[None]}).logits
+    assert logits.shape == (1, family.output_frames(model.config, 16000), len(VOCAB))
+    # FLOPs: counted for every family; a frozen front end costs less; longer utterances cost more per second
+    frozen, trained = (train_flops_per_audio_second(model.config, 4.0, f) for f in (True, False))
+    assert 0 < frozen < trained < 3e9
+    assert train_flops_per_audio_second(model.config, 12.0, True) > frozen
+
+
+@pytest.mark.parametrize("model_type", ["whisper", "bert"])
+def test_a_checkpoint_of_another_kind_is_refused_by_name(model_type, tmp_path):
+    """Never reinterpreted as wav2vec2 (which transformers would only warn about): the model type and
+    the supported ones are named, when the config is read and when a model directory is loaded."""
+    from asr_dist.decode import ModelDirError, load_model_dir
+
+    d = tmp_path / model_type
+    transformers.AutoConfig.for_model(model_type).save_pretrained(str(d))
+    with pytest.raises(ModelError, match=rf"model_type '{model_type}' is not a CTC encoder family.*supported: "
+                                         r"wav2vec2, hubert, wavlm, data2vec-audio, wav2vec2-conformer"):
+        load_config(None, BASE + [f"model.pretrained={d}"])
+    (d / "vocab.json").write_text(json.dumps(VOCAB))
+    with pytest.raises(ModelDirError, match=f"model_type '{model_type}'"):
+        load_model_dir(str(d), torch.device("cpu"))
+    with pytest.raises(ModelError, match="'whisper'"):
+        family_for("whisper")
+    assert isinstance(ModelError("x"), ConfigError)  # the CLI reports it as a config error: no traceback
+
+
+def test_model_settings_a_family_cannot_honour_are_refused_when_read(tmp_path):
+    hubert = save_base_model("hubert", tmp_path / "hubert")
+    cases = [
+        ([f"model.pretrained={hubert}", "model.family=wavlm"], "is a hubert checkpoint; leave model.family out"),
+        (["model.preset=tiny", "model.family=conformer"], "model.family='conformer'; choose one of wav2vec2, hubert"),
+        (["model.preset=base", "model.family=wav2vec2-conformer"], "model.preset='base' for the wav2vec2-conformer"),
+        (["model.preset=tiny", "model.family=wavlm", "model.attention=sdpa"], "implements its attention as eager only"),
+        (["model.preset=tiny", "model.family=wav2vec2-conformer", "model.attention=flash_attention_2"],
+         "as sdpa or eager only"),
+        (["model.preset=tiny", "model.family=wav2vec2-conformer", "model.fft_positional_conv=true"],
+         "no single grouped positional convolution"),
+        (["model.preset=tiny", "model.family=data2vec-audio", "model.fft_positional_conv=true"],
+         "no single grouped positional convolution"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ModelError, match=message):
+            load_config(None, BASE + overrides)
+    # what works: WavLM's attention defaults to its one kernel; the presets name their family
+    cfg = load_config(None, BASE + ["model.preset=tiny", "model.family=wavlm"])
+    model, family = build_model(cfg.model, VOCAB)
+    assert model.config._attn_implementation == "eager" and type(model) is transformers.WavLMForCTC
+    assert load_config(None, BASE + [f"model.pretrained={hubert}", "model.family=hubert"]).model.family == "hubert"
+
+
+def test_no_family_without_a_front_end_is_asked_to_freeze_one():
+    """model.freeze_feature_encoder=true is refused for a family whose input is not the waveform."""
+    class NoFrontEnd(type(FAMILIES["wav2vec2"])):
+        name, has_front_end, input_name = "no-front-end", False, "input_features"
+
+    with pytest.raises(ModelError, match="no-front-end: it has no convolutional feature encoder to freeze"):
+        NoFrontEnd().check(ModelArgs(preset="tiny", freeze_feature_encoder=True), zero_stage=1)
+    NoFrontEnd().check(ModelArgs(preset="tiny", freeze_feature_encoder=False), zero_stage=1)
+
+
+ARGS = dict(mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2, mask_feature_length=8, hidden_dropout=0.1,
+            attention_dropout=0.1, activation_dropout=0.1, feat_proj_dropout=0.1, final_dropout=0.1, layerdrop=0.3)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.sync_free])
+def test_sync_free_forward_trains_like_transformers_in_every_family_that_has_it(name):
+    """The same loss, logits and gradients as the family's own transformers forward, with SpecAugment,
+    every dropout and LayerDrop drawing from the same generators, on a padded batch."""
+    torch.manual_seed(0)
+    hf, family = build_model(ModelArgs(preset="tiny", family=name, **ARGS), VOCAB)
+    hf.train()
+    ours = copy.deepcopy(hf)
+    assert family.use_sync_free_forward(ours)
+    lengths = torch.tensor([16000, 12000, 9000])
+    mask = torch.arange(16000)[None] < lengths[:, None]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16000, generator=g) * mask
+    labels = torch.full((3, 8), -100)
+    for i in range(3):
+        labels[i, : 3 + i] = torch.randint(3, len(VOCAB), (3 + i,), generator=g)
+
+    def run(model, **inputs):
+        torch.manual_seed(5)
+        np.random.seed(5)
+        model.zero_grad()
+        out = model(x, labels=labels, **inputs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (a, grads_a), (b, grads_b) = run(hf, attention_mask=mask), run(ours, lengths=lengths)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and f"{family.base_attr}.masked_spec_embed" in grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if not f.sync_free])
+def test_families_without_the_sync_free_forward_keep_transformers_forward(name):
+    model, family = build_model(ModelArgs(preset="tiny", family=name), VOCAB)
+    forward = model.forward
+    assert not family.use_sync_free_forward(model) and model.forward == forward
+
+
+def test_flops_follow_the_family_layout():
+    """A conformer layer (two feed-forward blocks, a convolution module, relative positions) costs more
+    than a transformer layer of the same width; data2vec-audio's five small positional convolutions cost
+    less than wav2vec2's one large one."""
+    w2v, conformer, d2v = (FAMILIES[n].preset_config("xlsr-300m" if n == "wav2vec2" else "large", vocab_size=40)
+                           for n in ("wav2vec2", "wav2vec2-conformer", "data2vec-audio"))
+    f = {n: FAMILIES[n] for n in ("wav2vec2", "wav2vec2-conformer", "data2vec-audio")}
+    assert f["wav2vec2-conformer"].layer_flops(conformer, 400) > 1.4 * f["wav2vec2"].layer_flops(w2v, 400)
+    assert f["data2vec-audio"].positional_flops(d2v, 400) < f["wav2vec2"].positional_flops(w2v, 400)
+    assert train_flops_per_audio_second(conformer, 8.0, True) > train_flops_per_audio_second(w2v, 8.0, True)
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "wav2vec2"])
+def test_each_family_s_starting_config_loads_and_refuses_another_family(name, tmp_path):
+    """configs/<family>.yaml reads with a checkpoint of its family; pointed at another family's, it still
+    loads (the family comes from config.json), and model.family pins it."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    d = save_base_model(name, tmp_path / name)
+    cfg = load_config(str(config), [f"model.pretrained={d}"])
+    assert cfg.model.freeze_feature_encoder and cfg.distributed.precision == "fp16"
+    other = save_base_model("wav2vec2", tmp_path / "w2v")
+    with pytest.raises(ModelError, match="is a wav2vec2 checkpoint"):
+        load_config(str(config), [f"model.pretrained={other}", f"model.family={name}"])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gradient_checkpointing_trains_alike_in_every_family(name):
+    """model.gradient_checkpointing: the same loss and gradients, with the layers' activations recomputed."""
+    torch.manual_seed(0)
+    plain, family = build_model(ModelArgs(preset="tiny", family=name, mask_time_prob=0.0), VOCAB)
+    checkpointed = copy.deepcopy(plain)
+    getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
+    assert checkpointed.is_gradient_checkpointing
+    x = torch.randn(2, 12000)
+    mask = torch.ones(2, 12000, dtype=torch.bool)
+    mask[1, 8000:] = False
+    labels = torch.tensor([[3, 4, 5, 6], [7, 8, -100, -100]])
+    grads = []
+    for model in (plain.train(), checkpointed.train()):
+        torch.manual_seed(1)  # the conformer's convolution module keeps its checkpoint's dropout (0.1)
+        out = model(x, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append((out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6) and grads[0][1].keys() == grads[1][1].keys()
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-6, msg=n)

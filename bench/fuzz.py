@@ -144,10 +144,10 @@ def make_seeds(root: Path) -> dict[str, dict]:
     seeds["config-override"] = {"files": [o.encode() for o in (
         "train.max_steps=100", "data.train_shards=[a,b]", "optim.betas=[0.9,0.98]", "data.eval_shards={}",
         "model.preset=tiny", "distributed.precision=bf16", "data.micro_batch_seconds=30")], "text": True}
-    from asr_dist.model import build_model
     from asr_dist.config import ModelArgs
+    from asr_dist.models import build_model
 
-    model = build_model(ModelArgs(preset="tiny"), json.loads((shards / fmt.VOCAB_NAME).read_text()), seed=0)
+    model, _ = build_model(ModelArgs(preset="tiny"), json.loads((shards / fmt.VOCAB_NAME).read_text()), seed=0)
     buf = io.BytesIO()
     torch.save({"module": {k: v for i, (k, v) in enumerate(model.state_dict().items()) if i < 6},
                 "step": 3, "config": {"seed": 0}, "history": [{"step": 2, "wer": 0.5}]}, buf)

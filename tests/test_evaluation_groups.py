@@ -19,7 +19,7 @@ from asr_dist.data.writer import BuildOptions, build
 from asr_dist.decode import ModelDirError, evaluate_model
 from asr_dist.distributed import DistEnv
 from asr_dist.export import make_processor
-from asr_dist.model import PRESETS
+from asr_dist.config import PRESETS
 from asr_dist.synth import write_corpus
 
 

@@ -29,7 +29,7 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from asr_dist.data import index as fmt  # noqa: E402
-from asr_dist.data.loader import TrainLoader  # noqa: E402
+from asr_dist.data.loader import TrainLoader, default_bucket_batches  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 from synthetic import make_corpus  # noqa: E402
 
@@ -106,7 +106,7 @@ def main() -> None:
         shards = str(Path(tmp) / "flac")
         out["padding_fraction"] = {f"bucket_batches_{n}" + (" (no bucketing)" if n == 1 else ""): padding(shards, n)
                                    for n in (1, 8, 32, 64)}
-        out["default_bucket_batches"] = TrainLoader.__init__.__kwdefaults__["bucket_batches"]
+        out["default_bucket_batches"] = default_bucket_batches(16)  # at micro-batches of 16
         fixed = fill(shards, micro_batch_size=16, global_batch_size=16)
         by_seconds = fill(shards, micro_batch_size=16, global_batch_size=16, micro_batch_seconds=240,
                           global_batch_seconds=240)

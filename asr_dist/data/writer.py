@@ -544,6 +544,7 @@ def build(opts: BuildOptions) -> BuildSummary:
     if complete is not None:  # before the scan, which copies the audio of parquet/arrow inputs
         s = _summary_from_index(complete, opts.output, opts.max_reject_fraction)
         s.already_complete = True
+        _remark(out, complete, s)
         return s
     tables = any(s.format in ("hf-hub", "hf-cache") for s in specs)
     spill_dir = None

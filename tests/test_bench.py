@@ -121,6 +121,7 @@ def test_train_throughput_variants_run_and_their_ratios_agree():
     assert bucketed["padding_fraction"] < variants["baseline_plain_loop"]["padding_fraction"], variants
 
 
+@pytest.mark.slow
 def test_rank_balance_benchmark_shows_synchronised_steps_wait_less():
     """Counts of work, not timings: on every world size synchronised buckets leave the slowest rank
     closer to the mean than each rank shuffling alone (8 ranks: measured 1.16 against 1.96 on 320

@@ -51,6 +51,7 @@ def test_shards_benchmark_ratios_agree_with_its_figures():
         assert b["ratio_vs_bare_work"] == pytest.approx(ratio(b["x_real_time"], bare), abs=0.01), b
 
 
+@pytest.mark.slow  # builds and decodes two shard sets several times (about 20 s)
 def test_loader_benchmark_shows_bucketing_cuts_padding_and_seconds_fill_evenly():
     # 128 utterances: a buffer holds at most what an epoch's share takes, so from 8 micro-batches of 16 on
     # every bucket size holds the whole epoch and pads alike; bucketing still cuts padding 4x

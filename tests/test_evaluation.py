@@ -10,16 +10,14 @@ import jiwer
 import pytest
 import torch
 import torch.multiprocessing as mp
-import transformers
 
 from asr_dist.cli import main
 from asr_dist.decode import evaluate_model
 from asr_dist.distributed import DistEnv
-from asr_dist.export import make_processor
 from asr_dist.data.writer import BuildOptions, build
 from asr_dist.metrics import ErrorCounts, GreedyDecoder
-from asr_dist.config import PRESETS
 from asr_dist.synth import write_corpus
+from trainkit import save_random_model
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +25,7 @@ def model_and_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluation")
     src = write_corpus(root / "corpus", "nemo", 25, seed=21)  # 25 does not divide 2 or 3
     build(BuildOptions(inputs=[src], output=str(root / "shards"), shard_size=6, progress=False))
-    vocab = json.loads((root / "shards" / "vocab.json").read_text())
-    torch.manual_seed(0)
-    cfg = transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab), pad_token_id=0)
-    model = transformers.Wav2Vec2ForCTC(cfg)
-    with torch.no_grad():  # a random model that emits characters (not only blanks), so every kind of edit occurs
-        model.lm_head.bias.copy_(torch.randn(len(vocab)) * 2)
-        model.lm_head.bias[0] = -5
-    model.save_pretrained(str(root / "model"))
-    make_processor(root / "shards" / "vocab.json").save_pretrained(str(root / "model"))
-    (root / "model" / "asr_dist.json").write_text(json.dumps({"text_normalizer": {"name": "danish", "settings": {}}}))
+    save_random_model(root / "shards", root / "model")
     return root
 
 

@@ -12,15 +12,13 @@ import jiwer
 import pytest
 import torch
 import torch.multiprocessing as mp
-import transformers
 
 from asr_dist.cli import main
 from asr_dist.data.writer import BuildOptions, build
 from asr_dist.decode import ModelDirError, evaluate_model
 from asr_dist.distributed import DistEnv
-from asr_dist.export import make_processor
-from asr_dist.config import PRESETS
 from asr_dist.synth import write_corpus
+from trainkit import save_random_model
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +30,7 @@ def model_and_set(tmp_path_factory):
         e.update(gender="fm"[i % 2], **({"dialect": ("Fynsk", "Jysk", "Sjællandsk")[i % 3]} if i != 5 else {}))
     src.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines), encoding="utf-8")
     build(BuildOptions(inputs=[str(src)], output=str(root / "shards"), shard_size=4, progress=False))
-    vocab = json.loads((root / "shards" / "vocab.json").read_text())
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab), pad_token_id=0))
-    with torch.no_grad():  # characters, not only blanks, so every group has edits
-        model.lm_head.bias.copy_(torch.randn(len(vocab)) * 2)
-        model.lm_head.bias[0] = -5
-    model.save_pretrained(str(root / "model"))
-    make_processor(root / "shards" / "vocab.json").save_pretrained(str(root / "model"))
-    (root / "model" / "asr_dist.json").write_text(json.dumps({"text_normalizer": {"name": "danish", "settings": {}}}))
+    save_random_model(root / "shards", root / "model")
     return root
 
 

@@ -73,3 +73,25 @@ def save_base_model(family_name: str, out: Path, seed: int = 0) -> Path:
     transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                                           return_attention_mask=True).save_pretrained(str(out))
     return out
+
+
+def save_random_model(shards: Path, out: Path) -> Path:
+    """A random tiny wav2vec2 CTC model for the vocab of ``shards``, saved as an export would be, whose
+    head emits characters (not only blanks) so that every kind of edit occurs in its transcripts."""
+    import torch
+    import transformers
+
+    from asr_dist.config import PRESETS
+    from asr_dist.export import make_processor
+
+    vocab = json.loads((shards / "vocab.json").read_text())
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**PRESETS["tiny"], vocab_size=len(vocab),
+                                                                     pad_token_id=0))
+    with torch.no_grad():
+        model.lm_head.bias.copy_(torch.randn(len(vocab)) * 2)
+        model.lm_head.bias[0] = -5
+    model.save_pretrained(str(out))
+    make_processor(shards / "vocab.json").save_pretrained(str(out))
+    (out / "asr_dist.json").write_text(json.dumps({"text_normalizer": {"name": "danish", "settings": {}}}))
+    return out

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
-import psutil
 import pytest
 import torch
 
-from trainkit import REPO, TAGS, env, launch, losses, overrides
+from trainkit import TAGS, launch, losses, overrides
 
 
 # the large-batch mode (micro-batches of up to 6 s of audio, 2 x 2 of them a step) in the ZeRO-1 run
@@ -22,8 +16,8 @@ LARGE = ("data.micro_batch_seconds=6", "data.global_batch_seconds=24")
 
 
 @pytest.mark.slow  # launches training
-@pytest.mark.parametrize("stage, launcher, mode", [(0, "torchrun", ()), (1, "deepspeed", LARGE), (2, "torchrun", ()),
-                                                   (3, "torchrun", ())])
+# ZeRO-2 trains in the LayerDrop test below, its losses equal to stage 0's at every step
+@pytest.mark.parametrize("stage, launcher, mode", [(0, "torchrun", ()), (1, "deepspeed", LARGE), (3, "torchrun", ())])
 def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, launcher, mode):
     out = tmp_path / "run"
     r = launch(launcher, overrides(train_shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
@@ -40,7 +34,7 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
 
         model = transformers.Wav2Vec2ForCTC.from_pretrained(str(out / "model"))
         assert sum(p.numel() for p in model.parameters()) > 1_000_000 and float(model.lm_head.weight.abs().sum()) > 0
-    if stage != 2:
+    if stage != 0:
         return
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -64,37 +58,6 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
     card = (out / "model" / "README.md").read_text()
     assert "| 6 |" in card and "| 12 |" in card and "dev WER" in card
     assert json.loads((out / "model" / "asr_dist.json").read_text())["text_normalizer"]["name"] == "danish"
-
-
-@pytest.mark.slow  # launches training
-def test_preempted_run_resumes_to_identical_losses(train_shards, tmp_path):
-    # SpecAugment on: its masks are drawn from numpy's generator, whose state the checkpoint holds;
-    # LayerDrop on: its layers are drawn from the seed and the step
-    args = ["train.max_steps=16", "eval.every_steps=0", "train.checkpoint_every=0", "data.eval_shards={}",
-            "model.mask_time_prob=0.2", "model.mask_time_length=2", "model.layerdrop=0.3"]
-    whole = tmp_path / "whole"
-    r = launch("torchrun", overrides(train_shards, whole, *args))
-    assert r.returncode == 0, r.stderr[-3000:]
-    cut = tmp_path / "cut"
-    cmd_args = overrides(train_shards, cut, *args)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(29700 + os.getpid() % 100), str(REPO / "launch" / "train.py"), "--config",
-                             str(REPO / "configs" / "test.yaml"), *cmd_args], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = cut / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.02)
-    ranks = psutil.Process(proc.pid).children(recursive=False)  # the ranks; their data workers are below them
-    assert len(ranks) == 2
-    ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: they must agree and stop together
-    stdout, stderr = proc.communicate(timeout=300)
-    first = losses(cut)
-    assert proc.returncode != 0 and "exiting with code 75" in stderr, stderr[-3000:]
-    assert len(first) < 16, "the run ended before the signal arrived"
-    r = launch("torchrun", overrides(train_shards, cut, *args))
-    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
-    assert losses(cut) == losses(whole)  # identical at every step, fp32 on CPU
 
 
 @pytest.mark.slow  # launches training

@@ -88,8 +88,10 @@ def test_family_fine_tunes_from_a_base_checkpoint_and_exports_for_the_pipeline(n
 
 @pytest.mark.slow
 def test_a_hubert_run_resumes_to_identical_losses(train_shards, tmp_path):
-    """Exact resume for a family other than wav2vec2: a run stopped (SIGUSR1 to one rank) and resumed has
-    the uninterrupted run's loss at every step (SpecAugment and LayerDrop drawing)."""
+    """The engine's exact resume, on a family other than wav2vec2: a run stopped (SIGUSR1 to one rank
+    only: the ranks must agree and stop together) and resumed has the uninterrupted run's loss at every
+    step, with SpecAugment (numpy's generator, held in the checkpoint) and LayerDrop (drawn from the seed
+    and the step). wav2vec2's exact resume is tested by the SLURM preemption and the kill-during-save tests."""
     base = save_base_model("hubert", tmp_path / "base")
     args = [f"model.pretrained={base}", "train.max_steps=12", *RUN, "model.layerdrop=0.3"]
     whole = tmp_path / "whole"

@@ -173,6 +173,10 @@ def cmd_train(args) -> int:
         world = args.world_size or get_env().world_size
         check_layerdrop(cfg, world, shared_draws=cfg.model.sync_free_forward)  # (a model with an adapter: at the start)
         check_shard_builds(cfg)
+        if cfg.eval.group_by:
+            from .engine import check_group_fields
+
+            check_group_fields(list(cfg.eval.group_by), {n: ShardSet.open(d) for n, d in cfg.data.eval_shards.items()})
         shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
         d = cfg.data
         loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=d.micro_batch_size,
@@ -385,7 +389,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-beta", type=float, default=1.0, help="with --attach: the word bonus stored (default: 1.0)")
     p.set_defaults(func=cmd_lm_build)
 
-    p = sub.add_parser("report", help="draw a run's loss, learning rate and WER curves into a PNG")
+    p = sub.add_parser("report", help="draw a run's loss, learning rate and WER curves (per set, pooled, per group) "
+                                         "into a PNG")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training output_dir (reads its metrics.jsonl)")
     p.add_argument("--output", "-o", metavar="FILE.png", help="default: RUN_DIR/report.png")
     p.set_defaults(func=cmd_report)

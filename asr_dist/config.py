@@ -120,6 +120,7 @@ class TrainArgs:
 class EvalArgs:
     every_steps: int = 500  # steps between evaluations on every data.eval_shards set (0: only at the end)
     num_examples: int = 5  # (reference, hypothesis) pairs shown in TensorBoard per evaluation
+    group_by: list = field(default_factory=list)  # metadata fields of the eval samples to break WER/CER down by at every evaluation, e.g. [gender, dialect]: eval/NAME/wer_by_FIELD/VALUE (and cer_, utterances_, words_by_) in TensorBoard, counts in eval_results.json; exact on any number of ranks, no bootstrap intervals during training (asr-dist evaluate --by gives them); [] = none
 
 
 @dataclass
@@ -344,6 +345,12 @@ def validate(cfg: Config) -> None:
     if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and not x > 0 for x in seconds):
         raise ConfigError("the large-batch mode takes both data.micro_batch_seconds and data.global_batch_seconds, "
                           "above 0 (e.g. 600 and 1200 for one GPU: two micro-batches of up to 600 s per step)")
+    gb = list(cfg.eval.group_by)
+    if not all(isinstance(f, str) and f.strip() for f in gb) or len(set(gb)) != len(gb):
+        raise ConfigError(f"eval.group_by={gb}: give distinct metadata field names, e.g. [gender, dialect], or []")
+    if len(cfg.data.eval_shards) > 1 and "pooled" in cfg.data.eval_shards:
+        raise ConfigError("data.eval_shards.pooled: with several evaluation sets, eval/pooled/* holds the rates over "
+                          "all of them; give this set another name")
     ps = cfg.train.profile_steps
     if ps and not (len(ps) == 2 and all(isinstance(x, int) for x in ps) and 1 <= ps[0] <= ps[1]):
         raise ConfigError(f"train.profile_steps={list(ps)}: give [first, last] optimizer steps, 1 <= first <= last "

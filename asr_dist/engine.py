@@ -4,7 +4,8 @@
   TrainLoader (equal micro-batches per rank) ──> engine(input_values (B, T), attention_mask, labels (B, L))
       .backward(loss) .step()  ── every optimizer step: preemption agreement (one tiny all-reduce)
       every log_every:         mean loss over ranks, lr, grad norm, loss scale, throughput -> TensorBoard + JSONL
-      every eval.every_steps:  exact distributed loss / WER / CER per eval set
+      every eval.every_steps:  exact distributed loss / WER / CER per eval set (and per group of each
+                               eval.group_by field), pooled over the sets -> TensorBoard + JSONL + eval_results.json
       every checkpoint_every:  DeepSpeed checkpoint + client state (step, loader state and RNG of every rank)
   end ──> final evaluation, checkpoint, Hugging Face export (model + processor + model card)
 
@@ -15,6 +16,7 @@ part in saves and in the collectives.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import errno
@@ -37,8 +39,8 @@ from .flops import peak_flops, train_flops_per_audio_second
 from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, accumulation_steps
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
-from .evaluation import evaluate_set
-from .metrics import GreedyDecoder
+from .evaluation import POOLED, evaluate_set, group_table, missing_fields
+from .metrics import GreedyDecoder, pooled_counts
 from .models import build_model
 from .models.ctc import layerdrop_draw
 from .watchdog import Watchdog
@@ -154,6 +156,17 @@ def check_shard_builds(cfg: Config) -> None:
         if why:
             raise ConfigError(f"{key}: {d}: {why}. Fix the inputs and build it again (or with a higher "
                               f"--max-reject-fraction), or set data.allow_failed_shards=true to use it as it is")
+
+
+def check_group_fields(group_by: list[str], eval_sets: dict[str, ShardSet]) -> None:
+    """Every eval.group_by field must be in every evaluation set's samples (index.json ``fields``)."""
+    for name, s in eval_sets.items():
+        missing, have = missing_fields(s.dirs, group_by)
+        if missing:
+            raise ConfigError(
+                f"eval.group_by: data.eval_shards.{name} ({', '.join(s.dirs)}) has no metadata field "
+                f"{', '.join(missing)}; fields there: {', '.join(have) or '(none)'}. Rebuild that set with "
+                f"`asr-dist shards build … --keep-fields {','.join(missing)}`, or drop the field from eval.group_by")
 
 
 def merge_user_config(ds: dict, path: str) -> None:
@@ -312,6 +325,10 @@ class Trainer:
         for name, s in eval_sets.items():
             if s.vocab != self.shards.vocab:
                 raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
+        check_group_fields(list(cfg.eval.group_by), eval_sets)
+        # every utterance's group in each field, read once (sample JSON only); every rank lays the groups out alike
+        self.group_tables = {name: group_table(s, list(cfg.eval.group_by)) for name, s in eval_sets.items()
+                             if cfg.eval.group_by}
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
@@ -458,17 +475,29 @@ class Trainer:
         results = {}
         model = self.engine.module
         self.engine.eval()
+        counts = {}
         for name, loader in self.evals.items():
             r = evaluate_set(lambda x, m: self.engine(**{self.family.input_name: x}, attention_mask=m).logits,
                              lambda n: self.family.output_frames(model.config, n), loader, self.decoder,
                              model.config.pad_token_id,
-                             self.device, self.input_dtype, self.world, self.cfg.eval.num_examples)
-            results[name] = {"loss": r["loss"], "wer": r["wer"], "cer": r["cer"], "utterances": r["counts"].utterances,
-                             "words": r["counts"].ref_words}
-            self.writer.scalars(step, {f"eval/{name}/{k}": r[k] for k in ("loss", "wer", "cer")})
+                             self.device, self.input_dtype, self.world, self.cfg.eval.num_examples,
+                             groups=self.group_tables.get(name))
+            counts[name] = r["counts"]
+            results[name] = set_result(r["loss"], r["counts"], r.get("groups"))
+            self.writer.scalars(step, eval_scalars(name, results[name]))
             self.writer.text(f"eval/{name}/examples", "\n\n".join(f"REF: {a}  \nHYP: {b}" for a, b in r["examples"]), step)
             log.info("step %d eval %s: loss %.4f WER %.4f CER %.4f (%d utterances)", step, name, r["loss"], r["wer"],
                      r["cer"], r["counts"].utterances)
+            for field, groups in (r.get("groups") or {}).items():
+                log.info("step %d eval %s by %s: %s", step, name, field,
+                         ", ".join(f"{g} WER {c.wer:.4f} ({c.utterances})" for g, c in groups.items()))
+        if len(counts) > 1:  # the sets as one: summed edits over summed words (and loss per utterance)
+            pooled = pooled_counts(list(counts.values()))
+            loss = sum(results[n]["loss"] * c.utterances for n, c in counts.items()) / max(1, pooled.utterances)
+            results[POOLED] = set_result(loss, pooled)
+            self.writer.scalars(step, eval_scalars(POOLED, results[POOLED]))
+            log.info("step %d eval pooled over %d sets: loss %.4f WER %.4f CER %.4f (%d utterances)", step, len(counts),
+                     loss, pooled.wer, pooled.cer, pooled.utterances)
         self.engine.train()
         return results
 
@@ -575,10 +604,15 @@ class Trainer:
         return {"step": step, "eval": results, "history": self.history}
 
     def _record(self, step: int, results: dict) -> None:
-        """Add an evaluation to the history; export the model to {output_dir}/best/ when the first
-        set's WER is the best so far (every rank decides alike: the results are all-reduced)."""
+        """Add an evaluation to the history and write it to {output_dir}/eval_results.json; export the
+        model to {output_dir}/best/ when the first set's WER is the best so far (every rank decides
+        alike: the results are all-reduced)."""
         if not results:
             return
+        if self.denv.is_main:  # the latest evaluation, whole (replaced atomically: a reader never sees half)
+            tmp = self.out / f"{RESULTS_NAME}.tmp"
+            tmp.write_text(json.dumps({"step": step, "eval": results}, indent=1) + "\n")
+            tmp.replace(self.out / RESULTS_NAME)
         row = {"step": step, "train_loss": self.last_train_loss}
         for name, r in results.items():
             row.update({f"{name}_loss": r["loss"], f"{name}_wer": r["wer"], f"{name}_cer": r["cer"]})
@@ -672,6 +706,31 @@ class Trainer:
             f"utterances on rank {self.rank}: {_keys_text(keys)}. The weights from before it were saved as checkpoint "
             f"step {step}. Try a lower optim.lr or a longer optim.warmup_steps, or ZeRO stage 1-3 (they skip such "
             f"steps and stop only after distributed.max_skipped_steps in a row)")
+
+
+RESULTS_NAME = "eval_results.json"
+
+
+def set_result(loss: float, counts, groups: dict | None = None) -> dict:
+    """An evaluation set's results as logged and written: rates, counts, and per group of each field."""
+    out = {"loss": loss, "wer": counts.wer, "cer": counts.cer, "utterances": counts.utterances,
+           "words": counts.ref_words, "counts": dataclasses.asdict(counts)}
+    if groups:
+        out["groups"] = {field: {g: {"wer": c.wer, "cer": c.cer, **dataclasses.asdict(c)} for g, c in gs.items()}
+                         for field, gs in groups.items()}
+    return out
+
+
+def eval_scalars(name: str, result: dict) -> dict:
+    """TensorBoard/JSONL scalars of one set's results: eval/NAME/{loss,wer,cer}, and per group of each
+    field eval/NAME/{wer,cer,utterances,words}_by_FIELD/GROUP."""
+    out = {f"eval/{name}/{k}": result[k] for k in ("loss", "wer", "cer")}
+    for field, groups in (result.get("groups") or {}).items():
+        for g, c in groups.items():
+            out.update({f"eval/{name}/wer_by_{field}/{g}": c["wer"], f"eval/{name}/cer_by_{field}/{g}": c["cer"],
+                        f"eval/{name}/utterances_by_{field}/{g}": c["utterances"],
+                        f"eval/{name}/words_by_{field}/{g}": c["ref_words"]})
+    return out
 
 
 def _keys_text(keys: list[str], limit: int = 16) -> str:

@@ -20,6 +20,7 @@ from . import __version__
 from .config import shard_dirs
 from .data import index as fmt
 from .errors import InvalidValue
+from .evaluation import POOLED
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,13 @@ def model_card(trainer) -> str:
         ("training_steps", trainer.total_steps), ("mixed_precision_training", cfg.distributed.precision),
         ("zero_stage", cfg.distributed.zero_stage),
     ]
-    rows = ["| Step | Training Loss | " + " | ".join(f"{n} Loss | {n} WER | {n} CER" for n in trainer.evals) + " |",
-            "|---|---|" + "---|---|---|" * len(trainer.evals)]
+    # with several sets, the pooled rates (all sets as one) come last
+    sets = list(trainer.evals) + ([POOLED] if any(f"{POOLED}_wer" in r for r in trainer.history) else [])
+    rows = ["| Step | Training Loss | " + " | ".join(f"{n} Loss | {n} WER | {n} CER" for n in sets) + " |",
+            "|---|---|" + "---|---|---|" * len(sets)]
     for r in trainer.history:
         cells = [str(r["step"]), "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"]
-        for n in trainer.evals:
+        for n in sets:
             cells += [f"{r.get(f'{n}_loss', float('nan')):.4f}", f"{r.get(f'{n}_wer', float('nan')):.4f}",
                       f"{r.get(f'{n}_cer', float('nan')):.4f}"]
         rows.append("| " + " | ".join(cells) + " |")

@@ -89,14 +89,65 @@ def utterance_counts(ref: str, hyp: str) -> ErrorCounts:
     return c
 
 
+def group_key(value) -> str:
+    """The group an utterance's value of a field puts it in (None or "": ``NO_VALUE``)."""
+    return NO_VALUE if value is None or value == "" else str(value)
+
+
+class GroupTable:
+    """Summable counts per group of one or more metadata fields, in one tensor that every rank lays
+    out alike, so that a single all-reduce (SUM) gives the exact counts of every group.
+
+    ``values``: {utterance key: {field: value}} for every utterance of the set (all ranks hold all
+    of it). Rows: each field's groups in sorted order, one after the other; columns: ErrorCounts'
+    fields. Every utterance counts in exactly one row per field, so each field's rows sum to the set."""
+
+    def __init__(self, fields: list[str], values: dict[str, dict]):
+        self.fields = list(fields)
+        self.groups = {f: sorted({group_key(v.get(f)) for v in values.values()}) for f in self.fields}
+        first, offsets = 0, {}
+        for f in self.fields:
+            offsets[f] = first
+            first += len(self.groups[f])
+        self.num_rows = first
+        index = {f: {g: offsets[f] + i for i, g in enumerate(gs)} for f, gs in self.groups.items()}
+        self.rows = {key: [index[f][group_key(v.get(f))] for f in self.fields] for key, v in values.items()}
+
+    def zeros(self) -> torch.Tensor:
+        """(groups, counts) float64: integers stay exact in a float64 all-reduce up to 2**53."""
+        return torch.zeros(self.num_rows, len(dataclasses.fields(ErrorCounts)), dtype=torch.float64)
+
+    def add(self, table: torch.Tensor, key: str, counts: ErrorCounts) -> None:
+        """Adds one utterance's counts to its group in every field."""
+        table[self.rows[key]] += counts.as_tensor()
+
+    def counts(self, table: torch.Tensor) -> dict[str, dict[str, ErrorCounts]]:
+        """{field: {group: ErrorCounts}} of a (reduced) table."""
+        out, row = {}, 0
+        for f in self.fields:
+            out[f] = {}
+            for g in self.groups[f]:
+                out[f][g] = ErrorCounts.from_tensor(table[row])
+                row += 1
+        return out
+
+
+def pooled_counts(counts: list[ErrorCounts]) -> ErrorCounts:
+    """Several sets' counts as one: the pooled WER is their summed edits over their summed words."""
+    out = ErrorCounts()
+    for c in counts:
+        for f in dataclasses.fields(ErrorCounts):
+            setattr(out, f.name, getattr(out, f.name) + getattr(c, f.name))
+    return out
+
+
 def group_counts(values: list, counts: list[ErrorCounts]) -> dict[str, ErrorCounts]:
     """Sum per-utterance counts by the utterances' values of one metadata field (None: ``NO_VALUE``).
 
     Every utterance falls in exactly one group, so the groups' counts add up to the whole set's."""
     out: dict[str, ErrorCounts] = {}
     for v, c in zip(values, counts):
-        key = NO_VALUE if v is None or v == "" else str(v)
-        g = out.setdefault(key, ErrorCounts())
+        g = out.setdefault(group_key(v), ErrorCounts())
         for f in dataclasses.fields(ErrorCounts):
             setattr(g, f.name, getattr(g, f.name) + getattr(c, f.name))
     return dict(sorted(out.items()))
@@ -135,7 +186,7 @@ def group_report(values: list, counts: list[ErrorCounts], seed: int = 0, num_res
     out = {}
     members: dict[str, list[ErrorCounts]] = {}
     for v, c in zip(values, counts):
-        members.setdefault(NO_VALUE if v is None or v == "" else str(v), []).append(c)
+        members.setdefault(group_key(v), []).append(c)
     for key, g in group_counts(values, counts).items():
         ci = bootstrap_interval(members[key], seed=seed, num_resamples=num_resamples)
         out[key] = {"wer": g.wer, "cer": g.cer, "wer_ci95": list(ci["wer"]), "cer_ci95": list(ci["cer"]),

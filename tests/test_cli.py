@@ -93,3 +93,54 @@ def test_pictures(tmp_path, corpus_cache, capsys):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["report", str(run)]) == 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_draws_the_group_and_pooled_curves(tmp_path, capsys):
+    """A run logged through the real writer (TensorBoard events + metrics.jsonl) with two evaluation sets,
+    groups by speaker and gender, and the pooled rates: one panel per set and field, a line per group."""
+    import json
+
+    import matplotlib.image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from asr_dist.engine import eval_scalars, set_result
+    from asr_dist.logging import MetricWriter
+    from asr_dist.metrics import pooled_counts, utterance_counts
+    from asr_dist.plots import group_panels
+
+    run = tmp_path / "run"
+    w = MetricWriter(run)
+    for step in range(1, 9):
+        w.scalars(step, {"train/loss": 5.0 / step, "train/lr": 1e-3})
+        if step % 4:
+            continue
+        hyp = "hej dig" if step == 4 else "hej med dig"
+        per_set = {}
+        for name, fields in (("dev", ("speaker", "gender")), ("test", ("gender",))):
+            a, b = utterance_counts("hej med dig", hyp), utterance_counts("godt vejr", "godt vejr")
+            per_set[name] = pooled_counts([a, b])
+            groups = {f: ({"spk1": a, "spk2": b} if f == "speaker" else {"f": a, "m": b}) for f in fields}
+            w.scalars(step, eval_scalars(name, set_result(1.0, per_set[name], groups)))
+        w.scalars(step, eval_scalars("pooled", set_result(1.0, pooled_counts(list(per_set.values())))))
+    w.close()
+    assert main(["report", str(run)]) == 0
+    assert "training curves drawn in" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    panels = group_panels(rows)
+    assert list(panels) == ["dev WER by speaker", "dev WER by gender", "test WER by gender"]
+    assert panels["dev WER by speaker"] == {"spk1": [(4, pytest.approx(1 / 3)), (8, 0.0)], "spk2": [(4, 0.0), (8, 0.0)]}
+    # what the report draws is what TensorBoard holds
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    tb = {t for t in ea.Tags()["scalars"] if "/wer_by_" in t}
+    assert tb == {f"eval/{p.split()[0]}/wer_by_{p.split()[-1]}/{g}" for p, lines in panels.items() for g in lines}
+    assert [e.step for e in ea.Scalars("eval/pooled/wer")] == [4, 8]
+    assert ea.Scalars("eval/pooled/wer")[0].value == pytest.approx(2 / 10)
+    # a second row of panels below the first (loss, learning rate, evaluation incl. pooled)
+    tall = matplotlib.image.imread(str(run / "report.png")).shape[0]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "_by_" not in k}) + "\n"
+                                                 for r in rows))
+    assert main(["report", str(plain)]) == 0
+    assert tall > 1.8 * matplotlib.image.imread(str(plain / "report.png")).shape[0]

@@ -212,6 +212,11 @@ def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
                                 f"data.train_shards=[{tmp_path / 's'}]", "model.layerdrop=0.1", "model.sync_free_forward=false",
                                 "--dry-run", "--world-size", "2"], capture_output=True, text=True)
     assert layerdrop.returncode == 2 and "each rank would skip different layers" in layerdrop.stderr
+    groups = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
+                             f"data.train_shards=[{tmp_path / 's'}]", f"data.eval_shards.dev={tmp_path / 's'}",
+                             "eval.group_by=[speaker,dialect]", "--dry-run"], capture_output=True, text=True)
+    assert groups.returncode == 2 and "Traceback" not in groups.stderr, groups.stderr
+    assert "data.eval_shards.dev" in groups.stderr and "no metadata field dialect; fields there: speaker" in groups.stderr
 
 
 def test_layerdrop_on_several_ranks_needs_shared_draws_and_no_zero3(yaml):

@@ -20,8 +20,9 @@ LARGE = ("data.micro_batch_seconds=6", "data.global_batch_seconds=24")
 @pytest.mark.parametrize("stage, launcher, mode", [(0, "torchrun", ()), (1, "deepspeed", LARGE), (3, "torchrun", ())])
 def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, launcher, mode):
     out = tmp_path / "run"
+    groups = group_overrides(train_shards) if stage == 0 else ()  # WER per speaker, two sets and their pooled rates
     r = launch(launcher, overrides(train_shards, out, f"distributed.zero_stage={stage}", "train.max_steps=12",
-                                   "eval.every_steps=6", "train.checkpoint_every=6", *mode))
+                                   "eval.every_steps=6", "train.checkpoint_every=6", *mode, *groups))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     curve = losses(out)
     assert sorted(curve) == list(range(1, 13))
@@ -34,6 +35,8 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
 
         model = transformers.Wav2Vec2ForCTC.from_pretrained(str(out / "model"))
         assert sum(p.numel() for p in model.parameters()) > 1_000_000 and float(model.lm_head.weight.abs().sum()) > 0
+    if stage == 0:
+        check_groups_on_one_and_two_ranks(train_shards, out, tmp_path / "one")
     if stage != 0:
         return
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -58,6 +61,37 @@ def test_two_ranks_train_log_checkpoint_export(train_shards, tmp_path, stage, la
     card = (out / "model" / "README.md").read_text()
     assert "| 6 |" in card and "| 12 |" in card and "dev WER" in card
     assert json.loads((out / "model" / "asr_dist.json").read_text())["text_normalizer"]["name"] == "danish"
+
+
+def group_overrides(shards) -> tuple[str, ...]:
+    return ("eval.group_by=[speaker]", f"data.eval_shards.again={shards / 's-dev'}")
+
+
+def check_groups_on_one_and_two_ranks(shards, out, one):
+    """The evaluations of a 2-rank run with eval.group_by: each set's groups sum to the set, the pooled
+    rates to the sets; the last evaluation done again during training on 1 rank (a resume of the final
+    checkpoint, so the same weights) gives the same counts in every group."""
+    two = json.loads((out / "eval_results.json").read_text())
+    assert two["step"] == 12 and list(two["eval"]) == ["dev", "again", "pooled"]
+    for name in ("dev", "again"):
+        whole, groups = two["eval"][name]["counts"], two["eval"][name]["groups"]["speaker"]
+        assert whole["utterances"] == 10 and set(groups) == {f"spk{i}" for i in range(7)}
+        for k in whole:
+            assert sum(g[k] for g in groups.values()) == whole[k], (name, k)
+    assert two["eval"]["pooled"]["counts"] == {k: 2 * v for k, v in two["eval"]["dev"]["counts"].items()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/dev/wer_by_speaker/spk0" in r] == [6, 12]
+    assert [r["step"] for r in rows if "eval/pooled/wer" in r] == [6, 12]
+    assert "pooled WER" in (out / "model" / "README.md").read_text()
+    shutil.copytree(out / "checkpoints", one / "checkpoints")
+    r = launch("python", overrides(shards, one, "distributed.zero_stage=0", "train.max_steps=12",
+                                   *group_overrides(shards)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already trained 12 of 12 steps" in r.stderr
+    single = json.loads((one / "eval_results.json").read_text())
+    for name in ("dev", "again", "pooled"):
+        assert single["eval"][name]["counts"] == two["eval"][name]["counts"], name
+        assert single["eval"][name].get("groups") == two["eval"][name].get("groups"), name
 
 
 @pytest.mark.slow  # launches training

@@ -89,3 +89,44 @@ def test_unknown_field_and_the_table(model_and_set, tmp_path, capsys):
     assert "by gender:" in out and "95 % CI" in out
     groups = json.loads((tmp_path / "r.json").read_text())["groups"]["gender"]
     assert sum(g["utterances"] for g in groups.values()) == 13
+
+
+def test_eval_group_by_a_field_the_eval_set_lacks_is_a_config_error(model_and_set, tmp_path):
+    """eval.group_by is checked against index.json `fields` before any model work (also by --dry-run)."""
+    from asr_dist.config import ConfigError, load_config
+    from asr_dist.data.loader import ShardSet
+    from asr_dist.engine import check_group_fields
+
+    root = model_and_set
+    sets = {"dev": ShardSet.open(str(root / "shards"))}
+    check_group_fields(["gender", "dialect"], sets)
+    with pytest.raises(ConfigError, match=r"data\.eval_shards\.dev \(.*shards\) has no metadata field age; "
+                                          r"fields there: dialect, gender"):
+        check_group_fields(["gender", "age"], sets)
+    repo = Path(__file__).resolve().parents[1]
+    base = [f"output_dir={tmp_path}", f"data.train_shards=[{root / 'shards'}]"]
+    for bad, why in ((["eval.group_by=[gender,gender]"], "distinct metadata field names"),
+                     ([f"data.eval_shards.pooled={root / 'shards'}", f"data.eval_shards.dev={root / 'shards'}"],
+                      "give this set another name")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(str(repo / "configs" / "test.yaml"), base + bad)
+
+
+def test_group_scalars_and_results_of_an_evaluation():
+    """The tags and the eval_results.json entry of one set's evaluation with groups, and the pooled set."""
+    from asr_dist.engine import eval_scalars, set_result
+    from asr_dist.metrics import ErrorCounts, pooled_counts, utterance_counts
+
+    f, m = utterance_counts("hej med dig", "hej dig"), utterance_counts("godt vejr i dag", "godt vejr i dag")
+    whole = pooled_counts([f, m])
+    r = set_result(1.5, whole, {"gender": {"f": f, "m": m}})
+    assert r["groups"]["gender"]["f"]["wer"] == pytest.approx(1 / 3) and r["groups"]["gender"]["m"]["ref_words"] == 4
+    assert r["utterances"] == 2 and r["counts"]["word_edits"] == 1
+    tags = eval_scalars("dev", r)
+    assert tags == {"eval/dev/loss": 1.5, "eval/dev/wer": pytest.approx(1 / 7), "eval/dev/cer": whole.cer,
+                    "eval/dev/wer_by_gender/f": pytest.approx(1 / 3), "eval/dev/wer_by_gender/m": 0.0,
+                    "eval/dev/cer_by_gender/f": f.cer, "eval/dev/cer_by_gender/m": 0.0,
+                    "eval/dev/utterances_by_gender/f": 1, "eval/dev/utterances_by_gender/m": 1,
+                    "eval/dev/words_by_gender/f": 3, "eval/dev/words_by_gender/m": 4}
+    assert set(eval_scalars("pooled", set_result(1.0, ErrorCounts()))) == {"eval/pooled/loss", "eval/pooled/wer",
+                                                                           "eval/pooled/cer"}

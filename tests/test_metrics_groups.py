@@ -57,3 +57,46 @@ def test_group_report_is_json_ready():
     rep = group_report(genders, counts, seed=1, num_resamples=200)
     json.dumps(rep)
     assert rep["f"]["utterances"] == 20 and rep["f"]["wer_ci95"][0] <= rep["f"]["wer"] <= rep["f"]["wer_ci95"][1]
+
+
+def test_group_table_reduced_over_ranks_is_exact_and_sums_to_the_whole():
+    """What the evaluation during training does: each rank adds its utterances to a table laid out alike
+    on every rank; the sum of the tables (the all-reduce) is the groups of the whole set, however split."""
+    import torch
+
+    from asr_dist.metrics import GroupTable, pooled_counts
+
+    refs, hyps, genders = corpus()
+    keys = [f"u{i:03d}" for i in range(len(refs))]
+    dialects = [("Jysk", "Fynsk", "")[i % 4 % 3] for i in range(len(refs))]
+    values = {k: {"gender": g, "dialect": d} for k, g, d in zip(keys, genders, dialects)}
+    counts = {k: utterance_counts(r, h) for k, r, h in zip(keys, refs, hyps)}
+    whole = ErrorCounts()
+    whole.add(refs, hyps)
+    t = GroupTable(["gender", "dialect"], values)
+    assert t.groups == {"gender": [NO_VALUE, "f", "m"], "dialect": [NO_VALUE, "Fynsk", "Jysk"]}
+    one = t.zeros()
+    for k in keys:
+        t.add(one, k, counts[k])
+    parts = []
+    for share in (keys[:5], keys[5:31], keys[31:]):  # three ranks, uneven shares; each its own table
+        mine = GroupTable(["gender", "dialect"], values)
+        part = mine.zeros()
+        for k in share:
+            mine.add(part, k, counts[k])
+        parts.append(part)
+    assert torch.equal(sum(parts), one)
+    got = t.counts(one)
+    for field, vals in (("gender", genders), ("dialect", dialects)):
+        assert got[field] == group_counts(vals, list(counts.values()))
+        assert pooled_counts(list(got[field].values())) == whole
+    assert got["dialect"][NO_VALUE].utterances == sum(1 for d in dialects if d == "")
+
+
+def test_pooled_counts_are_summed_edits_over_summed_words():
+    from asr_dist.metrics import pooled_counts
+
+    a, b = utterance_counts("hej med dig", "hej dig"), utterance_counts("godt vejr i dag igen", "godt vejr")
+    p = pooled_counts([a, b])
+    assert (p.word_edits, p.ref_words, p.utterances) == (4, 8, 2)
+    assert p.wer == pytest.approx(4 / 8) and p.wer != pytest.approx((a.wer + b.wer) / 2)

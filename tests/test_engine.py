@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
-from trainkit import TAGS, launch, losses, overrides
+from trainkit import TAGS, WORKERS, launch, losses, overrides
 
 
-# the large-batch mode (micro-batches of up to 6 s of audio, 2 x 2 of them a step) in the ZeRO-1 run
-LARGE = ("data.micro_batch_seconds=6", "data.global_batch_seconds=24")
+# the large-batch mode (micro-batches of up to 6 s of audio, 2 x 2 of them a step) in the ZeRO-1 run, read
+# by a worker process
+LARGE = ("data.micro_batch_seconds=6", "data.global_batch_seconds=24", WORKERS)
 
 
 @pytest.mark.slow  # launches training

@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 
 from asr_dist.models import FAMILIES
-from trainkit import REPO, env, launch, losses, overrides, save_base_model
+from trainkit import REPO, WORKERS, env, launch, losses, overrides, save_base_model
 
 RUN = ["model.preset=null", "distributed.zero_stage=1", "eval.every_steps=0", "train.checkpoint_every=0",
        "data.eval_shards={}", "model.mask_time_prob=0.05", "model.mask_time_length=2"]
@@ -93,7 +93,7 @@ def test_a_hubert_run_resumes_to_identical_losses(train_shards, tmp_path):
     step, with SpecAugment (numpy's generator, held in the checkpoint) and LayerDrop (drawn from the seed
     and the step). wav2vec2's exact resume is tested by the SLURM preemption and the kill-during-save tests."""
     base = save_base_model("hubert", tmp_path / "base")
-    args = [f"model.pretrained={base}", "train.max_steps=12", *RUN, "model.layerdrop=0.3"]
+    args = [f"model.pretrained={base}", "train.max_steps=12", *RUN, "model.layerdrop=0.3", WORKERS]
     whole = tmp_path / "whole"
     r = launch("torchrun", overrides(train_shards, whole, *args))
     assert r.returncode == 0, r.stderr[-3000:]

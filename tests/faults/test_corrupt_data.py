@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from trainkit import launch, overrides
+from trainkit import WORKERS, launch, overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def damaged(train_shards, tmp_path):
 def test_skip_policy_counts_and_finishes(damaged, tmp_path):
     root, truncated, garbled = damaged
     out = tmp_path / "run"
-    r = launch("torchrun", overrides(root, out, "train.max_steps=12", "eval.every_steps=0", "data.on_corrupt=skip"))
+    r = launch("torchrun", overrides(root, out, "train.max_steps=12", "eval.every_steps=0", "data.on_corrupt=skip", WORKERS))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = [row["train/skipped_samples"] for row in rows if "train/skipped_samples" in row]
@@ -46,7 +46,7 @@ def test_skip_policy_counts_and_finishes(damaged, tmp_path):
 def test_stop_policy_names_the_shard(damaged, tmp_path):
     root, truncated, garbled = damaged
     out = tmp_path / "run"
-    r = launch("torchrun", overrides(root, out, "train.max_steps=12", "eval.every_steps=0"), timeout=300)
+    r = launch("torchrun", overrides(root, out, "train.max_steps=12", "eval.every_steps=0", WORKERS), timeout=300)
     assert r.returncode != 0
     assert "damaged training data on rank" in r.stderr, r.stderr[-3000:]
     assert truncated in r.stderr or garbled in r.stderr

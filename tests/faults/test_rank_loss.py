@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from trainkit import REPO, env, losses, overrides
+from trainkit import REPO, WORKERS, env, losses, overrides
 
 pytestmark = pytest.mark.slow
 ARGS = ["train.max_steps=14", "train.checkpoint_every=3", "eval.every_steps=0", "data.eval_shards={}",
-        "distributed.heartbeat_timeout_s=4"]
+        "distributed.heartbeat_timeout_s=4", WORKERS]
 
 
 def start_ranks(args: list[str], port: int, logs) -> list[subprocess.Popen]:

@@ -16,7 +16,7 @@ import pytest
 
 from asr_dist.data.index import iter_shard
 from asr_dist.data.writer import BuildOptions, build
-from trainkit import REPO, env, losses, overrides
+from trainkit import REPO, WORKERS, env, losses, overrides
 
 pytestmark = pytest.mark.slow
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
@@ -75,7 +75,8 @@ def wait(job: int, timeout: float = 600) -> dict[str, str]:
 
 def train_args(train_shards: Path, out: Path) -> list[str]:
     return [str(REPO / "configs" / "test.yaml"),
-            *overrides(train_shards, out, "train.max_steps=12", "eval.every_steps=6", "train.checkpoint_every=6")]
+            *overrides(train_shards, out, "train.max_steps=12", "eval.every_steps=6", "train.checkpoint_every=6",
+                       WORKERS)]
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,7 @@ def test_featurizer_is_seamless_m4t_s_extractor_in_the_frames_it_attends():
 
 
 @pytest.mark.parametrize("adapter", [dict(add_adapter=False), dict(add_adapter=True),
-                                     dict(add_adapter=True, num_adapter_layers=2, adapter_kernel_size=5,
-                                          adapter_stride=3)])
+                                     dict(add_adapter=True, num_adapter_layers=2)])
 def test_frames_are_transformers_own_with_and_without_the_adapter(adapter):
     model = BERT.ctc_class(BERT.preset_config("tiny", vocab_size=len(VOCAB), **adapter))
     lengths = torch.arange(1, 600)
@@ -108,12 +107,14 @@ def test_a_base_checkpoint_with_an_adapter_keeps_it_and_one_without_gets_a_new_o
 
 def test_what_it_cannot_do_is_refused_when_read(tmp_path):
     adapter = save_base_model("wav2vec2-bert", tmp_path / "adapter", add_adapter=True)
+    odd = save_base_model("wav2vec2-bert", tmp_path / "odd", add_adapter=True, adapter_kernel_size=5, adapter_stride=3)
     tiny = ["model.preset=tiny", "model.family=wav2vec2-bert"]
     cases = [
         (tiny + ["model.freeze_feature_encoder=true"],
          "wav2vec2-bert: it has no convolutional feature encoder to freeze \\(its input is input_features\\)"),
         (tiny + ["model.add_adapter=true", "model.layerdrop=0.1"], "with the wav2vec2-bert adapter"),
         ([f"model.pretrained={adapter}", "model.layerdrop=0.1"], "skip its strided layers too"),
+        ([f"model.pretrained={odd}"], "adapter_kernel_size=5 with adapter_stride=3: .*pads 1 frames but counts its CTC frames with 2"),
         (tiny + ["model.attention=flash_attention_2"], "as sdpa or eager only"),
         (tiny + ["model.fft_positional_conv=true"], "no single grouped positional convolution"),
         (["model.preset=tiny", "model.add_adapter=true"], "model.add_adapter=true for wav2vec2: .*wav2vec2-bert setting"),
@@ -146,8 +147,9 @@ def test_collate_pads_feature_frames_with_a_mask_over_frames():
 
 @pytest.mark.parametrize("adapter", [False, True])
 def test_a_train_step_through_transformers_forward(adapter):
-    """The tiny model trains on a padded batch (SpecAugment on, gradient checkpointing alike): a finite
-    loss equal to the CTC loss of evaluation's frame count, finite gradients everywhere, in fp32 and bf16."""
+    """The tiny model trains on a padded batch (SpecAugment on): a finite loss equal to the CTC loss of
+    evaluation's frame count, finite gradients everywhere, in fp32 and bf16 (gradient checkpointing: in
+    test_models, for every family)."""
     torch.manual_seed(0)
     args = ModelArgs(preset="tiny", family="wav2vec2-bert", add_adapter=adapter, mask_time_prob=0.1,
                      mask_time_length=2)
@@ -166,15 +168,7 @@ def test_a_train_step_through_transformers_forward(adapter):
     frames = family.output_frames(model.config, batch["attention_mask"].sum(-1))
     assert frames.tolist() == [family.audio_frames(model.config, n) for n in (16000, 9000, 12000)]
     assert out.logits.shape[1] == int(frames.max())
-    assert float(ctc_loss(out.logits, batch["labels"], frames, 0)) == pytest.approx(out.loss.item(), rel=1e-5)
-    checkpointed, _ = build_model(ModelArgs(preset="tiny", family="wav2vec2-bert", add_adapter=adapter,
-                                            mask_time_prob=0.1, mask_time_length=2, gradient_checkpointing=True),
-                                  VOCAB)
-    checkpointed.load_state_dict(model.state_dict())
-    torch.manual_seed(1)
-    again = checkpointed.train()(input_features=batch["input_values"], attention_mask=batch["attention_mask"],
-                                 labels=batch["labels"])
-    assert again.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    assert float(ctc_loss(out.logits.detach(), batch["labels"], frames, 0)) == pytest.approx(out.loss.item(), rel=1e-5)
     model.to(torch.bfloat16)
     half = model(input_features=batch["input_values"].bfloat16(), attention_mask=batch["attention_mask"],
                  labels=batch["labels"])

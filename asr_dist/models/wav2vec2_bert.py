@@ -106,10 +106,15 @@ class Wav2Vec2BertFamily(ModelFamily):
 
     def check(self, args: ModelArgs, zero_stage: int) -> None:
         super().check(args, zero_stage)
-        adapter = args.add_adapter
-        if adapter is None:
-            adapter = (_checkpoint_config(args.pretrained).get("add_adapter", False) if args.pretrained
-                       else self.presets.get(args.preset, {}).get("add_adapter", False))
+        config = {**self.config_class().to_dict(),
+                  **(_checkpoint_config(args.pretrained) if args.pretrained else self.presets.get(args.preset, {}))}
+        adapter = config["add_adapter"] if args.add_adapter is None else args.add_adapter
+        kernel, stride = config["adapter_kernel_size"], config["adapter_stride"]
+        if adapter and kernel // 2 != stride // 2:
+            raise ModelError(f"{args.pretrained or args.preset}: a wav2vec2-bert adapter of adapter_kernel_size={kernel} "
+                             f"with adapter_stride={stride}: transformers' adapter pads {stride // 2} frames but counts "
+                             f"its CTC frames with {kernel // 2} of padding, so its logits and its CTC loss disagree; "
+                             f"asr-dist trains adapters whose kernel // 2 equals stride // 2 (w2v-BERT's: 3 and 2)")
         if adapter and args.layerdrop > 0:
             # transformers' adapter draws LayerDrop for its own strided layers, without the ZeRO-3 guard the
             # encoder has; a skipped one leaves the time axis at twice the frames the CTC lengths count

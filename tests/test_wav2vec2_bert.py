@@ -230,3 +230,17 @@ def test_the_export_s_processor_computes_the_training_features(tmp_path):
     kept = int(out["attention_mask"][0].sum())
     np.testing.assert_allclose(out["input_features"][0, :kept], stacked_fbank(x), atol=1e-5)
     assert loaded.tokenizer.decode([3, 4, 2, 5]) == "ab c"
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_long_audio_is_transcribed_in_chunks_of_feature_frames(adapter):
+    """transcribe --lm's chunking: each window featurised on its own and padded as (B, F, 160); the
+    windows' logits joined without their context frames cover the recording at 50 (25) frames a second."""
+    from asr_dist.decode import chunked_logits
+
+    torch.manual_seed(0)
+    model = BERT.ctc_class(BERT.preset_config("tiny", vocab_size=len(VOCAB), add_adapter=adapter)).eval()
+    audio = _audio(23 * 16000 + 123)
+    logits = chunked_logits(model, audio, 8 * 16000, 2 * 16000, 2, "cpu")
+    assert logits.shape[1] == len(VOCAB)
+    assert abs(logits.shape[0] - len(audio) / model.config.inputs_to_logits_ratio) <= 3, logits.shape

@@ -50,9 +50,10 @@ class DataArgs:
 
 @dataclass
 class ModelArgs:
-    pretrained: Optional[str] = None  # local directory of a pretrained checkpoint (no downloads); its config.json's model_type names the family: wav2vec2 (XLS-R, MMS), hubert, wavlm, data2vec-audio, wav2vec2-conformer
+    pretrained: Optional[str] = None  # local directory of a pretrained checkpoint (no downloads); its config.json's model_type names the family: wav2vec2 (XLS-R, MMS), hubert, wavlm, data2vec-audio, wav2vec2-conformer, wav2vec2-bert (w2v-BERT 2.0)
     preset: Optional[str] = None  # or a from-scratch size: tiny, base, xlsr-300m (= large) for wav2vec2; each family lists its own
     family: Optional[str] = None  # the encoder family of model.preset (default wav2vec2); with model.pretrained it is read from config.json, and a different value here is an error
+    add_adapter: Optional[bool] = None  # wav2vec2-bert: its convolutional adapter after the encoder (stride 2: 25 CTC frames a second instead of 50); true on a checkpoint without one adds a random one, as Hugging Face's w2v-BERT 2.0 fine-tuning recipe does; default: as the checkpoint (presets: none)
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
     attention: Optional[str] = None  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2; default: sdpa where the family has it (wavlm: eager only)

@@ -127,7 +127,8 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
             raise ModelDirError(f"{shards_dir}: its vocab.json differs from the model's; build it with "
                                 f"--vocab {Path(model_dir) / 'vocab.json'} (or give the corpus itself)")
         loader = EvalLoader(shards, rank=denv.rank, world_size=denv.world_size, micro_batch_size=micro_batch_size,
-                            micro_batch_seconds=micro_batch_seconds, num_workers=num_workers)
+                            micro_batch_seconds=micro_batch_seconds, num_workers=num_workers,
+                            featurize=family.featurizer())
         t0 = time.time()
         with tqdm(total=len(loader), unit="batch", desc="evaluating", disable=not (progress and denv.is_main)) as bar:
             r = evaluate_set(lambda x, m: model(**{family.input_name: x}, attention_mask=m).logits,
@@ -224,13 +225,13 @@ def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: in
     pieces = []
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
-        width = max(b - a for a, b, _, _ in group)
-        batch = np.zeros((len(group), width), np.float32)
+        inputs = [featurize(x[a:b]) for a, b, _, _ in group]  # (T,) samples, or (F, D) feature frames
+        width = max(len(f) for f in inputs)
+        batch = np.zeros((len(group), width, *inputs[0].shape[1:]), np.float32)
         mask = np.zeros((len(group), width), np.int64)
-        for j, (a, b, _, _) in enumerate(group):
-            seg = x[a:b]
-            batch[j, :len(seg)] = featurize(seg)
-            mask[j, :len(seg)] = 1
+        for j, f in enumerate(inputs):
+            batch[j, :len(f)] = f
+            mask[j, :len(f)] = 1
         with torch.no_grad():
             logits = model(**{family.input_name: torch.from_numpy(batch).to(device)},
                            attention_mask=torch.from_numpy(mask).to(device)).logits.float().cpu()

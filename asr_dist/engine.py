@@ -1,7 +1,8 @@
 """The training engine: config -> DeepSpeed -> steps, evaluation, checkpoints, export.
 
   Config ──deepspeed_config──> DeepSpeed JSON (micro x accumulation x world = global batch)
-  TrainLoader (equal micro-batches per rank) ──> engine(input_values (B, T), attention_mask, labels (B, L))
+  TrainLoader (equal micro-batches per rank) ──> engine(input_values (B, T) or input_features (B, F, 160),
+                                                        attention_mask, labels (B, L))
       .backward(loss) .step()  ── every optimizer step: preemption agreement (one tiny all-reduce)
       every log_every:         mean loss over ranks, lr, grad norm, loss scale, throughput -> TensorBoard + JSONL
       every eval.every_steps:  exact distributed loss / WER / CER per eval set (and per group of each
@@ -41,7 +42,7 @@ from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process
 from .logging import MetricWriter, setup_logging
 from .evaluation import POOLED, evaluate_set, group_table, missing_fields
 from .metrics import GreedyDecoder, pooled_counts
-from .models import build_model
+from .models import build_model, family_of
 from .models.ctc import layerdrop_draw
 from .watchdog import Watchdog
 
@@ -310,6 +311,9 @@ class Trainer:
         # everything that can fail on the config or the data fails here, before any model work
         check_shard_builds(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
+        # the model family's input, made in the loader's workers: the normalised waveform, or feature frames
+        self.featurize = family_of(cfg.model).featurizer()
+        self.samples_per_input = getattr(self.featurize, "samples_per_frame", 1)  # audio samples per input step
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
@@ -317,7 +321,7 @@ class Trainer:
                                   pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
                                   micro_batch_seconds=cfg.data.micro_batch_seconds,
                                   global_batch_seconds=cfg.data.global_batch_seconds,
-                                  sync_buckets=cfg.data.sync_buckets)
+                                  sync_buckets=cfg.data.sync_buckets, featurize=self.featurize)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")
@@ -364,7 +368,8 @@ class Trainer:
         self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
                                        micro_batch_size=cfg.data.eval_micro_batch_size,
                                        micro_batch_seconds=cfg.data.eval_micro_batch_seconds,
-                                       num_workers=cfg.data.num_workers) for name, s in eval_sets.items()}
+                                       num_workers=cfg.data.num_workers, featurize=self.featurize)
+                      for name, s in eval_sets.items()}
         self.decoder = GreedyDecoder(self.shards.vocab)
         self.writer = MetricWriter(self.out, enabled=denv.is_main)
         self.history: list[dict] = []  # one row per evaluation: the model card's results table
@@ -550,7 +555,7 @@ class Trainer:
                     micro_key = "data.micro_batch_" + ("size" if self.cfg.data.micro_batch_seconds is None else "seconds")
                     raise TrainingError(
                         f"out of memory on rank {self.rank} in a micro-batch of {len(batch['keys'])} utterances, "
-                        f"{float(batch['durations'].max()):.1f} s the longest, {inputs.shape[1] / 16000:.1f} s padded "
+                        f"{float(batch['durations'].max()):.1f} s the longest, {inputs.shape[1] * self.samples_per_input / 16000:.1f} s padded "
                         f"({_keys_text(batch['keys'])}). Lower {micro_key} (accumulation makes up the "
                         f"global batch), set model.gradient_checkpointing=true, or rebuild the shards with a lower "
                         f"--max-duration") from None

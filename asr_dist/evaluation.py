@@ -30,7 +30,7 @@ POOLED = "pooled"  # the name of the rates over all evaluation sets together (ev
 def evaluate_set(forward: Callable, frame_lengths: Callable, loader: EvalLoader, decoder: GreedyDecoder, blank: int,
                  device: torch.device, dtype: torch.dtype, world_size: int, num_examples: int = 5,
                  keep_predictions: bool = False, progress=None, groups: GroupTable | None = None) -> dict:
-    """``forward(input_values, attention_mask) -> logits``; ``frame_lengths(samples) -> frames``.
+    """``forward(inputs, attention_mask) -> logits``; ``frame_lengths(input lengths: samples or feature frames) -> frames``.
 
     Returns loss, wer, cer, the summed counts, a few (reference, hypothesis) examples from this
     rank, when asked every (key, reference, hypothesis, word edits) of this rank, and with ``groups``

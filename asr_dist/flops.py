@@ -15,21 +15,9 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40
 def forward_flops(config, num_samples: int, layers: float | None = None) -> tuple[float, float]:
     """(feature encoder, everything after it) forward FLOPs for one utterance of ``num_samples``, with
     ``layers`` transformer layers run (all of them by default; fewer with LayerDrop, a mean is fine)."""
-    frames, channels, encoder = num_samples, 1, 0.0
-    for dim, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
-        frames = (frames - kernel) // stride + 1
-        encoder += 2.0 * frames * kernel * channels * dim
-        channels = dim
     from .models import family_for
 
-    family = family_for(config)
-    frames = max(frames, 1)
-    h = config.hidden_size
-    rest = 2.0 * frames * channels * h  # feature projection
-    rest += family.positional_flops(config, frames)
-    rest += (family.num_layers(config) if layers is None else layers) * family.layer_flops(config, frames)
-    rest += 2.0 * frames * h * config.vocab_size  # CTC head
-    return encoder, rest
+    return family_for(config).forward_flops(config, num_samples, layers)
 
 
 def train_flops(config, num_samples: int, frozen_feature_encoder: bool, layers: float | None = None) -> float:

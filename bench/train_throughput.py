@@ -15,6 +15,7 @@ the run); each result is also appended to --jsonl as it comes.
   python bench/train_throughput.py                      # CPU: tiny preset, fp32, a few steps (CI keeps it working)
   python bench/train_throughput.py --preset xlsr-300m --precision fp16 --steps 20   # on a GPU
   python bench/train_throughput.py --family hubert      # another family's tiny preset, on CPU
+  python bench/train_throughput.py --family wav2vec2-bert --preset 600m --precision bf16   # w2v-BERT 2.0's layout, GPU
   python bench/train_throughput.py --list               # the variants
 -> one JSON object on stdout
 """
@@ -40,11 +41,28 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from asr_dist.data.loader import LabelEncoder, ShardSet, collate, normalize  # noqa: E402
+from asr_dist.data.loader import LabelEncoder, ShardSet, collate, input_padding  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 from synthetic import make_corpus  # noqa: E402
 
 FAMILY = "wav2vec2"  # --family: the model family every variant trains
+SECONDS: dict[str, float] = {}  # each utterance's audio seconds, by key (load_samples)
+
+
+def batch_of(items: list, pad: int = 1) -> dict:
+    """A padded micro-batch of featurised utterances (the family's input: waveform or feature frames)."""
+    from asr_dist.models import FAMILIES
+
+    return collate(items, input_padding(FAMILIES[FAMILY].featurizer(), pad), [SECONDS[k] for k, *_ in items])
+
+
+def model_inputs(b: dict, device: torch.device) -> dict:
+    """The family's forward keywords for batch ``b``."""
+    from asr_dist.models import FAMILIES
+
+    return {FAMILIES[FAMILY].input_name: b["input_values"].to(device), "attention_mask": b["attention_mask"].to(device),
+            "labels": b["labels"].to(device)}
+
 
 def make_shards(root: Path, n: int, seed: int = 0) -> str:
     manifest = make_corpus(root, n, seed)
@@ -112,10 +130,9 @@ def plain_loop(shards: str, preset: str, precision: str, steps: int, warmup: int
             sync()
             step_ms.append(time.time())
         for _ in range(accumulation):
-            b = collate(next_batch(), pad)
+            b = batch_of(next_batch(), pad)
             with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                loss = model(input_values=b["input_values"].to(device), attention_mask=b["attention_mask"].to(device),
-                             labels=b["labels"].to(device)).loss / accumulation
+                loss = model(**model_inputs(b, device)).loss / accumulation
             scaler.scale(loss).backward()
             if step >= warmup:
                 audio_s += float(b["durations"].sum())
@@ -146,18 +163,17 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
     groups = [samples[i:i + micro] for i in range(0, len(samples) - micro + 1, micro)]
     random.Random(0).shuffle(groups)
     middle = len(samples) // 2
-    fixed = collate(samples[middle - micro // 2: middle - micro // 2 + micro])
+    fixed = batch_of(samples[middle - micro // 2: middle - micro // 2 + micro])
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     amp = device.type == "cuda" and precision != "fp32"
     audio, made = [], [0]
 
     def step():
         made[0] += 1
-        b = collate(groups[made[0] % len(groups)]) if varying else fixed  # 11 steps: new lengths from 352 utterances
+        b = batch_of(groups[made[0] % len(groups)]) if varying else fixed  # 11 steps: new lengths from 352 utterances
         audio.append(float(b["durations"].sum()))
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = model(input_values=b["input_values"].to(device), attention_mask=b["attention_mask"].to(device),
-                         labels=b["labels"].to(device)).loss
+            loss = model(**model_inputs(b, device)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -197,14 +213,18 @@ def profile(shards: str, preset: str, precision: str, device: torch.device, micr
 def load_samples(shards: str) -> tuple[list, dict]:
     from asr_dist.data import index as fmt
 
+    from asr_dist.models import FAMILIES
+
     s = ShardSet.open(shards)
     enc = LabelEncoder(s.vocab)
+    featurize = FAMILIES[FAMILY].featurizer()
     samples = []
     for shard in s.shards:
         for key, files in fmt.iter_shard(shard.path):
             audio, _ = sf.read(io.BytesIO(files["flac"]), dtype="float32")
             text = json.loads(files["json"])["text"]
-            samples.append((key, normalize(audio), enc(text), text))
+            samples.append((key, featurize(audio), enc(text), text))
+            SECONDS[key] = len(audio) / 16000
     return samples, s.vocab
 
 
@@ -230,11 +250,11 @@ def hf_trainer(shards: str, preset: str, precision: str, steps: int, warmup: int
             return samples[i]
 
     def collator(items):
-        b = collate(items)
+        b = batch_of(items)
         if clock["counting"]:
             clock["audio"] += float(b["durations"].sum())
             clock["batches"] += 1
-        return {"input_values": b["input_values"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
+        return model_inputs(b, torch.device("cpu"))
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -265,10 +285,12 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
     """asr-dist's engine (DeepSpeed, bucketing loader), throughput from its own metrics.jsonl."""
     from asr_dist.config import load_config
     from asr_dist.engine import train
+    from asr_dist.models import FAMILIES
 
     cfg = load_config(None, [f"output_dir={out}", f"data.train_shards=[{shards}]", f"model.preset={preset}",
                              f"model.family={FAMILY}",
-                             "model.freeze_feature_encoder=true", "model.mask_time_prob=0.0",
+                             *(["model.freeze_feature_encoder=true"] if FAMILIES[FAMILY].has_front_end else []),
+                             "model.mask_time_prob=0.0",
                              f"train.max_steps={warmup + steps}", f"train.log_every={max(1, min(3, warmup))}",
                              "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never",
                              f"distributed.precision={precision}", f"distributed.zero_stage={zero}",

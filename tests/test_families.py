@@ -81,9 +81,48 @@ def test_family_fine_tunes_from_a_base_checkpoint_and_exports_for_the_pipeline(n
     hyps = {row["key"]: row["hypothesis"] for row in csv.DictReader(predictions.open(encoding="utf-8"), delimiter="\t")}
     assert sorted(audio) == sorted(hyps) and sum(len(h) for h in hyps.values()) > 100, hyps
     asr = transformers.pipeline("automatic-speech-recognition", model=str(sharp), device="cpu")
+    compared = 0
     for key, x in audio.items():
+        if _pipeline_pads(asr.feature_extractor, x):
+            continue
         text = asr({"raw": x, "sampling_rate": 16000})["text"]
         assert " ".join(text.replace("[UNK]", "").split()) == hyps[key], key
+        compared += 1
+    assert compared >= 3, compared
+
+
+def _pipeline_pads(feature_extractor, x) -> bool:
+    """Whether the pipeline feeds ``x`` with padding its own attention mask leaves out, and then decodes
+    the logits of the padding too. w2v-BERT's extractor does so for an odd count of fbank frames (a last
+    stacked frame, half padding; asr-dist's featuriser leaves it out): such utterances may end in one
+    more character in the pipeline than in evaluate, which decodes the attended frames only."""
+    out = feature_extractor(x, sampling_rate=16000, return_tensors="np")
+    mask = out.get("attention_mask")
+    return mask is not None and int(mask.sum()) < mask.shape[-1]
+
+
+@pytest.mark.slow
+def test_w2v_bert_with_a_new_adapter_trains_and_exports(train_shards, tmp_path):
+    """model.add_adapter=true on a base checkpoint without one (Hugging Face's w2v-BERT 2.0 recipe): a few
+    steps on 2 ranks under ZeRO-3, an export with the adapter that the pipeline loads, evaluated alike from
+    the export and the (partitioned) checkpoint (25 CTC frames a second)."""
+    import transformers
+
+    from asr_dist.decode import evaluate_model
+
+    base = save_base_model("wav2vec2-bert", tmp_path / "base")
+    out = tmp_path / "run"
+    r = launch("torchrun", overrides(train_shards, out, f"model.pretrained={base}", "model.add_adapter=true",
+                                     "train.max_steps=4", *RUN, "distributed.zero_stage=3"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(losses(out)) == 4 and all(v == v for v in losses(out).values())
+    config = transformers.AutoConfig.from_pretrained(str(out / "model"))
+    assert config.add_adapter and config.inputs_to_logits_ratio == 640
+    scores = [evaluate_model(str(d), str(train_shards / "s-dev"), micro_batch_size=4, num_workers=0, progress=False)
+              for d in (out / "model", out / "checkpoints" / "step-00000004")]
+    assert scores[0]["num_utterances"] == 10 and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
+    asr = transformers.pipeline("automatic-speech-recognition", model=str(out / "model"), device="cpu")
+    assert isinstance(asr({"raw": next(iter(_dev_audio(train_shards).values())), "sampling_rate": 16000})["text"], str)
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def losses(out: Path) -> dict[int, float]:
 
 
 
-def save_base_model(family_name: str, out: Path, seed: int = 0) -> Path:
+def save_base_model(family_name: str, out: Path, seed: int = 0, **config) -> Path:
     """A random tiny *base* model of a family (no CTC head, as XLS-R and the other pretrained checkpoints
     are published) saved with save_pretrained, with its feature extractor: what model.pretrained reads."""
     import torch
@@ -74,9 +74,8 @@ def save_base_model(family_name: str, out: Path, seed: int = 0) -> Path:
 
     family = FAMILIES[family_name]
     torch.manual_seed(seed)
-    transformers.AutoModel.from_config(family.preset_config("tiny")).save_pretrained(str(out))
-    transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                          return_attention_mask=True).save_pretrained(str(out))
+    transformers.AutoModel.from_config(family.preset_config("tiny", **config)).save_pretrained(str(out))
+    family.feature_extractor().save_pretrained(str(out))
     return out
 
 

@@ -7,7 +7,8 @@ Training, per rank (R ranks, W workers per rank, S streams = R x W):
       utterance count), or owns units of about equal audio (large-batch mode); then a reserve
   ──per stream: buffer of bucket_batches x micro utterances (compressed bytes + JSON)──>
   ──sort by length, cut into micro-batches, shuffle them (seed, epoch, worker, buffer; + rank unless synchronised)──>
-  ──decode FLAC/WAV, normalise, encode labels, pad──> micro-batch (B, T) in the worker
+  ──decode FLAC/WAV, featurise (the model family's: normalise, or fbank frames), encode labels, pad──>
+      micro-batch (B, T) or (B, F, D) in the worker
   ──DataLoader (batch_size=None)──> reordered into the canonical order g -> (worker g % W, g // W)
 
 Every rank yields exactly steps_per_epoch x accumulation micro-batches per epoch, where
@@ -31,7 +32,8 @@ Evaluation, per rank: all samples sorted by (length, key), cut into micro-batche
 b % R; ranks with fewer batches get filler batches whose ``valid`` mask is all False, so every rank
 runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
 
-Batch keys: ``input_values`` (B, T) float32, ``attention_mask`` (B, T) bool, ``labels`` (B, L)
+Batch keys: ``input_values`` (B, T) float32 (the model's input, whatever the family's keyword: the
+waveform, or (B, F, D) feature frames), ``attention_mask`` (B, T) (or (B, F)) bool, ``labels`` (B, L)
 int64 padded with -100, ``keys`` list[str], ``texts`` list[str], ``durations`` (B,) float32,
 ``valid`` (B,) bool (evaluation only).
 """
@@ -179,27 +181,42 @@ def decode_audio(data: bytes, where: str) -> np.ndarray:
     return audio
 
 
-def collate(samples: list[tuple[str, np.ndarray, list[int], str]], pad_to_multiple_of: int = 1) -> dict:
-    """(key, normalised audio (T,), label ids, text) per utterance -> a padded micro-batch."""
+def collate(samples: list[tuple[str, np.ndarray, list[int], str]], pad_to_multiple_of: int = 1,
+            seconds: list[float] | None = None) -> dict:
+    """(key, model input, label ids, text) per utterance -> a padded micro-batch. The model input is the
+    featuriser's: normalised audio (T,) (``input_values`` (B, T)) or feature frames (F, D) (``input_values``
+    (B, F, D)); ``attention_mask`` covers its time axis, which is padded to a multiple of
+    ``pad_to_multiple_of`` of its own units. ``seconds``: each utterance's audio duration (default: T / 16 kHz,
+    for 1-D input)."""
     n = len(samples)
     t_max = max(len(a) for _, a, _, _ in samples)
     t_max = -(-t_max // pad_to_multiple_of) * pad_to_multiple_of
     l_max = max(1, max(len(lab) for _, _, lab, _ in samples))
-    input_values = torch.zeros(n, t_max, dtype=torch.float32)
+    input_values = torch.zeros(n, t_max, *samples[0][1].shape[1:], dtype=torch.float32)
     attention_mask = torch.zeros(n, t_max, dtype=torch.bool)  # 1 byte per sample crossing from the workers
     labels = torch.full((n, l_max), -100, dtype=torch.long)
     for i, (_, audio, lab, _) in enumerate(samples):
         input_values[i, : len(audio)] = torch.from_numpy(audio)
         attention_mask[i, : len(audio)] = True
         labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    if seconds is None:
+        if input_values.dim() != 2:
+            raise ValueError("collate of feature frames needs each utterance's seconds")
+        seconds = [len(a) / SAMPLE_RATE for _, a, _, _ in samples]
     return {
         "input_values": input_values,
         "attention_mask": attention_mask,
         "labels": labels,
         "keys": [k for k, _, _, _ in samples],
         "texts": [t for _, _, _, t in samples],
-        "durations": torch.tensor([len(a) / SAMPLE_RATE for _, a, _, _ in samples], dtype=torch.float32),
+        "durations": torch.tensor(seconds, dtype=torch.float32),
     }
+
+
+def input_padding(featurize, pad_to_multiple_of: int) -> int:
+    """data.pad_to_multiple_of (samples) in the featuriser's output units: frames where it makes frames
+    (it says how many samples a frame spans in ``samples_per_frame``)."""
+    return max(1, pad_to_multiple_of // getattr(featurize, "samples_per_frame", 1))
 
 
 # ───────────────────────────── the training stream ─────────────────────────────
@@ -430,11 +447,13 @@ class TrainStream(torch.utils.data.IterableDataset):
     """The micro-batches of one rank for one epoch, split over its DataLoader workers."""
 
     def __init__(self, layouts: list[StreamLayout], states: list[StreamState], vocab: dict[str, int],
-                 audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1, decode: bool = True):
+                 audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1, decode: bool = True,
+                 featurize=normalize):
         self.layouts, self.states = layouts, states
         self.vocab, self.audio_format = vocab, audio_format
         self.on_corrupt, self.pad_to_multiple_of = on_corrupt, pad_to_multiple_of
         self.decode = decode  # False: micro-batches of keys and lengths only, from the JSON (planning, benchmarks)
+        self.featurize = featurize  # the model family's: audio (T,) -> its input (picklable: it goes to the workers)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -499,7 +518,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             for b in range(state.taken_from_buffer, len(batches)):
                 if state.delivered == layout.num_batches:
                     break
-                samples, shards = [], []
+                samples, shards, seconds = [], [], []
                 for key, data, meta, shard in batches[b]:
                     if not self.decode:
                         samples.append((key, meta["num_samples"]))
@@ -510,13 +529,14 @@ class TrainStream(torch.utils.data.IterableDataset):
                     except fmt.ShardError as e:
                         self._bad(layout, pos, units, key, str(e), counters)
                         continue
-                    samples.append((key, normalize(audio), encode(meta["text"]), meta["text"]))
+                    samples.append((key, self.featurize(audio), encode(meta["text"]), meta["text"]))
                     shards.append(shard)
+                    seconds.append(len(audio) / SAMPLE_RATE)
                 state.taken_from_buffer = b + 1
                 if not samples:
                     continue  # every utterance of it was damaged and skipped: the next batch stands in
                 if self.decode:
-                    batch = collate(samples, self.pad_to_multiple_of)
+                    batch = collate(samples, input_padding(self.featurize, self.pad_to_multiple_of), seconds)
                 else:
                     batch = {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
                 state.delivered += 1
@@ -579,8 +599,9 @@ class TrainLoader:
                  global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int | None = None,
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
-                 global_batch_seconds: float | None = None, sync_buckets: bool = True):
+                 global_batch_seconds: float | None = None, sync_buckets: bool = True, featurize=normalize):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+        self.featurize = featurize  # audio (T,) -> the model's input, in the workers: the model family's featurizer()
         if on_corrupt not in ("stop", "skip"):
             raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")
         self.rank, self.world_size = rank, world_size
@@ -672,7 +693,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         layouts, states = self._layouts()
         ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
-                         self.pad_to_multiple_of)
+                         self.pad_to_multiple_of, featurize=self.featurize)
         w_count = len(layouts)
         if self.num_workers > 0:
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -802,9 +823,9 @@ class EvalBatches(torch.utils.data.Dataset):
     """Map-style: item i is this rank's i-th micro-batch (a filler when i is past its share)."""
 
     def __init__(self, batches: list[list[fmt.SampleLocation]], filler: list[fmt.SampleLocation], num_fillers: int,
-                 vocab: dict[str, int], audio_format: str):
+                 vocab: dict[str, int], audio_format: str, featurize=normalize):
         self.batches, self.filler, self.num_fillers = batches, filler, num_fillers
-        self.vocab, self.audio_format = vocab, audio_format
+        self.vocab, self.audio_format, self.featurize = vocab, audio_format, featurize
         self._fds: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -814,15 +835,16 @@ class EvalBatches(torch.utils.data.Dataset):
         real = i < len(self.batches)
         locs = self.batches[i] if real else self.filler
         encode = LabelEncoder(self.vocab)
-        samples = []
+        samples, seconds = [], []
         for loc in locs:
             fd = self._fds.get(loc.shard)
             if fd is None:
                 fd = self._fds[loc.shard] = os.open(loc.shard, os.O_RDONLY)
             text = json.loads(loc.meta)["text"]
             audio = decode_audio(loc.read(fd, self.audio_format), f"{loc.shard} sample {loc.key}")
-            samples.append((loc.key, normalize(audio), encode(text), text))
-        batch = collate(samples)
+            samples.append((loc.key, self.featurize(audio), encode(text), text))
+            seconds.append(len(audio) / SAMPLE_RATE)
+        batch = collate(samples, seconds=seconds)
         batch["valid"] = torch.full((len(samples),), real, dtype=torch.bool)
         return batch
 
@@ -833,7 +855,8 @@ class EvalLoader:
     fit in that many seconds of audio, padding included."""
 
     def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
-                 num_workers: int = 2, pin_memory: bool = False, micro_batch_seconds: float | None = None):
+                 num_workers: int = 2, pin_memory: bool = False, micro_batch_seconds: float | None = None,
+                 featurize=normalize):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         if micro_batch_seconds is not None and not micro_batch_seconds > 0:
             raise LoaderError(f"evaluation micro-batches of {micro_batch_seconds:g} seconds: give more than 0")
@@ -854,7 +877,7 @@ class EvalLoader:
         self.num_utterances = sum(len(b) for b in self.mine)
         self.total_utterances = len(locs)
         self.dataset = EvalBatches(self.mine, locs[:1], self.num_batches_per_rank - len(self.mine),
-                                   self.shards.vocab, self.shards.audio_format)
+                                   self.shards.vocab, self.shards.audio_format, featurize)
 
     def __len__(self) -> int:
         return self.num_batches_per_rank

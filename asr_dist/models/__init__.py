@@ -3,7 +3,8 @@
   model.pretrained/config.json "model_type" ──family_for──> ModelFamily   (or model.family + model.preset)
   ModelFamily.build(args, vocab) ──> transformers' *ForCTC (a base checkpoint gets a CTC head sized to vocab.json)
       .featurize      1-D float32 16 kHz audio ──> the model's input (run in the loader's workers)
-      .output_frames  input samples ──> CTC frames (the convolution layout, adapter strides)
+      .output_frames  input samples (or feature frames) ──> CTC frames (the convolution layout, adapter strides)
+      .audio_frames   samples of 16 kHz audio ──> CTC frames (through the featuriser's framing where it has one)
       .front_end      the feature encoder (frozen when asked; None where a family has none)
       .use_sync_free_forward / zero3_external_parameters / compile / flops pieces / processor (export)
 
@@ -47,6 +48,7 @@ class ModelFamily:
     attention_kernels: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")  # what transformers implements
     sync_free: bool = False  # whether sync_free_forward implements this family's training forward
     fft_positional_conv: bool = False  # whether the positional convolution can be computed with FFTs
+    conv_adapter: bool = False  # whether model.add_adapter (a strided adapter after the encoder) applies
 
     # ── build ──
 
@@ -75,7 +77,7 @@ class ModelFamily:
                                                          ignore_mismatched_sizes=True, output_loading_info=True,
                                                          attn_implementation=self.attention(args), **overrides)
             # a base checkpoint (no CTC head) gets a new head; anything else left random means a wrong checkpoint
-            missing = [k for k in info["missing_keys"] if not k.startswith("lm_head.") and "masked_spec_embed" not in k]
+            missing = [k for k in info["missing_keys"] if not self.new_weight(k, args)]
             if missing:
                 raise ModelError(f"model.pretrained={args.pretrained}: {len(missing)} weights of the {self.name} "
                                  f"encoder are not in the checkpoint (e.g. {', '.join(missing[:3])}); it is not a complete "
@@ -84,6 +86,11 @@ class ModelFamily:
         config = self.preset_config(args.preset, **overrides)
         config._attn_implementation = self.attention(args)
         return self.ctc_class(config)
+
+    def new_weight(self, key: str, args: ModelArgs) -> bool:
+        """Whether ``key`` may be missing from model.pretrained and start random: the CTC head and
+        SpecAugment's embedding (a base checkpoint has neither)."""
+        return key.startswith("lm_head.") or "masked_spec_embed" in key
 
     def check(self, args: ModelArgs, zero_stage: int) -> None:
         """Refuse, when the config is read, what this family cannot do (the reason in the message)."""
@@ -96,6 +103,9 @@ class ModelFamily:
         if args.freeze_feature_encoder and not self.has_front_end:
             raise ModelError(f"model.freeze_feature_encoder=true for {self.name}: it has no convolutional feature "
                              f"encoder to freeze (its input is {self.input_name}); set it to false or leave it out")
+        if args.add_adapter is not None and not self.conv_adapter:
+            raise ModelError(f"model.add_adapter={str(args.add_adapter).lower()} for {self.name}: the convolutional "
+                             f"adapter is a wav2vec2-bert setting; leave it out")
         if args.fft_positional_conv and not self.fft_positional_conv:
             raise ModelError(f"model.fft_positional_conv=true for {self.name}: it has no single grouped positional "
                              f"convolution to compute with FFTs (wav2vec2, hubert and wavlm have); set it to false")
@@ -146,6 +156,10 @@ class ModelFamily:
                 n = (n - 1) // config.adapter_stride + 1  # kernel = stride, padding stride // 2
         return n
 
+    def audio_frames(self, config, num_samples):
+        """CTC frames of ``num_samples`` samples of 16 kHz audio (an int or a tensor of them)."""
+        return self.output_frames(config, num_samples)
+
     # ── the training forward and kernels ──
 
     def use_sync_free_forward(self, model) -> bool:
@@ -165,6 +179,22 @@ class ModelFamily:
 
     # ── FLOPs (asr_dist.flops adds them up) ──
 
+    def forward_flops(self, config, num_samples: int, layers: float | None = None) -> tuple[float, float]:
+        """(feature encoder, everything after it) forward FLOPs for one utterance of ``num_samples``, with
+        ``layers`` transformer layers run (all of them by default; fewer with LayerDrop, a mean is fine)."""
+        frames, channels, encoder = num_samples, 1, 0.0
+        for dim, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
+            frames = (frames - kernel) // stride + 1
+            encoder += 2.0 * frames * kernel * channels * dim
+            channels = dim
+        frames = max(frames, 1)
+        h = config.hidden_size
+        rest = 2.0 * frames * channels * h  # feature projection
+        rest += self.positional_flops(config, frames)
+        rest += (self.num_layers(config) if layers is None else layers) * self.layer_flops(config, frames)
+        rest += 2.0 * frames * h * config.vocab_size  # CTC head
+        return encoder, rest
+
     def positional_flops(self, config, frames: int) -> float:
         """Forward FLOPs of the positional convolution over ``frames``."""
         h = config.hidden_size
@@ -181,15 +211,25 @@ class ModelFamily:
         """The processor written with the model: what transformers' ASR pipeline loads with it."""
         import transformers
 
+        return transformers.Wav2Vec2Processor(feature_extractor=self.feature_extractor(),
+                                              tokenizer=self.tokenizer(vocab_path))
+
+    def feature_extractor(self):
+        """transformers' feature extractor that computes what ``featurizer`` computes (at export, in the pipeline)."""
+        import transformers
+
         from ..audio import SAMPLE_RATE
+
+        return transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                                     do_normalize=True, return_attention_mask=True)
+
+    def tokenizer(self, vocab_path: Path):
+        import transformers
+
         from ..text import UNK_TOKEN, WORD_DELIMITER
 
-        tokenizer = transformers.Wav2Vec2CTCTokenizer(str(vocab_path), unk_token=UNK_TOKEN, pad_token=PAD_TOKEN,
-                                                      word_delimiter_token=WORD_DELIMITER)
-        feature_extractor = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE,
-                                                                  padding_value=0.0, do_normalize=True,
-                                                                  return_attention_mask=True)
-        return transformers.Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+        return transformers.Wav2Vec2CTCTokenizer(str(vocab_path), unk_token=UNK_TOKEN, pad_token=PAD_TOKEN,
+                                                 word_delimiter_token=WORD_DELIMITER)
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -289,4 +329,5 @@ def load_for_inference(model_dir: str | Path, device: torch.device):
     return model, family
 
 
-from . import wav2vec2, hubert, wavlm, data2vec_audio, wav2vec2_conformer  # noqa: E402,F401  (they register)
+# (they register)
+from . import wav2vec2, hubert, wavlm, data2vec_audio, wav2vec2_conformer, wav2vec2_bert  # noqa: E402,F401

@@ -39,7 +39,7 @@ from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process
 from .logging import MetricWriter, setup_logging
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
-from .models import build_model
+from .models import build_model, family_of
 from .models.ctc import layerdrop_draw
 from .watchdog import Watchdog
 
@@ -297,6 +297,8 @@ class Trainer:
         # everything that can fail on the config or the data fails here, before any model work
         check_shard_builds(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
+        family = family_of(cfg.model)  # utterances the model cannot align (more labels than frames) are skipped
+        alignable = family.alignment_check(family.base_config(cfg.model))
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
@@ -304,7 +306,7 @@ class Trainer:
                                   pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
                                   micro_batch_seconds=cfg.data.micro_batch_seconds,
                                   global_batch_seconds=cfg.data.global_batch_seconds,
-                                  sync_buckets=cfg.data.sync_buckets)
+                                  sync_buckets=cfg.data.sync_buckets, alignable=alignable)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")

@@ -345,6 +345,21 @@ def test_the_alignment_check_agrees_with_the_ctc_loss():
         assert bool(torch.isfinite(loss)) == (got >= need), (len(labels), need, got, loss)
     assert [check(n, c)[1] for c in cases] == [49, 50, 49, 51, 48, 50]
     assert check(100, [3])[0] == 0  # shorter than one frame
+    # plain Python for the loader's workers (no transformers to import there); a family whose frames are
+    # not convolution steps is asked itself
+    from asr_dist.audio import num_ctc_frames
+
+    assert check.frames.func is num_ctc_frames
+
+    class Halved(type(family)):
+        name = "halved"
+
+        def audio_frames(self, config, num_samples):
+            return super().audio_frames(config, num_samples) // 2
+
+    halved = Halved().alignment_check(model.config)
+    assert halved(n, distinct[:24]) == (24, 24) and pickle.loads(pickle.dumps(family.alignment_check(model.config)))(
+        n, distinct) == (49, 49)
 
 
 def test_the_frames_follow_the_model_layout():
@@ -356,3 +371,7 @@ def test_the_frames_follow_the_model_layout():
     for n in (16000, 40000):
         assert family.audio_frames(config, n) == int(model._get_feat_extract_output_lengths(n))
     assert family.audio_frames(config, 16000) == 7
+    from asr_dist.audio import WAV2VEC2_CONV  # the layout tests/data/test_loader.py skips utterances with
+
+    stride3 = transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=1, adapter_stride=3)
+    assert family.alignment_check(stride3).frames.keywords["conv"] == WAV2VEC2_CONV + ((1, 3),)

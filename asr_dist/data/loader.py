@@ -609,7 +609,7 @@ class TrainLoader:
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
                  global_batch_seconds: float | None = None, sync_buckets: bool = True, alignable=None):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
-        # alignable: the model's picklable check (asr_dist.models.ctc.AlignmentCheck); utterances it refuses are skipped
+        # alignable: the model's picklable check (asr_dist.audio.AlignmentCheck); utterances it refuses are skipped
         self.alignable = alignable
         if on_corrupt not in ("stop", "skip"):
             raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")

@@ -29,7 +29,7 @@ import torch
 from ..config import ConfigError, ModelArgs
 from ..data.loader import normalize
 from ..text import PAD_TOKEN
-from .ctc import AlignmentCheck
+from ..audio import AlignmentCheck, num_ctc_frames
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,26 @@ class ModelFamily:
         """CTC frames of ``num_samples`` samples of 16 kHz audio (0 for audio too short for one frame)."""
         return max(0, int(self.output_frames(config, num_samples)))
 
+    def frame_steps(self, config) -> tuple[tuple[int, int], ...] | None:
+        """``audio_frames`` as (kernel, stride) steps, each ``n -> (n - kernel) // stride + 1``: each convolution
+        of the feature encoder, then each strided adapter layer (kernel = stride, padding stride // 2, so
+        (1, stride)); None where a family's frames are not such steps."""
+        if not hasattr(config, "conv_kernel"):
+            return None
+        steps = tuple(zip(config.conv_kernel, config.conv_stride))
+        if getattr(config, "add_adapter", False):
+            steps += ((1, config.adapter_stride),) * config.num_adapter_layers
+        return steps
+
     def alignment_check(self, config) -> AlignmentCheck:
-        """A picklable check, for the loader's workers, of whether CTC can align an utterance with this model."""
+        """A picklable check, for the loader's workers, of whether CTC can align an utterance with this model:
+        ``frame_steps`` as plain Python (the workers then need not import transformers) where they give
+        ``audio_frames``; ``audio_frames`` itself otherwise."""
+        steps = self.frame_steps(config)
+        if steps is not None:
+            frames = functools.partial(num_ctc_frames, conv=tuple(tuple(map(int, s)) for s in steps))
+            if all(frames(n) == self.audio_frames(config, n) for n in (1, 400, 16000, 16001, 123457, 480000)):
+                return AlignmentCheck(frames)
         return AlignmentCheck(functools.partial(self.audio_frames, config))
 
     # ── the training forward and kernels ──

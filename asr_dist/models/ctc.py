@@ -41,22 +41,3 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor to ``device`` without waiting for it (pinned first, so the copy is asynchronous)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-
-class AlignmentCheck:
-    """Whether CTC can align an utterance with a model: its frames must hold one per label plus a blank
-    between each pair of equal adjacent labels. An utterance that cannot be aligned has an infinite CTC
-    loss, which ``ctc_zero_infinity`` turns into a zero loss and no gradient: it would train on nothing,
-    silently. Picklable (the loader's workers run it): ``frames`` maps 16 kHz samples to the model's CTC
-    frames (the family's ``audio_frames`` over a config)."""
-
-    def __init__(self, frames):
-        self.frames = frames
-
-    @staticmethod
-    def frames_needed(labels) -> int:
-        """Frames CTC needs for ``labels`` (ids, blank and padding left out)."""
-        return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
-
-    def __call__(self, num_samples: int, labels) -> tuple[int, int]:
-        """(the model's frames for ``num_samples``, the frames ``labels`` need): alignable when the first >= the second."""
-        return self.frames(num_samples), self.frames_needed(labels)

@@ -154,6 +154,14 @@ def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(train_sha
         assert not torch.allclose(exported(x).logits, expected)
         exported.load_adapter("dan")
         torch.testing.assert_close(exported(x).logits, expected, rtol=0, atol=1e-6)
+    # a checkpoint made into a model directory (evaluate, transcribe) carries the same adapter file
+    from safetensors.torch import load_file
+
+    from asr_dist.export import checkpoint_to_model_dir
+
+    from_ckpt = checkpoint_to_model_dir(out / "checkpoints" / "step-00000010", tmp_path / "from-ckpt")
+    a, b = (load_file(str(d / "adapter.dan.safetensors")) for d in (out / "model", from_ckpt))
+    assert a.keys() == b.keys() == adapters and all(torch.equal(a[k], b[k]) for k in a)
     # exact resume: DeepSpeed saved the frozen weights with the module and the optimizer state of the adapters
     cut = tmp_path / "cut"
     shutil.copytree(out / "checkpoints" / "step-00000005", cut / "checkpoints" / "step-00000005")

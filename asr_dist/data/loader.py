@@ -7,6 +7,7 @@ Training, per rank (R ranks, W workers per rank, S streams = R x W):
       utterance count), or owns units of about equal audio (large-batch mode); then a reserve
   ──per stream: buffer of bucket_batches x micro utterances (compressed bytes + JSON)──>
   ──sort by length, cut into micro-batches, shuffle them (seed, epoch, worker, buffer; + rank unless synchronised)──>
+  ──skip what the model cannot align (more CTC labels than its frames; ``alignable``, from the JSON), as damaged samples──>
   ──decode FLAC/WAV, normalise, encode labels, pad──> micro-batch (B, T) in the worker
   ──DataLoader (batch_size=None)──> reordered into the canonical order g -> (worker g % W, g // W)
 

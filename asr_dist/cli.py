@@ -190,6 +190,19 @@ def cmd_train(args) -> int:
         print(f"world size {world}: {shards.num_samples} utterances, {shards.audio_seconds / 3600:.2f} h of audio; "
               f"{loader.steps_per_epoch} steps per epoch (global batch {batch} x accumulation {loader.accumulation} "
               f"x {world} ranks); {total} steps in all")
+        from .data.loader import unalignable
+        from .models import family_of
+
+        family = family_of(cfg.model)
+        refused = unalignable(shards, family.alignment_check(family.base_config(cfg.model)))
+        what = cfg.model.pretrained or f"{family.name} {cfg.model.preset}"
+        if refused:
+            key, frames, need = refused[0]
+            print(f"{len(refused)} of {shards.num_samples} training utterances cannot be aligned by {what}: more "
+                  f"CTC labels than its frames (e.g. {key}: {need} frames needed, {frames} made); training skips "
+                  f"them (train/skipped_samples)")
+        else:
+            print(f"every training utterance can be aligned by {what} (no more CTC labels than frames)")
         return EXIT_OK
     from .engine import TrainingError, train
 

@@ -72,6 +72,9 @@ class ModelArgs:
     activation_dropout: float = 0.0  # dropout inside the feed-forward blocks
     feat_proj_dropout: float = 0.0  # dropout after the feature projection
     final_dropout: float = 0.0  # dropout before the CTC head
+    train_adapters_only: bool = False  # MMS adapter-only fine-tuning (wav2vec2 family, pre-norm layout): small attention adapters in every transformer layer are (re)initialised and train with the CTC head; everything else is frozen (about 2.5 M parameters per language for mms-1b). Needs model.adapter_language
+    adapter_language: Optional[str] = None  # with model.train_adapters_only: the language code of the adapter (e.g. dan); the export also writes adapter.<language>.safetensors for load_adapter
+    adapter_attn_dim: Optional[int] = None  # with model.train_adapters_only: the adapters' bottleneck width; default: the checkpoint's adapter_attn_dim, else 16 (MMS's)
 
 
 @dataclass

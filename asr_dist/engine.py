@@ -312,8 +312,10 @@ class Trainer:
         check_shard_builds(cfg)
         self.shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
         # the model family's input, made in the loader's workers: the normalised waveform, or feature frames
-        self.featurize = family_of(cfg.model).featurizer()
+        family = family_of(cfg.model)
+        self.featurize = family.featurizer()
         self.samples_per_input = getattr(self.featurize, "samples_per_frame", 1)  # audio samples per input step
+        alignable = family.alignment_check(family.base_config(cfg.model))  # more labels than frames: skipped
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
@@ -321,7 +323,7 @@ class Trainer:
                                   pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
                                   micro_batch_seconds=cfg.data.micro_batch_seconds,
                                   global_batch_seconds=cfg.data.global_batch_seconds,
-                                  sync_buckets=cfg.data.sync_buckets, featurize=self.featurize)
+                                  sync_buckets=cfg.data.sync_buckets, featurize=self.featurize, alignable=alignable)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")

@@ -1,7 +1,8 @@
 """Export: a Hugging Face model directory that `transformers.pipeline("automatic-speech-recognition")`
 loads unchanged: the model (fp32 safetensors, consolidated under ZeRO-3), its family's processor
 (feature extractor + CTC tokenizer over the shard set's vocab.json), a model card, and
-asr_dist.json with the text normaliser that made the training transcripts.
+asr_dist.json with the text normaliser that made the training transcripts; after adapter-only
+training also adapter.<language>.safetensors (the adapters and CTC head, for ``load_adapter``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def export(trainer, out: Path) -> None:
     model = engine.module
     model.config.dtype = "float32"
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    if trainer.cfg.model.train_adapters_only:  # also the adapter alone, for load_adapter on another copy of the base
+        trainer.family.write_adapter(state, model, trainer.cfg.model.adapter_language, tmp)
     make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME, trainer.family).save_pretrained(str(tmp))
     (tmp / "asr_dist.json").write_text(json.dumps({
         "asr_dist_version": __version__, "text_normalizer": trainer.shards.text_normalizer,
@@ -177,6 +180,8 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
         raise InvalidValue(f"{ckpt}: weights missing from the checkpoint: {missing[:5]}")
     model.config.dtype = "float32"
     model.save_pretrained(str(out), safe_serialization=True)
+    if cfg.model.train_adapters_only:
+        family.write_adapter(model.state_dict(), model, cfg.model.adapter_language, out)
     make_processor(shard_dir / fmt.VOCAB_NAME, family).save_pretrained(str(out))
     (out / "asr_dist.json").write_text(json.dumps({
         "asr_dist_version": __version__, "text_normalizer": shards.text_normalizer,

@@ -359,3 +359,24 @@ def test_compiled_layers_train_like_eager_and_keep_their_names():
     # blocks and one for its small ones (inductor picks its reduction by size); no new graph for new lengths
     assert graphs == [3, 3, 3], (graphs, dict(counters["stats"]))
     assert type(compiled.wav2vec2.feature_extractor.conv_layers[3]).__name__ == "FusedLayerNormConvLayer"
+
+
+def test_train_dry_run_counts_the_utterances_the_model_cannot_align(tmp_path, corpus_cache, capsys):
+    """Shards built for wav2vec2's 50 frames a second, a model with a strided adapter (stride 3, about 16):
+    the dry run says how many training utterances it cannot align; for a plain wav2vec2 layout, none."""
+    import transformers
+
+    from asr_dist.cli import main
+    from asr_dist.data.writer import BuildOptions, build
+
+    build(BuildOptions(inputs=[corpus_cache("commonvoice", num=40)], output=str(tmp_path / "s"), progress=False))
+    strided = tmp_path / "strided"
+    transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=1, adapter_stride=3).save_pretrained(str(strided))
+    base = [str(REPO / "configs" / "test.yaml"), f"data.train_shards=[{tmp_path / 's'}]", "data.global_batch_size=8"]
+    assert main(["train", "--config", *base, f"model.pretrained={strided}", "model.preset=null", "--dry-run"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    n = int(line.split(" of 40 training utterances cannot be aligned by ")[0])
+    assert 0 < n < 40 and str(strided) in line and "frames needed" in line and "train/skipped_samples" in line, line
+    assert main(["train", "--config", *base, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("every training utterance can be aligned by wav2vec2 tiny "
+                                                       "(no more CTC labels than frames)")

@@ -154,3 +154,59 @@ def test_a_hubert_run_resumes_to_identical_losses(train_shards, tmp_path):
     r = launch("torchrun", overrides(train_shards, cut, *args))
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
     assert losses(cut) == losses(whole)
+
+
+@pytest.mark.slow
+def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(train_shards, tmp_path):
+    """Two ranks, ZeRO-1, 10 steps of model.train_adapters_only from a base checkpoint: against the initial
+    state, every adapter and head tensor moved and nothing else did; adapter.dan.safetensors loads with
+    transformers' load_adapter into the export and gives its logits; a run resumed from step 5 has the
+    uninterrupted run's losses."""
+    import json
+
+    import transformers
+
+    from asr_dist.config import load_config
+    from asr_dist.models import build_model
+
+    base = save_base_model("wav2vec2", tmp_path / "base")
+    args = [f"model.pretrained={base}", "train.max_steps=10", *RUN, "train.checkpoint_every=5",
+            "model.train_adapters_only=true", "model.adapter_language=dan"]
+    out = tmp_path / "run"
+    r = launch("torchrun", overrides(train_shards, out, *args))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "trainable: adapters only (dan, width 16)" in r.stderr
+    whole = losses(out)
+    assert len(whole) == 10
+    cfg = load_config(str(REPO / "configs" / "test.yaml"), overrides(train_shards, out, *args))
+    vocab = json.loads((train_shards / "s-train" / "vocab.json").read_text())
+    initial, family = build_model(cfg.model, vocab, seed=cfg.seed)  # what the run started from
+    adapters = set(family.adapter_weights(initial))
+    exported = transformers.Wav2Vec2ForCTC.from_pretrained(str(out / "model")).eval()
+    before, after = initial.state_dict(), exported.state_dict()
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == adapters, (moved ^ adapters)
+    # the adapter file: load_adapter puts the trained adapters and head into a model holding the initial ones
+    x = torch.randn(1, 24000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = exported(x).logits
+        exported.load_state_dict({k: before[k] for k in adapters}, strict=False)
+        assert not torch.allclose(exported(x).logits, expected)
+        exported.load_adapter("dan")
+        torch.testing.assert_close(exported(x).logits, expected, rtol=0, atol=1e-6)
+    # a checkpoint made into a model directory (evaluate, transcribe) carries the same adapter file
+    from safetensors.torch import load_file
+
+    from asr_dist.export import checkpoint_to_model_dir
+
+    from_ckpt = checkpoint_to_model_dir(out / "checkpoints" / "step-00000010", tmp_path / "from-ckpt")
+    a, b = (load_file(str(d / "adapter.dan.safetensors")) for d in (out / "model", from_ckpt))
+    assert a.keys() == b.keys() == adapters and all(torch.equal(a[k], b[k]) for k in a)
+    # exact resume: DeepSpeed saved the frozen weights with the module and the optimizer state of the adapters
+    cut = tmp_path / "cut"
+    shutil.copytree(out / "checkpoints" / "step-00000005", cut / "checkpoints" / "step-00000005")
+    r = launch("torchrun", overrides(train_shards, cut, *args))
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    resumed = losses(cut)
+    assert sorted(resumed) == list(range(6, 11)) and all(resumed[s] == whole[s] for s in resumed), (resumed, whole)

@@ -199,3 +199,184 @@ def test_gradient_checkpointing_trains_alike_in_every_family(name):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6) and grads[0][1].keys() == grads[1][1].keys()
     for n in grads[0][1]:
         torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ── MMS adapter-only training ──
+
+def _mms_checkpoint(out, adapter_attn_dim=8):
+    """A random tiny wav2vec2 CTC model with attention adapters in every layer, saved as mms-1b-all is
+    published (adapters and a head for another vocabulary, here of 20 ids)."""
+    torch.manual_seed(7)
+    config = transformers.Wav2Vec2Config(**FAMILIES["wav2vec2"].presets["tiny"], adapter_attn_dim=adapter_attn_dim,
+                                         vocab_size=20)
+    transformers.Wav2Vec2ForCTC(config).save_pretrained(str(out))
+    return out
+
+
+ADAPTERS = ["model.train_adapters_only=true", "model.adapter_language=dan"]
+
+
+def test_adapter_only_training_trains_the_adapters_and_head_alone(tmp_path, caplog):
+    """From an MMS-like checkpoint (its adapters drawn anew, its width kept), from a base checkpoint without
+    adapters (new ones, MMS's width 16) and from a preset: only the adapters and the CTC head train, and
+    every other weight is the checkpoint's."""
+    mms = _mms_checkpoint(tmp_path / "mms")
+    base = save_base_model("wav2vec2", tmp_path / "base")
+    saved = transformers.Wav2Vec2ForCTC.from_pretrained(str(mms)).state_dict()
+    for source, width in ((f"model.pretrained={mms}", 8), (f"model.pretrained={base}", 16), ("model.preset=tiny", 16)):
+        cfg = load_config(None, BASE + [source, *ADAPTERS])
+        with caplog.at_level("INFO", logger="asr_dist.models"):
+            model, family = build_model(cfg.model, VOCAB)
+        assert model.config.adapter_attn_dim == width
+        adapters = family.adapter_weights(model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == set(adapters) and {p for p in family.trainable_parameters(model)} == set(adapters.values())
+        assert {n.split(".")[0] for n in trainable} == {"wav2vec2", "lm_head"}
+        assert len([n for n in trainable if ".adapter_layer." in n]) == 4 * 6  # 4 layers x (norm, 2 linear) x (w, b)
+        head = 2 * (192 * width) + width + 192 * 3  # per layer: two projections, their biases, the norm and its bias
+        assert sum(p.numel() for p in adapters.values()) == 4 * head + 192 * len(VOCAB) + len(VOCAB)
+        assert "trainable: adapters only (dan" in caplog.text
+        caplog.clear()
+        if source.endswith(str(mms)):
+            state = model.state_dict()
+            for k, v in saved.items():
+                if k in adapters:  # drawn anew, as MMS's recipe does for a new language
+                    assert k.startswith("lm_head") or k.endswith("bias") or k.endswith("norm.weight") or \
+                        not torch.equal(v, state[k]), k
+                else:
+                    torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    # model.adapter_attn_dim overrides the checkpoint's width
+    cfg = load_config(None, BASE + [f"model.pretrained={mms}", *ADAPTERS, "model.adapter_attn_dim=4"])
+    assert build_model(cfg.model, VOCAB)[0].config.adapter_attn_dim == 4
+
+
+def test_adapter_only_settings_that_cannot_work_are_refused_when_read(tmp_path):
+    hubert = save_base_model("hubert", tmp_path / "hubert")
+    cases = [
+        ([f"model.pretrained={hubert}", *ADAPTERS], "hubert: transformers' HubertForCTC has no attention adapters"),
+        (["model.preset=tiny", "model.family=wav2vec2-conformer", *ADAPTERS], "Wav2Vec2ConformerForCTC has no"),
+        (["model.preset=base", *ADAPTERS], "model.preset=base has wav2vec2's post-norm layout"),
+        (["model.preset=tiny", "model.train_adapters_only=true"], "needs model.adapter_language"),
+        (["model.preset=tiny", "model.adapter_language=dan"], "model.train_adapters_only is false"),
+        (["model.preset=tiny", "model.adapter_attn_dim=8"], "model.train_adapters_only is false"),
+        (["model.preset=tiny", "model.train_adapters_only=true", "model.adapter_language=../x"], "part of a file name"),
+        (["model.preset=tiny", *ADAPTERS, "model.adapter_attn_dim=0"], "give at least 1"),
+        (["model.preset=tiny", *ADAPTERS, "model.freeze_feature_encoder=false"], "freezes the whole encoder"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ModelError, match=message):
+            load_config(None, BASE + overrides)
+
+
+def test_sync_free_forward_with_adapters_trains_like_transformers():
+    """The adapter inside each encoder layer: the same loss, logits and adapter gradients either way."""
+    torch.manual_seed(0)
+    hf, family = build_model(ModelArgs(preset="tiny", train_adapters_only=True, adapter_language="dan", **ARGS), VOCAB)
+    with torch.no_grad():  # adapters that change the hidden states (their fresh init is near zero)
+        for name, p in family.adapter_weights(hf).items():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+    hf.train()
+    ours = copy.deepcopy(hf)
+    assert family.use_sync_free_forward(ours)
+    lengths = torch.tensor([16000, 11000])
+    mask = torch.arange(16000)[None] < lengths[:, None]
+    x = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * mask
+    labels = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 3, -100, -100]])
+
+    def run(model, **inputs):
+        torch.manual_seed(5)
+        np.random.seed(5)
+        out = model(x, labels=labels, **inputs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (a, grads_a), (b, grads_b) = run(hf, attention_mask=mask), run(ours, lengths=lengths)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+    assert set(grads_a) == set(grads_b) and "lm_head.weight" in grads_a  # (LayerDrop skips some layers' adapters)
+    assert set(grads_a) <= set(family.adapter_weights(hf)) and any(".adapter_layer." in n for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_the_adapter_file_holds_what_load_adapter_reads(tmp_path):
+    """adapter.<lang>.safetensors: exactly the adapter and head tensors; loaded by transformers' load_adapter
+    into a model with other adapters, it gives the model's logits."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model, family = build_model(ModelArgs(preset="tiny", train_adapters_only=True, adapter_language="dan"), VOCAB)
+    with torch.no_grad():
+        for p in family.adapter_weights(model).values():
+            p.add_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(str(tmp_path))
+    path = family.write_adapter(model.state_dict(), model, "dan", tmp_path)
+    assert path.name == "adapter.dan.safetensors"
+    assert set(load_file(str(path))) == set(model._get_adapters())
+    x = torch.randn(1, 16000)
+    expected = model.eval()(x).logits
+    other = transformers.Wav2Vec2ForCTC.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        for p in other._get_adapters().values():
+            p.normal_()
+    assert not torch.allclose(other(x).logits, expected)
+    other.load_adapter("dan")
+    torch.testing.assert_close(other(x).logits, expected, rtol=0, atol=1e-6)
+
+
+# ── CTC frames: can the model align an utterance? ──
+
+def test_the_alignment_check_agrees_with_the_ctc_loss():
+    """Alignable exactly when transformers' CTC loss (without ctc_zero_infinity) is finite, for labels with
+    and without repeats, at the bound and one past it; the check survives pickling (the loader's workers)."""
+    import pickle
+
+    torch.manual_seed(0)
+    model, family = build_model(ModelArgs(preset="tiny"), VOCAB)
+    model.config.ctc_zero_infinity = False
+    check = pickle.loads(pickle.dumps(family.alignment_check(model.config)))
+    n = 16000
+    frames = check(n, [])[0]
+    with torch.no_grad():
+        logits_frames = model.eval()(torch.randn(1, n)).logits.shape[1]
+    assert frames == logits_frames == family.audio_frames(model.config, n) == 49
+    distinct = [3 + i % 2 for i in range(frames)]  # alternating: no repeats, one frame a label
+    same = [5] * ((frames + 1) // 2)  # all equal: a blank between each pair
+    cases = [distinct, distinct + [4], same, same + [5], [3, 3, 4] * 12, [3, 3, 4] * 12 + [4]]
+    for labels in cases:
+        got, need = check(n, labels)
+        with torch.no_grad():
+            loss = model(torch.randn(1, n), labels=torch.tensor([labels])).loss
+        assert bool(torch.isfinite(loss)) == (got >= need), (len(labels), need, got, loss)
+    assert [check(n, c)[1] for c in cases] == [49, 50, 49, 51, 48, 50]
+    assert check(100, [3])[0] == 0  # shorter than one frame
+    # plain Python for the loader's workers (no transformers to import there); a family whose frames are
+    # not convolution steps is asked itself
+    from asr_dist.audio import num_ctc_frames
+
+    assert check.frames.func is num_ctc_frames
+
+    class Halved(type(family)):
+        name = "halved"
+
+        def audio_frames(self, config, num_samples):
+            return super().audio_frames(config, num_samples) // 2
+
+    halved = Halved().alignment_check(model.config)
+    assert halved(n, distinct[:24]) == (24, 24) and pickle.loads(pickle.dumps(family.alignment_check(model.config)))(
+        n, distinct) == (49, 49)
+
+
+def test_the_frames_follow_the_model_layout():
+    """A strided adapter (three layers of stride 2) gives an eighth of the frames, as the model computes them."""
+    config = transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=3, adapter_stride=2, vocab_size=12,
+                                         **FAMILIES["wav2vec2"].presets["tiny"])
+    model = transformers.Wav2Vec2ForCTC(config)
+    family = FAMILIES["wav2vec2"]
+    for n in (16000, 40000):
+        assert family.audio_frames(config, n) == int(model._get_feat_extract_output_lengths(n))
+    assert family.audio_frames(config, 16000) == 7
+    from asr_dist.audio import WAV2VEC2_CONV  # the layout tests/data/test_loader.py skips utterances with
+
+    stride3 = transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=1, adapter_stride=3)
+    assert family.alignment_check(stride3).frames.keywords["conv"] == WAV2VEC2_CONV + ((1, 3),)

@@ -7,6 +7,7 @@ Training, per rank (R ranks, W workers per rank, S streams = R x W):
       utterance count), or owns units of about equal audio (large-batch mode); then a reserve
   ──per stream: buffer of bucket_batches x micro utterances (compressed bytes + JSON)──>
   ──sort by length, cut into micro-batches, shuffle them (seed, epoch, worker, buffer; + rank unless synchronised)──>
+  ──skip what the model cannot align (more CTC labels than its frames; ``alignable``, from the JSON), as damaged samples──>
   ──decode FLAC/WAV, featurise (the model family's: normalise, or fbank frames), encode labels, pad──>
       micro-batch (B, T) or (B, F, D) in the worker
   ──DataLoader (batch_size=None)──> reordered into the canonical order g -> (worker g % W, g // W)
@@ -448,8 +449,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, layouts: list[StreamLayout], states: list[StreamState], vocab: dict[str, int],
                  audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1, decode: bool = True,
-                 featurize=normalize):
+                 featurize=normalize, alignable=None):
         self.layouts, self.states = layouts, states
+        self.alignable = alignable  # (num_samples, label ids) -> (model frames, frames needed); None: no check
         self.vocab, self.audio_format = vocab, audio_format
         self.on_corrupt, self.pad_to_multiple_of = on_corrupt, pad_to_multiple_of
         self.decode = decode  # False: micro-batches of keys and lengths only, from the JSON (planning, benchmarks)
@@ -474,6 +476,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                                                else layout.micro_batch_size)
         pos, taken = state.cursor  # unit position, samples taken from that unit
         reader = None
+        counters["refused_in_row"] = 0  # utterances the model cannot align since the last delivered batch
         while state.delivered < layout.num_batches:
             start = (pos, taken)
             buffer_size = full_buffer
@@ -520,6 +523,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                     break
                 samples, shards, seconds = [], [], []
                 for key, data, meta, shard in batches[b]:
+                    if self.alignable is not None and not self._fits(layout, pos, units, key, meta, encode, counters):
+                        continue
                     if not self.decode:
                         samples.append((key, meta["num_samples"]))
                         shards.append(shard)
@@ -541,6 +546,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     batch = {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
                 state.delivered += 1
                 state.delivered_from_buffer += 1
+                counters["refused_in_row"] = 0
                 batch["shards"] = shards  # each utterance's shard (index into the layout's shards)
                 batch["stream"] = (w, state.delivered - 1)
                 batch["state"] = dataclasses.asdict(dataclasses.replace(
@@ -550,6 +556,28 @@ class TrainStream(torch.utils.data.IterableDataset):
                 yield batch
             state.buffer_index += 1
             state.taken_from_buffer = state.delivered_from_buffer = 0
+
+    def _fits(self, layout, pos, units, key, meta, encode, counters) -> bool:
+        """Whether the model can align the sample; one it cannot is skipped like a damaged one (counted, logged),
+        whatever data.on_corrupt says: its CTC loss would be infinite, zeroed by ctc_zero_infinity, and train nothing."""
+        try:
+            labels = encode(meta["text"])
+            frames, need = self.alignable(meta["num_samples"], labels)
+        except (KeyError, TypeError):
+            return True  # no num_samples or text: the decode path reports the sample
+        if frames >= need:
+            return True
+        shard = layout.shards[units[pos % len(units)][0]].path
+        counters["refused_in_row"] += 1
+        if counters["refused_in_row"] > sum(s.num_samples for s in layout.shards):  # a whole pass, nothing delivered
+            raise LoaderError(f"the model cannot align any utterance of the shards (e.g. {shard} sample {key}: "
+                              f"{need} CTC frames needed, {frames} made): more labels than frames; the shard set does "
+                              f"not fit this model's frame rate (`asr-dist train --dry-run` counts them)")
+        counters["skipped_samples"] = counters.get("skipped_samples", 0) + 1
+        log.warning("skipping %s sample %s: %d CTC labels need %d frames, the model makes %d of its %.2f s; "
+                    "the model cannot align it (shards built for another model's frame rate?)", shard, key,
+                    len(labels), need, frames, meta["num_samples"] / SAMPLE_RATE)
+        return False
 
     def _bad(self, layout, pos, units, key, why, counters):
         shard = layout.shards[units[pos % len(units)][0]].path
@@ -599,9 +627,12 @@ class TrainLoader:
                  global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int | None = None,
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
-                 global_batch_seconds: float | None = None, sync_buckets: bool = True, featurize=normalize):
+                 global_batch_seconds: float | None = None, sync_buckets: bool = True, featurize=normalize,
+                 alignable=None):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         self.featurize = featurize  # audio (T,) -> the model's input, in the workers: the model family's featurizer()
+        # alignable: the model's picklable check (asr_dist.audio.AlignmentCheck); utterances it refuses are skipped
+        self.alignable = alignable
         if on_corrupt not in ("stop", "skip"):
             raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")
         self.rank, self.world_size = rank, world_size
@@ -693,7 +724,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         layouts, states = self._layouts()
         ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
-                         self.pad_to_multiple_of, featurize=self.featurize)
+                         self.pad_to_multiple_of, featurize=self.featurize, alignable=self.alignable)
         w_count = len(layouts)
         if self.num_workers > 0:
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -744,7 +775,7 @@ class TrainLoader:
         will train on, for planning and for bench/rank_balance.py."""
         layouts, states = self._layouts()
         ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
-                         self.pad_to_multiple_of, decode=False)
+                         self.pad_to_multiple_of, decode=False, alignable=self.alignable)
         streams = [ds.iter_stream(w) for w in range(len(layouts))]
         for g in range(self._offset_consumed(), self._quota_steps * self.accumulation):
             batch = next(streams[g % len(streams)])  # the canonical order, as __iter__ delivers
@@ -814,6 +845,23 @@ class TrainLoader:
         self._consumed = steps_done * self.accumulation
         self._tag = f"-resumed{steps_done}"
         self._states = {}
+
+
+def unalignable(shards: ShardSet, alignable) -> list[tuple[str, int, int]]:
+    """(key, model frames, frames needed) of every utterance of ``shards`` that ``alignable`` refuses, read
+    from the shards' JSON (tar headers and JSON only; no audio is read)."""
+    encode = LabelEncoder(shards.vocab)
+    out = []
+    for shard in shards.shards:
+        for loc in fmt.list_shard(shard.path):
+            try:
+                meta = json.loads(loc.meta)
+                frames, need = alignable(meta["num_samples"], encode(meta["text"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a damaged sample: the loader reports it (data.on_corrupt)
+            if frames < need:
+                out.append((loc.key, frames, need))
+    return out
 
 
 # ───────────────────────────── the evaluation stream ─────────────────────────────

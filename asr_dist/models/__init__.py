@@ -4,8 +4,10 @@
   ModelFamily.build(args, vocab) ──> transformers' *ForCTC (a base checkpoint gets a CTC head sized to vocab.json)
       .featurize      1-D float32 16 kHz audio ──> the model's input (run in the loader's workers)
       .output_frames  input samples (or feature frames) ──> CTC frames (the convolution layout, adapter strides)
-      .audio_frames   samples of 16 kHz audio ──> CTC frames (through the featuriser's framing where it has one)
+      .audio_frames   samples of 16 kHz audio ──> CTC frames (through the featuriser's framing where it has one);
+                      .alignment_check: can CTC align N samples with labels L
       .front_end      the feature encoder (frozen when asked; None where a family has none)
+      .freeze_all_but_adapters  MMS adapter-only training (families whose *ForCTC has attention adapters)
       .use_sync_free_forward / zero3_external_parameters / compile / flops pieces / processor (export)
 
 The engine, evaluation, decoding, export, loader and bench ask the family; they name no encoder class.
@@ -15,8 +17,10 @@ Models know nothing of ranks or DeepSpeed (the engine wraps them).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +30,7 @@ import torch
 from ..config import ConfigError, ModelArgs
 from ..data.loader import normalize
 from ..text import PAD_TOKEN
+from ..audio import AlignmentCheck, num_ctc_frames
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class ModelFamily:
             hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
             activation_dropout=args.activation_dropout, feat_proj_dropout=args.feat_proj_dropout,
             final_dropout=args.final_dropout,
+            **({"adapter_attn_dim": self.adapter_size(args)} if args.train_adapters_only else {}),
         )
 
     def attention(self, args: ModelArgs) -> str:
@@ -68,6 +74,12 @@ class ModelFamily:
 
     def preset_config(self, preset: str, **overrides):
         return self.config_class(**self.presets[preset], **overrides)
+
+    def base_config(self, args: ModelArgs):
+        """The transformers config of model.pretrained (its config.json) or of the preset, before a run's overrides."""
+        if args.pretrained:
+            return self.config_class.from_pretrained(args.pretrained, local_files_only=True)
+        return self.preset_config(args.preset)
 
     def build(self, args: ModelArgs, vocab: dict[str, int]):
         """The *ForCTC model of ``args`` (a local checkpoint, or a preset with random weights)."""
@@ -89,8 +101,10 @@ class ModelFamily:
 
     def new_weight(self, key: str, args: ModelArgs) -> bool:
         """Whether ``key`` may be missing from model.pretrained and start random: the CTC head and
-        SpecAugment's embedding (a base checkpoint has neither)."""
-        return key.startswith("lm_head.") or "masked_spec_embed" in key
+        SpecAugment's embedding (a base checkpoint has neither), and the attention adapters that adapter-only
+        training draws anew."""
+        return (key.startswith("lm_head.") or "masked_spec_embed" in key
+                or (bool(args.train_adapters_only) and ".adapter_layer." in key))  # new adapters: initialised in build
 
     def check(self, args: ModelArgs, zero_stage: int) -> None:
         """Refuse, when the config is read, what this family cannot do (the reason in the message)."""
@@ -109,6 +123,46 @@ class ModelFamily:
         if args.fft_positional_conv and not self.fft_positional_conv:
             raise ModelError(f"model.fft_positional_conv=true for {self.name}: it has no single grouped positional "
                              f"convolution to compute with FFTs (wav2vec2, hubert and wavlm have); set it to false")
+        self.check_adapters(args)
+
+    def check_adapters(self, args: ModelArgs) -> None:
+        """model.train_adapters_only and its companions: refused where transformers has no attention adapters."""
+        if not args.train_adapters_only:
+            for key in ("adapter_language", "adapter_attn_dim"):
+                if getattr(args, key) is not None:
+                    raise ModelError(f"model.{key} is set but model.train_adapters_only is false: it only applies to "
+                                     f"adapter-only training; set model.train_adapters_only=true or leave it out")
+            return
+        if not self.attn_adapters:
+            raise ModelError(f"model.train_adapters_only=true for {self.name}: transformers' {self.ctc_class.__name__} "
+                             f"has no attention adapters (MMS's are in wav2vec2 only); use a wav2vec2 checkpoint "
+                             f"(XLS-R, MMS) or set it to false")
+        if not args.adapter_language:
+            raise ModelError("model.train_adapters_only=true needs model.adapter_language: the language code the "
+                             "adapter is for (e.g. dan), which names the exported adapter.<language>.safetensors")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", args.adapter_language):
+            raise ModelError(f"model.adapter_language={args.adapter_language!r}: give a code of letters, digits, _ and - "
+                             f"(e.g. dan, or MMS's cmn-script_simplified): it becomes part of a file name")
+        if args.adapter_attn_dim is not None and args.adapter_attn_dim < 1:
+            raise ModelError(f"model.adapter_attn_dim={args.adapter_attn_dim}: give at least 1 (MMS's is 16)")
+        if args.freeze_feature_encoder is False:
+            raise ModelError("model.freeze_feature_encoder=false with model.train_adapters_only=true: adapter-only "
+                             "training freezes the whole encoder, the feature encoder too; leave it out")
+        config = self.base_config(args)
+        if not getattr(config, "do_stable_layer_norm", False):
+            where = f"model.pretrained={args.pretrained}" if args.pretrained else f"model.preset={args.preset}"
+            raise ModelError(f"model.train_adapters_only=true: {where} has wav2vec2's post-norm layout "
+                             f"(do_stable_layer_norm=false, as wav2vec2-base), whose layers transformers builds "
+                             f"without attention adapters; use a pre-norm checkpoint (XLS-R, MMS, wav2vec2-large-lv60)")
+
+    @property
+    def attn_adapters(self) -> bool:
+        """Whether transformers' *ForCTC of this family has MMS's attention adapters (``init_adapter_layers``)."""
+        return hasattr(self.ctc_class, "init_adapter_layers")
+
+    def adapter_size(self, args: ModelArgs) -> int:
+        """The adapters' bottleneck: model.adapter_attn_dim, else the checkpoint's, else MMS's 16."""
+        return args.adapter_attn_dim or getattr(self.base_config(args), "adapter_attn_dim", None) or 16
 
     # ── what the parts are ──
 
@@ -129,6 +183,40 @@ class ModelFamily:
 
     def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def adapter_weights(self, model) -> dict[str, torch.nn.Parameter]:
+        """The attention adapters of every layer and the CTC head, by state_dict name: what adapter-only
+        training trains and what ``load_adapter`` reads from adapter.<language>.safetensors."""
+        return model._get_adapters()
+
+    def freeze_all_but_adapters(self, model) -> None:
+        """MMS's adapter-only recipe: the adapters and the CTC head (re)initialised, everything else frozen.
+        A checkpoint's own adapters (mms-1b-all's are English) are drawn anew, as Hugging Face's MMS recipe
+        means ``init_adapter_layers`` to. That method leaves them as they are in transformers 5 (measured):
+        it hands each adapter layer to ``_init_weights``, which initialises only the leaf module it is given,
+        and loaded weights are marked initialised, which its initialisers respect. So each leaf module of
+        the adapters and the head is initialised here, with the mark taken off first."""
+        owners = {name.rpartition(".")[0] for name in self.adapter_weights(model)}
+        for name in sorted(owners):
+            module = model.get_submodule(name)
+            for p in module.parameters(recurse=False):
+                p._is_hf_initialized = False
+            module._is_hf_initialized = False
+            model._init_weights(module)
+        model.freeze_base_model()
+        for p in self.adapter_weights(model).values():
+            p.requires_grad = True
+
+    def write_adapter(self, state: dict[str, torch.Tensor], model, language: str, directory: Path) -> Path:
+        """adapter.<language>.safetensors in ``directory``: exactly the adapter tensors of ``state`` (a full
+        state_dict), as transformers' ``load_adapter(language)`` reads them."""
+        from safetensors.torch import save_file
+        from transformers.models.wav2vec2.modeling_wav2vec2 import WAV2VEC2_ADAPTER_SAFE_FILE
+
+        path = Path(directory) / WAV2VEC2_ADAPTER_SAFE_FILE.format(language)
+        save_file({k: state[k].detach().to("cpu", torch.float32).contiguous() for k in self.adapter_weights(model)},
+                  str(path), metadata={"format": "pt"})
+        return path
 
     def num_layers(self, config) -> int:
         return config.num_hidden_layers
@@ -156,9 +244,31 @@ class ModelFamily:
                 n = (n - 1) // config.adapter_stride + 1  # kernel = stride, padding stride // 2
         return n
 
-    def audio_frames(self, config, num_samples):
-        """CTC frames of ``num_samples`` samples of 16 kHz audio (an int or a tensor of them)."""
-        return self.output_frames(config, num_samples)
+    def audio_frames(self, config, num_samples: int) -> int:
+        """CTC frames of ``num_samples`` samples of 16 kHz audio (0 for audio too short for one frame)."""
+        return max(0, int(self.output_frames(config, num_samples)))
+
+    def frame_steps(self, config) -> tuple[tuple[int, int], ...] | None:
+        """``audio_frames`` as (kernel, stride) steps, each ``n -> (n - kernel) // stride + 1``: each convolution
+        of the feature encoder, then each strided adapter layer (kernel = stride, padding stride // 2, so
+        (1, stride)); None where a family's frames are not such steps."""
+        if not hasattr(config, "conv_kernel"):
+            return None
+        steps = tuple(zip(config.conv_kernel, config.conv_stride))
+        if getattr(config, "add_adapter", False):
+            steps += ((1, config.adapter_stride),) * config.num_adapter_layers
+        return steps
+
+    def alignment_check(self, config) -> AlignmentCheck:
+        """A picklable check, for the loader's workers, of whether CTC can align an utterance with this model:
+        ``frame_steps`` as plain Python (the workers then need not import transformers) where they give
+        ``audio_frames``; ``audio_frames`` itself otherwise."""
+        steps = self.frame_steps(config)
+        if steps is not None:
+            frames = functools.partial(num_ctc_frames, conv=tuple(tuple(map(int, s)) for s in steps))
+            if all(frames(n) == self.audio_frames(config, n) for n in (1, 400, 16000, 16001, 123457, 480000)):
+                return AlignmentCheck(frames)
+        return AlignmentCheck(functools.partial(self.audio_frames, config))
 
     # ── the training forward and kernels ──
 
@@ -311,14 +421,18 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0):
     freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
     if freeze and family.has_front_end:  # a pretrained front end is kept; a random one (a preset) has to learn
         family.freeze_front_end(model)
+    if args.train_adapters_only:
+        family.freeze_all_but_adapters(model)
     if args.gradient_checkpointing:
         # transformers 5.24 renamed it (the old name warns); 5.17, on the GPU machines, has only the old one
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if args.fft_positional_conv:
         family.use_fft_positional_conv(model)
     trainable = sum(p.numel() for p in family.trainable_parameters(model))
-    log.info("%s %s: %.1f M parameters, %.1f M trainable", type(model).__name__, args.pretrained or args.preset,
-             sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
+    log.info("%s %s: %.1f M of %.1f M parameters trainable%s", type(model).__name__, args.pretrained or args.preset,
+             trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
+             f": adapters only ({args.adapter_language}, width {model.config.adapter_attn_dim}) and the CTC head"
+             if args.train_adapters_only else "")
     return model, family
 
 

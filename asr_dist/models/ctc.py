@@ -40,3 +40,4 @@ def ctc_loss(logits: torch.Tensor, labels: torch.Tensor, frame_lengths: torch.Te
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor to ``device`` without waiting for it (pinned first, so the copy is asynchronous)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+

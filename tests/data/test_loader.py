@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -701,3 +702,64 @@ def test_a_mix_that_cannot_work_says_why(mix_sets):
     with pytest.raises(LoaderError, match="needs a fixed utterance count"):
         TrainLoader(ShardSet.open({"a": {"path": mix_sets["small"], "weight": 1}}), rank=0, world_size=1,
                     micro_batch_size=2, global_batch_size=2, micro_batch_seconds=4, global_batch_seconds=4)
+
+
+def _coarse_check():
+    """The alignment check of a wav2vec2 layout with one strided adapter layer of stride 3 (about 16 frames a
+    second; test_models checks that the family gives this one): about two thirds of the synthesised utterances
+    have more CTC labels than its frames."""
+    from asr_dist.audio import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
+
+    return AlignmentCheck(functools.partial(num_ctc_frames, conv=WAV2VEC2_CONV + ((1, 3),)))
+
+
+def _alignable_ranks(rank, world, port, shards, out):
+    _init(rank, world, port)
+    loader = TrainLoader(shards, rank=rank, world_size=world, micro_batch_size=2, global_batch_size=8, num_workers=0,
+                         bucket_batches=4, alignable=_coarse_check())
+    batches = [b["keys"] for b in loader]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"batches": batches, "skipped": loader.skipped_samples,
+                                      "expected": loader.micro_batches_per_epoch})
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_utterances_the_model_cannot_align_are_skipped_with_equal_counts_on_two_ranks(train_set, tmp_path, caplog):
+    """An utterance with more CTC labels than the model's frames (its loss would be infinite, zeroed by
+    ctc_zero_infinity) is skipped like a damaged sample: counted, logged by key, never delivered, and
+    every rank still runs the same number of micro-batches."""
+    from asr_dist.data.loader import unalignable
+
+    refused = unalignable(ShardSet.open(train_set), _coarse_check())
+    assert 30 < len(refused) < 96 and all(frames < need for _, frames, need in refused)
+    refused_keys = {k for k, _, _ in refused}
+    out = tmp_path / "r.json"
+    _spawn(_alignable_ranks, 2, train_set, str(out))
+    ranks = json.loads(out.read_text())
+    assert [len(r["batches"]) for r in ranks] == [r["expected"] for r in ranks] == [ranks[0]["expected"]] * 2
+    delivered = [k for r in ranks for b in r["batches"] for k in b]
+    assert delivered and not refused_keys & set(delivered)
+    assert all(r["skipped"] > 0 for r in ranks)
+    # the warning names the sample and its frames vs labels; the plan is what the loader delivers
+    kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0, alignable=_coarse_check())
+    with caplog.at_level(logging.WARNING, logger="asr_dist.data.loader"):
+        batches = [b["keys"] for b in TrainLoader(train_set, **kw)]
+    line = next(r.getMessage() for r in caplog.records if "cannot align" in r.getMessage())
+    key = line.split(" sample ")[1].split(":")[0]
+    assert key in refused_keys and f"need {dict((k, n) for k, _, n in refused)[key]} frames" in line
+    assert [b["keys"] for b in TrainLoader(train_set, **kw).plan()] == batches
+    # no check (None): today's behaviour, every utterance trains
+    plain = [k for b in TrainLoader(train_set, **{**kw, "alignable": None}) for k in b["keys"]]
+    assert refused_keys & set(plain)
+
+
+def test_a_shard_set_the_model_cannot_align_at_all_stops_with_the_reason(train_set):
+    from asr_dist.audio import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
+
+    six_hertz = AlignmentCheck(functools.partial(num_ctc_frames, conv=WAV2VEC2_CONV + ((1, 2),) * 3))
+    loader = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0,
+                         alignable=six_hertz)
+    with pytest.raises(LoaderError, match="cannot align any utterance.*frames needed.*--dry-run"):
+        next(iter(loader))

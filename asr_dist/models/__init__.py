@@ -244,9 +244,11 @@ class ModelFamily:
                 n = (n - 1) // config.adapter_stride + 1  # kernel = stride, padding stride // 2
         return n
 
-    def audio_frames(self, config, num_samples: int) -> int:
-        """CTC frames of ``num_samples`` samples of 16 kHz audio (0 for audio too short for one frame)."""
-        return max(0, int(self.output_frames(config, num_samples)))
+    def audio_frames(self, config, num_samples):
+        """CTC frames of ``num_samples`` samples of 16 kHz audio (an int or a tensor of them; 0 for audio too
+        short for one frame)."""
+        frames = self.output_frames(config, num_samples)
+        return frames.clamp(min=0) if isinstance(frames, torch.Tensor) else max(0, int(frames))
 
     def frame_steps(self, config) -> tuple[tuple[int, int], ...] | None:
         """``audio_frames`` as (kernel, stride) steps, each ``n -> (n - kernel) // stride + 1``: each convolution

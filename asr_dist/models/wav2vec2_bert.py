@@ -136,8 +136,9 @@ class Wav2Vec2BertFamily(ModelFamily):
             n = _adapter_frames(config, n)
         return n
 
-    def audio_frames(self, config, num_samples: int) -> int:
-        return max(0, int(self.output_frames(config, fbank_frames(num_samples))))
+    def audio_frames(self, config, num_samples):
+        frames = self.output_frames(config, fbank_frames(num_samples))
+        return frames.clamp(min=0) if isinstance(frames, torch.Tensor) else max(0, int(frames))
 
     def zero3_external_parameters(self, model) -> list[torch.nn.Parameter]:
         # transformers' forward, the only one here, uses masked_spec_embed inside its owner's forward,

@@ -8,11 +8,21 @@ A directory without COMPLETE (a save cut off by a kill or a full disk) is never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import random
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .config import to_dict
+from .errors import TrainingError
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -134,3 +144,133 @@ def use_safe_loading(engine) -> None:
         ce.load = lambda path, map_location=None: load_safely(path, map_location)
     elif ce is not None:
         log.warning("DeepSpeed checkpoint engine %s: checkpoints are loaded its own way", type(ce).__name__)
+
+
+# ───────────────────────────── state that travels with a checkpoint ─────────────────────────────
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np_state[1].tolist(), "numpy_pos": int(np_state[2]),
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((3, tuple(s["python"]), s["python_pos"]))
+    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
+
+
+def loader_state_for(saved: list[dict], rank: int, same_world: bool) -> dict:
+    """The loader state this rank resumes from. On another number of ranks every rank starts from
+    rank 0's position (the loader re-deals the rest of the epoch), and the damaged samples that all
+    saved ranks skipped are counted once, on rank 0: train/skipped_samples sums them over ranks."""
+    if same_world:
+        return saved[rank]
+    skipped = sum(s.get("skipped_samples", 0) for s in saved)
+    return {**saved[0], "skipped_samples": skipped if rank == 0 else 0}
+
+
+def gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Checkpointer:
+    """A run's saves and its resume: DeepSpeed's checkpoint of every rank, plus the client state exact
+    resume needs (step, epoch, world size, every rank's loader position and random generators, the config)."""
+
+    def __init__(self, engine, loader, denv, cfg):
+        self.engine, self.loader, self.cfg = engine, loader, cfg
+        self.rank, self.world, self.is_main = denv.rank, denv.world_size, denv.is_main
+        self.dir = Path(cfg.output_dir) / "checkpoints"
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def is_latest(self, step: int) -> bool:
+        """Whether the latest complete checkpoint is of ``step`` (a save there would repeat it)."""
+        last = latest(self.dir)
+        return last is not None and last.name == tag_for(step)
+
+    def resume(self) -> dict | None:
+        """Load train.resume (auto: the latest complete checkpoint) into the engine, the loader and the
+        random generators; the client state it saved (history, best, …), or None when there is none."""
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return None
+        path = Path(mode) if mode != "auto" else latest(self.dir)
+        if path is None:
+            return None
+        if not (path / MARKER).exists():
+            raise TrainingError(f"{path} is not a complete checkpoint (no {MARKER}); give another train.resume")
+        with refused_as(path, TrainingError):
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if client is None:
+            raise TrainingError(f"DeepSpeed could not load {path}")
+        same_world = client["world_size"] == self.world
+        self.loader.load_state_dict(loader_state_for(client["loader"], self.rank, same_world))
+        if same_world:
+            set_rng_state(client["rng"][self.rank])
+        log.info("resumed from %s at step %d (epoch %d)", path, self.engine.global_steps, self.loader.epoch)
+        return client
+
+    def save(self, step: int, extra: dict) -> Path:
+        """Save step ``step`` on every rank, with the client state exact resume needs and ``extra``; mark it
+        complete once all ranks are done, and prune the oldest beyond train.keep_checkpoints."""
+        tag = tag_for(step)
+        client = {
+            "step": step, "epoch": self.loader.epoch, "world_size": self.world,
+            "loader": gather(self.loader.state_dict(), self.world),
+            "rng": gather(rng_state(), self.world),
+            "config": to_dict(self.cfg), "asr_dist_version": __version__, **extra,
+        }
+        path = self.dir / tag
+        if self.is_main and path.exists():
+            # a save of this step cut off before (a resumed run reaches it again): its files would mix
+            # with the new ones (another world size leaves extra partitions that the loader then reads)
+            log.warning("removing %s, left by an earlier save of step %d, before saving it again", path, step)
+            shutil.rmtree(path)
+        self.barrier()
+        try:
+            self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            self._save_failed(path, e)
+        self.barrier()
+        if self.is_main:
+            try:
+                mark_complete(path, {"step": step, "world_size": self.world})
+            except OSError as e:
+                self._save_failed(path, e)
+            prune(self.dir, self.cfg.train.keep_checkpoints)
+        self.barrier()
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _save_failed(self, path: Path, e: Exception) -> None:
+        """A save that failed (most often a full disk): remove what was written, keep every earlier
+        checkpoint, and stop with what to do."""
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        prev = latest(self.dir)
+        try:  # torch reports a full disk as e.g. "unexpected pos …": judge by the space left
+            free = shutil.disk_usage(self.dir).free
+            needed = sum(f.stat().st_size for f in prev.iterdir()) // max(1, self.world) if prev else 64 * 2**20
+        except OSError:
+            free, needed = None, 0
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < needed):
+            why = f"no space left on the device ({free / 2**20:.1f} MiB free in {self.dir}); {why}"
+        if self.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        raise TrainingError(
+            f"rank {self.rank} could not save checkpoint {path}: {why}. The partial checkpoint was removed; "
+            + (f"{prev} is intact. " if prev else "there is no earlier checkpoint. ")
+            + "Free space (or lower train.keep_checkpoints, or move output_dir) and run the same command again to "
+            "resume" + (f" from step {int(prev.name.split('-')[1])}" if prev else "")) from e

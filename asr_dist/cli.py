@@ -168,13 +168,14 @@ def cmd_train(args) -> int:
     accelerator = configure_accelerator()
     if args.dry_run:
         from .data.loader import ShardSet, TrainLoader
-        from .engine import check_layerdrop, check_shard_builds, deepspeed_config
+        from .deepspeed_config import check_layerdrop, deepspeed_config
+        from .engine import check_shard_builds
 
         world = args.world_size or get_env().world_size
         check_layerdrop(cfg, world, shared_draws=cfg.model.sync_free_forward)  # (a model with an adapter: at the start)
         check_shard_builds(cfg)
         if cfg.eval.group_by:
-            from .engine import check_group_fields
+            from .evaluation import check_group_fields
 
             check_group_fields(list(cfg.eval.group_by), {n: ShardSet.open(d) for n, d in cfg.data.eval_shards.items()})
         shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)

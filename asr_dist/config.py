@@ -3,7 +3,7 @@
   defaults (these dataclasses) < experiment YAML < `key.sub=value` overrides on the command line
   ──OmegaConf structured merge (unknown keys are errors, with the closest valid key)──> Config
   ──validate (cross-field checks, messages that say what to change)──> Config
-  ──asr_dist.engine.deepspeed_config(cfg, world_size)──> the DeepSpeed JSON
+  ──asr_dist.deepspeed_config.deepspeed_config(cfg, world_size)──> the DeepSpeed JSON
 
 Every field is documented where it is declared; `docs/config.md` is generated from these
 docstrings and comments (``python -m asr_dist.config --markdown``).

@@ -10,6 +10,10 @@
       every checkpoint_every:  DeepSpeed checkpoint + client state (step, loader state and RNG of every rank)
   end ──> final evaluation, checkpoint, Hugging Face export (model + processor + model card)
 
+Each part reads on its own: the DeepSpeed JSON in asr_dist.deepspeed_config, the evaluations in
+asr_dist.evaluation.TrainingEvaluation, saves and resume in asr_dist.checkpoint.Checkpointer, the model
+in its family (asr_dist.models); this module is the step loop, its logging and its diagnoses.
+
 Training is counted in optimizer steps. Only rank 0 writes logs and exports; every rank takes
 part in saves and in the collectives.
 """
@@ -17,13 +21,10 @@ part in saves and in the collectives.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import errno
 import math
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -32,16 +33,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, shard_dirs, to_dict
 from .data.index import ShardError, build_failure, read_index
 from .flops import peak_flops, train_flops_per_audio_second
-from .data.loader import EvalLoader, LoaderError, ShardSet, TrainLoader, accumulation_steps
+from .data.loader import ShardSet, TrainLoader
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
-from .evaluation import POOLED, evaluate_set, group_table, missing_fields
-from .metrics import GreedyDecoder, pooled_counts
+from .deepspeed_config import check_layerdrop, deepspeed_config
+from .errors import TrainingError
+from .evaluation import TrainingEvaluation
 from .models import build_model, family_of
 from .models.ctc import layerdrop_draw
 from .watchdog import Watchdog
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # the job was asked to stop, saved, and can be requeued
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (a diagnosis, not a traceback)."""
-
-
 def utterance_weighted(loss: torch.Tensor, utterances: int, mean_utterances: float | None) -> torch.Tensor:
     """A micro-batch's loss for backward. The model's CTC loss is a mean over the micro-batch's
     utterances; in the large-batch mode (``mean_utterances`` set: utterances per micro-batch on
@@ -62,84 +59,6 @@ def utterance_weighted(loss: torch.Tensor, utterances: int, mean_utterances: flo
     optimizer step whichever micro-batch it landed in (100 short ones and 10 long ones would
     otherwise count alike). With a fixed utterance count the loss is left as it is."""
     return loss if mean_utterances is None else loss * (utterances / mean_utterances)
-
-
-# ───────────────────────────── the DeepSpeed config ─────────────────────────────
-
-
-def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool = False) -> dict:
-    """The DeepSpeed JSON this config means on ``world_size`` ranks (``cuda``: the ranks train on GPUs)."""
-    data = cfg.data
-    try:
-        accumulation = accumulation_steps(data.global_batch_size, data.micro_batch_size, world_size,
-                                          data.micro_batch_seconds, data.global_batch_seconds)
-    except LoaderError as e:
-        raise ConfigError(str(e)) from None
-    # in the large-batch mode a micro-batch's utterance count varies: DeepSpeed counts micro-batches
-    micro = data.micro_batch_size if data.micro_batch_seconds is None else 1
-    d, o = cfg.distributed, cfg.optim
-    ds = {
-        "train_batch_size": micro * accumulation * world_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": o.grad_clip,
-        "optimizer": {
-            "type": "AdamW" if o.name == "adamw" else "Adam",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": o.torch_adam, "adam_w_mode": o.name == "adamw"},
-        },
-        # DeepSpeed warms up logarithmically unless told otherwise
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {"total_num_steps": total_steps, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
-                       "warmup_num_steps": min(o.warmup_steps, total_steps), "warmup_type": "linear"},
-        },
-        "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0, "initial_scale_power": d.initial_scale_power,
-                 "loss_scale_window": d.loss_scale_window, "hysteresis": d.hysteresis,
-                 "min_loss_scale": d.min_loss_scale},
-        "bf16": {"enabled": d.precision == "bf16"},
-        "zero_optimization": {"stage": d.zero_stage, "overlap_comm": d.overlap_comm,
-                              "contiguous_gradients": d.contiguous_gradients,
-                              "reduce_bucket_size": d.reduce_bucket_size,
-                              "allgather_bucket_size": d.allgather_bucket_size},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if d.zero_stage == 3:
-        del ds["zero_optimization"]["allgather_bucket_size"]
-        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if d.deepspeed_config:
-        merge_user_config(ds, d.deepspeed_config)
-    # DeepSpeed's throughput timer (on unless told otherwise) synchronises the whole device when each
-    # forward starts and each engine.step() ends: every micro-batch, the GPU drains its queue and waits
-    # while the host fetches the next batch and launches its forward. asr-dist measures throughput
-    # itself (perf/*); a user's JSON may turn the timer on again
-    ds.setdefault("timers", {"throughput": {"enabled": False}})
-    params = ds["optimizer"]["params"]
-    offload = (ds["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
-    if offload in ("cpu", "nvme"):  # ZeRO-Offload steps on the CPU: torch's fused kernel needs CUDA tensors there,
-        # and DeepSpeed's CPU Adam (built with the C++ compiler at first use, about 30 s) is the fast one
-        params["torch_adam"] = False
-    elif params["torch_adam"] and cuda:  # one kernel for every parameter tensor, no compilation
-        params["fused"] = True
-    return ds
-
-
-def check_layerdrop(cfg: Config, world_size: int, shared_draws: bool) -> None:
-    """LayerDrop on several ranks needs the skipped layers drawn alike on every rank.
-
-    The sync-free forward takes them from ``layerdrop_draw`` (seeded by the step). transformers'
-    forward draws them on each rank, so the ranks' backward passes produce gradients for different
-    parameters, and DeepSpeed's ZeRO 1/2 gradient reduction issues collectives of different sizes on
-    different ranks: measured with 2 gloo ranks, ZeRO 1 and 2, layerdrop 0.5, the first step dies with
-    "Received data size doesn't match expected size" (on NCCL such a mismatch can hang instead).
-    (ZeRO-3 is refused with LayerDrop when the config is read.)"""
-    if cfg.model.layerdrop > 0 and world_size > 1 and not shared_draws:
-        raise ConfigError(
-            f"model.layerdrop={cfg.model.layerdrop} on {world_size} ranks with transformers' forward (model.sync_free_forward "
-            f"false, or a model with an adapter): each rank would skip different layers, and DeepSpeed's gradient "
-            f"reduction then mismatches between ranks (a crash or a hang). Set model.sync_free_forward=true (it skips "
-            f"the same layers on every rank), model.layerdrop=0, or train on one rank")
 
 
 def check_shard_builds(cfg: Config) -> None:
@@ -159,81 +78,10 @@ def check_shard_builds(cfg: Config) -> None:
                               f"--max-reject-fraction), or set data.allow_failed_shards=true to use it as it is")
 
 
-def check_group_fields(group_by: list[str], eval_sets: dict[str, ShardSet]) -> None:
-    """Every eval.group_by field must be in every evaluation set's samples (index.json ``fields``)."""
-    for name, s in eval_sets.items():
-        missing, have = missing_fields(s.dirs, group_by)
-        if missing:
-            raise ConfigError(
-                f"eval.group_by: data.eval_shards.{name} ({', '.join(s.dirs)}) has no metadata field "
-                f"{', '.join(missing)}; fields there: {', '.join(have) or '(none)'}. Rebuild that set with "
-                f"`asr-dist shards build … --keep-fields {','.join(missing)}`, or drop the field from eval.group_by")
-
-
-def merge_user_config(ds: dict, path: str) -> None:
-    """Add a user's DeepSpeed JSON to the generated one; any value that contradicts it is an error."""
-    try:
-        user = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"distributed.deepspeed_config={path}: {e}") from None
-    clashes = []
-
-    def walk(gen: dict, usr: dict, prefix: str) -> None:
-        for k, v in usr.items():
-            if k not in gen:
-                gen[k] = v
-            elif isinstance(gen[k], dict) and isinstance(v, dict):
-                walk(gen[k], v, f"{prefix}{k}.")
-            elif v != "auto" and v != gen[k]:
-                clashes.append(f"{prefix}{k} is {v!r} there but {gen[k]!r} from the experiment config")
-
-    walk(ds, user, "")
-    if clashes:
-        raise ConfigError(f"{path} contradicts the experiment config: " + "; ".join(clashes)
-                          + ". Set these in the YAML (data.*, optim.*, distributed.*) and drop them from the JSON")
-
-
-# ───────────────────────────── state that travels with a checkpoint ─────────────────────────────
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-            "numpy": np_state[1].tolist(), "numpy_pos": int(np_state[2]),
-            "torch": torch.get_rng_state().tolist(),
-            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def loader_state_for(saved: list[dict], rank: int, same_world: bool) -> dict:
-    """The loader state this rank resumes from. On another number of ranks every rank starts from
-    rank 0's position (the loader re-deals the rest of the epoch), and the damaged samples that all
-    saved ranks skipped are counted once, on rank 0: train/skipped_samples sums them over ranks."""
-    if same_world:
-        return saved[rank]
-    skipped = sum(s.get("skipped_samples", 0) for s in saved)
-    return {**saved[0], "skipped_samples": skipped if rank == 0 else 0}
-
-
-def _gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ───────────────────────────── the run ─────────────────────────────
@@ -327,14 +175,9 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")
-        eval_sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
-        for name, s in eval_sets.items():
-            if s.vocab != self.shards.vocab:
-                raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
-        check_group_fields(list(cfg.eval.group_by), eval_sets)
-        # every utterance's group in each field, read once (sample JSON only); every rank lays the groups out alike
-        self.group_tables = {name: group_table(s, list(cfg.eval.group_by)) for name, s in eval_sets.items()
-                             if cfg.eval.group_by}
+        # the evaluation sets and their groups, read (sample JSON only) before any model work
+        self.writer = MetricWriter(self.out, enabled=denv.is_main)
+        self.evaluation = TrainingEvaluation(cfg, self.shards.vocab, self.rank, self.world, self.featurize, self.writer)
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
@@ -367,43 +210,20 @@ class Trainer:
         self.frozen_encoder = front is not None and not any(p.requires_grad for p in front.parameters())
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
-        self.evals = {name: EvalLoader(s, rank=self.rank, world_size=self.world,
-                                       micro_batch_size=cfg.data.eval_micro_batch_size,
-                                       micro_batch_seconds=cfg.data.eval_micro_batch_seconds,
-                                       num_workers=cfg.data.num_workers, featurize=self.featurize)
-                      for name, s in eval_sets.items()}
-        self.decoder = GreedyDecoder(self.shards.vocab)
-        self.writer = MetricWriter(self.out, enabled=denv.is_main)
         self.history: list[dict] = []  # one row per evaluation: the model card's results table
         self.best: dict = {}
         self.last_train_loss: float | None = None
-        self.ckpt_dir = self.out / "checkpoints"
+        self.checkpoints = ckpt.Checkpointer(self.engine, self.loader, denv, cfg)
         self.preemption = preemption or Preemption()
         # ZeRO 1-3 and fp16 skip steps with inf/NaN gradients themselves; stage 0 in fp32/bf16 does not
         self.check_finite = cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16"
 
-    # ── resume, save ──
+    # ── resume, save (asr_dist.checkpoint.Checkpointer) ──
 
     def resume(self) -> None:
-        mode = self.cfg.train.resume
-        if mode == "never":
-            return
-        path = Path(mode) if mode != "auto" else ckpt.latest(self.ckpt_dir)
-        if path is None:
-            return
-        if not (path / ckpt.MARKER).exists():
-            raise TrainingError(f"{path} is not a complete checkpoint (no {ckpt.MARKER}); give another train.resume")
-        with ckpt.refused_as(path, TrainingError):
-            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        if client is None:
-            raise TrainingError(f"DeepSpeed could not load {path}")
-        same_world = client["world_size"] == self.world
-        self.loader.load_state_dict(loader_state_for(client["loader"], self.rank, same_world))
-        if same_world:
-            set_rng_state(client["rng"][self.rank])
-        self.history = client.get("history", [])
-        self.best = client.get("best", {})
-        log.info("resumed from %s at step %d (epoch %d)", path, self.engine.global_steps, self.loader.epoch)
+        client = self.checkpoints.resume()
+        if client is not None:
+            self.history, self.best = client.get("history", []), client.get("best", {})
 
     def _unwatched(self):
         """Evaluation and saves are no optimizer steps: the watchdog waits for them."""
@@ -411,102 +231,24 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         with self._unwatched():
-            return self._save(step)
-
-    def _save(self, step: int) -> Path:
-        tag = ckpt.tag_for(step)
-        client = {
-            "step": step, "epoch": self.loader.epoch, "world_size": self.world,
-            "loader": _gather(self.loader.state_dict(), self.world),
-            "rng": _gather(rng_state(), self.world),
-            "config": to_dict(self.cfg), "history": self.history, "best": self.best, "asr_dist_version": __version__,
-        }
-        path = self.ckpt_dir / tag
-        if self.denv.is_main and path.exists():
-            # a save of this step cut off before (a resumed run reaches it again): its files would mix
-            # with the new ones (another world size leaves extra partitions that the loader then reads)
-            log.warning("removing %s, left by an earlier save of step %d, before saving it again", path, step)
-            shutil.rmtree(path)
-        self._barrier()
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        except (OSError, RuntimeError) as e:
-            self._save_failed(path, e)
-        self._barrier()
-        if self.denv.is_main:
-            try:
-                ckpt.mark_complete(path, {"step": step, "world_size": self.world})
-            except OSError as e:
-                self._save_failed(path, e)
-            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
-        self._barrier()
-        log.info("saved checkpoint %s", path)
-        return path
-
-    def _save_failed(self, path: Path, e: Exception) -> None:
-        """A save that failed (most often a full disk): remove what was written, keep every earlier
-        checkpoint, and stop with what to do."""
-        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        prev = ckpt.latest(self.ckpt_dir)
-        try:  # torch reports a full disk as e.g. "unexpected pos …": judge by the space left
-            free = shutil.disk_usage(self.ckpt_dir).free
-            needed = sum(f.stat().st_size for f in prev.iterdir()) // max(1, self.world) if prev else 64 * 2**20
-        except OSError:
-            free, needed = None, 0
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < needed):
-            why = f"no space left on the device ({free / 2**20:.1f} MiB free in {self.ckpt_dir}); {why}"
-        if self.denv.is_main:
-            shutil.rmtree(path, ignore_errors=True)
-        raise TrainingError(
-            f"rank {self.rank} could not save checkpoint {path}: {why}. The partial checkpoint was removed; "
-            + (f"{prev} is intact. " if prev else "there is no earlier checkpoint. ")
-            + "Free space (or lower train.keep_checkpoints, or move output_dir) and run the same command again to "
-            "resume" + (f" from step {int(prev.name.split('-')[1])}" if prev else "")) from e
+            return self.checkpoints.save(step, {"history": self.history, "best": self.best})
 
     def _save_unless_saved(self, step: int) -> None:
-        latest = ckpt.latest(self.ckpt_dir)
-        if latest is None or latest.name != ckpt.tag_for(step):
+        if not self.checkpoints.is_latest(step):
             self.save(step)
 
     def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        self.checkpoints.barrier()
 
-    # ── evaluation ──
+    # ── evaluation (asr_dist.evaluation.TrainingEvaluation) ──
 
     def evaluate(self, step: int) -> dict:
         with self._unwatched():
-            return self._evaluate(step)
-
-    def _evaluate(self, step: int) -> dict:
-        results = {}
-        model = self.engine.module
-        self.engine.eval()
-        counts = {}
-        for name, loader in self.evals.items():
-            r = evaluate_set(lambda x, m: self.engine(**{self.family.input_name: x}, attention_mask=m).logits,
-                             lambda n: self.family.output_frames(model.config, n), loader, self.decoder,
-                             model.config.pad_token_id,
-                             self.device, self.input_dtype, self.world, self.cfg.eval.num_examples,
-                             groups=self.group_tables.get(name))
-            counts[name] = r["counts"]
-            results[name] = set_result(r["loss"], r["counts"], r.get("groups"))
-            self.writer.scalars(step, eval_scalars(name, results[name]))
-            self.writer.text(f"eval/{name}/examples", "\n\n".join(f"REF: {a}  \nHYP: {b}" for a, b in r["examples"]), step)
-            log.info("step %d eval %s: loss %.4f WER %.4f CER %.4f (%d utterances)", step, name, r["loss"], r["wer"],
-                     r["cer"], r["counts"].utterances)
-            for field, groups in (r.get("groups") or {}).items():
-                log.info("step %d eval %s by %s: %s", step, name, field,
-                         ", ".join(f"{g} WER {c.wer:.4f} ({c.utterances})" for g, c in groups.items()))
-        if len(counts) > 1:  # the sets as one: summed edits over summed words (and loss per utterance)
-            pooled = pooled_counts(list(counts.values()))
-            loss = sum(results[n]["loss"] * c.utterances for n, c in counts.items()) / max(1, pooled.utterances)
-            results[POOLED] = set_result(loss, pooled)
-            self.writer.scalars(step, eval_scalars(POOLED, results[POOLED]))
-            log.info("step %d eval pooled over %d sets: loss %.4f WER %.4f CER %.4f (%d utterances)", step, len(counts),
-                     loss, pooled.wer, pooled.cer, pooled.utterances)
-        self.engine.train()
-        return results
+            self.engine.eval()
+            try:
+                return self.evaluation(self.engine, self.family, step, self.device, self.input_dtype)
+            finally:
+                self.engine.train()
 
     # ── the loop ──
 
@@ -598,7 +340,7 @@ class Trainer:
                     raise SystemExit(EXIT_PREEMPTED)
         if self.watchdog is not None:
             self.watchdog.stop()  # what is left (evaluation, export) makes no optimizer steps
-        results = self.evaluate(step) if self.evals else {}
+        results = self.evaluate(step) if self.evaluation.loaders else {}
         self._record(step, results)
         self._save_unless_saved(step)
         from .export import export
@@ -716,28 +458,6 @@ class Trainer:
 
 
 RESULTS_NAME = "eval_results.json"
-
-
-def set_result(loss: float, counts, groups: dict | None = None) -> dict:
-    """An evaluation set's results as logged and written: rates, counts, and per group of each field."""
-    out = {"loss": loss, "wer": counts.wer, "cer": counts.cer, "utterances": counts.utterances,
-           "words": counts.ref_words, "counts": dataclasses.asdict(counts)}
-    if groups:
-        out["groups"] = {field: {g: {"wer": c.wer, "cer": c.cer, **dataclasses.asdict(c)} for g, c in gs.items()}
-                         for field, gs in groups.items()}
-    return out
-
-
-def eval_scalars(name: str, result: dict) -> dict:
-    """TensorBoard/JSONL scalars of one set's results: eval/NAME/{loss,wer,cer}, and per group of each
-    field eval/NAME/{wer,cer,utterances,words}_by_FIELD/GROUP."""
-    out = {f"eval/{name}/{k}": result[k] for k in ("loss", "wer", "cer")}
-    for field, groups in (result.get("groups") or {}).items():
-        for g, c in groups.items():
-            out.update({f"eval/{name}/wer_by_{field}/{g}": c["wer"], f"eval/{name}/cer_by_{field}/{g}": c["cer"],
-                        f"eval/{name}/utterances_by_{field}/{g}": c["utterances"],
-                        f"eval/{name}/words_by_{field}/{g}": c["ref_words"]})
-    return out
 
 
 def _keys_text(keys: list[str], limit: int = 16) -> str:

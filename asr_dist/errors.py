@@ -15,3 +15,7 @@ class InvalidValue(UserError, ValueError):
 
 class PathNotFound(UserError, FileNotFoundError):
     """A path the user named that does not exist, or is not what it should be."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a diagnosis, not a traceback)."""

@@ -76,7 +76,7 @@ def model_card(trainer) -> str:
         ("zero_stage", cfg.distributed.zero_stage),
     ]
     # with several sets, the pooled rates (all sets as one) come last
-    sets = list(trainer.evals) + ([POOLED] if any(f"{POOLED}_wer" in r for r in trainer.history) else [])
+    sets = list(trainer.evaluation.loaders) + ([POOLED] if any(f"{POOLED}_wer" in r for r in trainer.history) else [])
     rows = ["| Step | Training Loss | " + " | ".join(f"{n} Loss | {n} WER | {n} CER" for n in sets) + " |",
             "|---|---|" + "---|---|---|" * len(sets)]
     for r in trainer.history:

@@ -103,7 +103,7 @@ def test_report_draws_the_group_and_pooled_curves(tmp_path, capsys):
     import matplotlib.image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from asr_dist.engine import eval_scalars, set_result
+    from asr_dist.evaluation import eval_scalars, set_result
     from asr_dist.logging import MetricWriter
     from asr_dist.metrics import pooled_counts, utterance_counts
     from asr_dist.plots import group_panels

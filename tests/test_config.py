@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from asr_dist.config import ConfigError, load_config, reference_markdown
-from asr_dist.engine import deepspeed_config
+from asr_dist.deepspeed_config import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
 
 
 def test_layerdrop_on_several_ranks_needs_shared_draws_and_no_zero3(yaml):
-    from asr_dist.engine import check_layerdrop
+    from asr_dist.deepspeed_config import check_layerdrop
 
     cfg = load_config(yaml, ["model.layerdrop=0.041"])
     check_layerdrop(cfg, 1, shared_draws=False)

@@ -221,7 +221,7 @@ def test_resume_on_another_world_size_keeps_the_skipped_sample_count(train_shard
     """Damaged samples skipped by two ranks, resumed on one: train/skipped_samples (the sum over ranks)
     neither restarts from 0 nor counts rank 0's share for every rank."""
     from asr_dist.data.loader import TrainLoader
-    from asr_dist.engine import loader_state_for
+    from asr_dist.checkpoint import loader_state_for
 
     d = tmp_path / "s"
     shutil.copytree(train_shards / "s-train", d)

@@ -95,7 +95,7 @@ def test_eval_group_by_a_field_the_eval_set_lacks_is_a_config_error(model_and_se
     """eval.group_by is checked against index.json `fields` before any model work (also by --dry-run)."""
     from asr_dist.config import ConfigError, load_config
     from asr_dist.data.loader import ShardSet
-    from asr_dist.engine import check_group_fields
+    from asr_dist.evaluation import check_group_fields
 
     root = model_and_set
     sets = {"dev": ShardSet.open(str(root / "shards"))}
@@ -114,7 +114,7 @@ def test_eval_group_by_a_field_the_eval_set_lacks_is_a_config_error(model_and_se
 
 def test_group_scalars_and_results_of_an_evaluation():
     """The tags and the eval_results.json entry of one set's evaluation with groups, and the pooled set."""
-    from asr_dist.engine import eval_scalars, set_result
+    from asr_dist.evaluation import eval_scalars, set_result
     from asr_dist.metrics import ErrorCounts, pooled_counts, utterance_counts
 
     f, m = utterance_counts("hej med dig", "hej dig"), utterance_counts("godt vejr i dag", "godt vejr i dag")

@@ -301,11 +301,15 @@ def cmd_transcribe(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+# the model families (asr_dist.models.FAMILIES), named here so that --help does not import transformers
+DEMO_FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer", "wav2vec2-bert")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(output=args.output, num_utterances=args.num_utterances, workers=args.workers, rebuild=args.rebuild,
-                    minutes=args.minutes, device=args.device)
+                    minutes=args.minutes, device=args.device, model=args.model)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -416,6 +420,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-utterances", type=int, default=1200, help="synthetic training utterances (default: 1200)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget; more minutes, a better model (default: 10)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU when there is one")
+    p.add_argument("--model", default="wav2vec2", metavar="FAMILY",
+                   help=f"the encoder family whose tiny preset trains: {', '.join(DEMO_FAMILIES)} (default: wav2vec2)")
     p.add_argument("--workers", "-j", type=int, default=_default_workers())
     p.add_argument("--rebuild", action="store_true", help="synthesise and build again instead of reusing earlier output")
     p.set_defaults(func=cmd_demo)

@@ -4,8 +4,9 @@
     (Common Voice TSV at 22.05 kHz, NeMo manifest at 44.1 kHz stereo, audiofolder at 8 kHz)
     and an evaluation corpus of held-out sentences
   ──> asr-dist shards build (train, eval with the training vocab) ──> shards verify
-  ──> untrained model evaluated ──> tiny wav2vec2 trained with the real engine (DeepSpeed) for a
-      number of steps that fits --minutes on this machine ──> exported, evaluated, WER/CER printed
+  ──> untrained model evaluated ──> a tiny model (wav2vec2, or --model FAMILY's tiny preset) trained
+      with the real engine (DeepSpeed) for a number of steps that fits --minutes on this machine
+  ──> exported, evaluated, WER/CER printed
 
 Re-running reuses the corpora and the finished shard set unless ``rebuild`` is set.
 """
@@ -64,17 +65,22 @@ def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -
     """Seconds one optimizer step of the demo's model takes on this machine: the fastest of five timed
     steps after a warm-up one (a moment of other work on the cores, as a test suite ending, doubled a
     two-step estimate and halved the demo's training)."""
+    import numpy as np
+
     from .models import build_model
 
-    model = build_model(cfg.model, vocab)[0].to(device)
+    model, family = build_model(cfg.model, vocab)
+    model = model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     n = cfg.data.global_batch_size
-    x = torch.randn(n, int(audio_seconds * 16000), device=device)
+    # the family's input for an utterance of that length (a waveform, or fbank frames), the same for each
+    one = family.featurizer()(np.random.default_rng(0).standard_normal(int(audio_seconds * 16000)).astype(np.float32))
+    x = torch.from_numpy(one).to(device).expand(n, *one.shape).contiguous()
     labels = torch.randint(3, len(vocab), (n, int(audio_seconds * 12)), device=device)
     times = []
     for _ in range(6):
         t = time.time()
-        model(input_values=x, labels=labels).loss.backward()
+        model(**{family.input_name: x}, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
         if device.type == "cuda":
@@ -84,7 +90,7 @@ def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -
 
 
 def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: int = 1, rebuild: bool = False,
-             minutes: float = 10.0, device: str = "auto") -> int:
+             minutes: float = 10.0, device: str = "auto", model: str = "wav2vec2") -> int:
     from importlib import resources
 
     from .config import load_config
@@ -95,8 +101,12 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     from .distributed import configure_accelerator
     from .engine import train
     from .export import make_processor
-    from .models import build_model
+    from .models import FAMILIES, build_model
 
+    if model not in FAMILIES:
+        from .models import ModelError
+
+        raise ModelError(f"--model {model}: choose one of {', '.join(FAMILIES)} (each trains its tiny preset)")
     t_start = time.time()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +132,7 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     run = out / "run"
     with resources.as_file(resources.files("asr_dist").joinpath("resources/demo.yaml")) as demo_yaml:
         cfg = load_config(str(demo_yaml), [f"output_dir={run}", f"data.train_shards=[{shards}]",
-                                           f"data.eval_shards.dev={out / 'shards' / 'eval'}"])
+                                           f"data.eval_shards.dev={out / 'shards' / 'eval'}", f"model.family={model}"])
     if device == "cuda":
         cfg.distributed.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     vocab = ShardSet.open(str(shards)).vocab
@@ -137,12 +147,12 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     untrained = out / "untrained"
     if untrained.exists():
         shutil.rmtree(untrained)
-    model, family = build_model(cfg.model, vocab, seed=cfg.seed)
-    model.save_pretrained(str(untrained))
+    untrained_model, family = build_model(cfg.model, vocab, seed=cfg.seed)
+    untrained_model.save_pretrained(str(untrained))
     make_processor(shards / "vocab.json", family).save_pretrained(str(untrained))
     before = evaluate_model(str(untrained), str(out / "shards" / "eval"), progress=False, num_workers=0)
 
-    print(f"[4/5] training the tiny wav2vec2 on {device} with DeepSpeed; TensorBoard logs in {run / 'tensorboard'}",
+    print(f"[4/5] training the tiny {family.name} on {device} with DeepSpeed; TensorBoard logs in {run / 'tensorboard'}",
           flush=True)
     if run.exists():
         shutil.rmtree(run)

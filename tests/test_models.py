@@ -21,6 +21,17 @@ VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
 BASE = ["output_dir=x", "data.train_shards=[x]", "train.max_steps=1"]
 
 
+def loss_and_grads(model, x, labels, **inputs):
+    """One forward and backward from the same random state (SpecAugment's and LayerDrop's draws): the
+    output and every parameter's gradient."""
+    torch.manual_seed(5)
+    np.random.seed(5)
+    model.zero_grad()
+    out = model(x, labels=labels, **inputs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_base_checkpoint_gets_a_ctc_head_and_keeps_every_encoder_weight(name, tmp_path):
     d = save_base_model(name, tmp_path / "base", seed=3)
@@ -127,15 +138,8 @@ def test_sync_free_forward_trains_like_transformers_in_every_family_that_has_it(
     for i in range(3):
         labels[i, : 3 + i] = torch.randint(3, len(VOCAB), (3 + i,), generator=g)
 
-    def run(model, **inputs):
-        torch.manual_seed(5)
-        np.random.seed(5)
-        model.zero_grad()
-        out = model(x, labels=labels, **inputs)
-        out.loss.backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (a, grads_a), (b, grads_b) = run(hf, attention_mask=mask), run(ours, lengths=lengths)
+    a, grads_a = loss_and_grads(hf, x, labels, attention_mask=mask)
+    b, grads_b = loss_and_grads(ours, x, labels, lengths=lengths)
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
     assert grads_a.keys() == grads_b.keys() and f"{family.base_attr}.masked_spec_embed" in grads_a
@@ -283,14 +287,8 @@ def test_sync_free_forward_with_adapters_trains_like_transformers():
     x = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * mask
     labels = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 3, -100, -100]])
 
-    def run(model, **inputs):
-        torch.manual_seed(5)
-        np.random.seed(5)
-        out = model(x, labels=labels, **inputs)
-        out.loss.backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (a, grads_a), (b, grads_b) = run(hf, attention_mask=mask), run(ours, lengths=lengths)
+    a, grads_a = loss_and_grads(hf, x, labels, attention_mask=mask)
+    b, grads_b = loss_and_grads(ours, x, labels, lengths=lengths)
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
     assert set(grads_a) == set(grads_b) and "lm_head.weight" in grads_a  # (LayerDrop skips some layers' adapters)

@@ -195,7 +195,7 @@ def cmd_train(args) -> int:
         from .models import family_of
 
         family = family_of(cfg.model)
-        refused = unalignable(shards, family.alignment_check(family.base_config(cfg.model)))
+        refused = unalignable(shards, family.alignment_check(family.run_config(cfg.model, shards.vocab)))
         what = cfg.model.pretrained or f"{family.name} {cfg.model.preset}"
         if refused:
             key, frames, need = refused[0]

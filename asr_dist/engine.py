@@ -163,7 +163,7 @@ class Trainer:
         family = family_of(cfg.model)
         self.featurize = family.featurizer()
         self.samples_per_input = getattr(self.featurize, "samples_per_frame", 1)  # audio samples per input step
-        alignable = family.alignment_check(family.base_config(cfg.model))  # more labels than frames: skipped
+        alignable = family.alignment_check(family.run_config(cfg.model, self.shards.vocab))  # more labels than frames: skipped
         self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
                                   micro_batch_size=cfg.data.micro_batch_size,
                                   global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,

@@ -244,3 +244,14 @@ def test_long_audio_is_transcribed_in_chunks_of_feature_frames(adapter):
     logits = chunked_logits(model, audio, 8 * 16000, 2 * 16000, 2, "cpu")
     assert logits.shape[1] == len(VOCAB)
     assert abs(logits.shape[0] - len(audio) / model.config.inputs_to_logits_ratio) <= 3, logits.shape
+
+
+def test_the_alignment_check_counts_the_frames_of_an_adapter_the_run_adds():
+    """model.add_adapter=true on a layout without one halves the CTC frames: the loader's check (and
+    train --dry-run's) counts the frames of the model the run builds, not of the checkpoint or preset."""
+    args = ModelArgs(preset="tiny", family="wav2vec2-bert", add_adapter=True)
+    model, _ = build_model(args, VOCAB)
+    check = BERT.alignment_check(BERT.run_config(args, VOCAB))
+    for n in (16000, 32160, 48000):
+        expected = int(model._get_feat_extract_output_lengths(torch.tensor(fbank_frames(n))))
+        assert check.frames(n) == expected, n

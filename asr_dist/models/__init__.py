@@ -81,6 +81,14 @@ class ModelFamily:
             return self.config_class.from_pretrained(args.pretrained, local_files_only=True)
         return self.preset_config(args.preset)
 
+    def run_config(self, args: ModelArgs, vocab: dict[str, int]):
+        """The transformers config the run's model will have: model.pretrained's or the preset's, with the
+        run's overrides (model.add_adapter changes the frames, for one)."""
+        overrides = self.overrides(args, vocab)
+        if args.pretrained:
+            return self.config_class.from_pretrained(args.pretrained, local_files_only=True, **overrides)
+        return self.preset_config(args.preset, **overrides)
+
     def build(self, args: ModelArgs, vocab: dict[str, int]):
         """The *ForCTC model of ``args`` (a local checkpoint, or a preset with random weights)."""
         overrides = self.overrides(args, vocab)

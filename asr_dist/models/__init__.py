@@ -243,13 +243,10 @@ class ModelFamily:
 
     def output_frames(self, config, num_samples):
         """CTC frames for ``num_samples`` input samples (an int or a tensor of them): each convolution of
-        the feature encoder, then each strided adapter layer."""
+        the feature encoder, then each strided adapter layer (``frame_steps``)."""
         n = num_samples
-        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        for kernel, stride in self.frame_steps(config):
             n = (n - kernel) // stride + 1
-        if getattr(config, "add_adapter", False):
-            for _ in range(config.num_adapter_layers):
-                n = (n - 1) // config.adapter_stride + 1  # kernel = stride, padding stride // 2
         return n
 
     def audio_frames(self, config, num_samples):

@@ -308,8 +308,11 @@ DEMO_FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conf
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"demo --steps {args.steps}: give a step count of 1 or more, or leave it out "
+                         "to train for what fits in --minutes")
     return run_demo(output=args.output, num_utterances=args.num_utterances, workers=args.workers, rebuild=args.rebuild,
-                    minutes=args.minutes, device=args.device, model=args.model)
+                    minutes=args.minutes, device=args.device, model=args.model, steps=args.steps)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -419,6 +422,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="where everything goes (default: ./demo-output)")
     p.add_argument("--num-utterances", type=int, default=1200, help="synthetic training utterances (default: 1200)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget; more minutes, a better model (default: 10)")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="train exactly N steps instead of what fits in --minutes: the same model on any machine")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU when there is one")
     p.add_argument("--model", default="wav2vec2", metavar="FAMILY",
                    help=f"the encoder family whose tiny preset trains: {', '.join(DEMO_FAMILIES)} (default: wav2vec2)")

@@ -90,7 +90,7 @@ def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -
 
 
 def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: int = 1, rebuild: bool = False,
-             minutes: float = 10.0, device: str = "auto", model: str = "wav2vec2") -> int:
+             minutes: float = 10.0, device: str = "auto", model: str = "wav2vec2", steps: int | None = None) -> int:
     from importlib import resources
 
     from .config import load_config
@@ -138,12 +138,17 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     vocab = ShardSet.open(str(shards)).vocab
     mean_seconds = summary.audio_seconds / max(1, summary.num_kept)
     per_step = step_seconds(cfg, vocab, torch.device(device), mean_seconds)
-    budget = minutes * 60 - (time.time() - t_start) - 60  # start-up, evaluations and export
-    # data loading shares the cores and each epoch restarts its workers: 1.4x the bare step time
-    cfg.train.max_steps = int(max(20, min(20000, budget / (per_step * 1.4))))
+    if steps is None:
+        budget = minutes * 60 - (time.time() - t_start) - 60  # start-up, evaluations and export
+        # data loading shares the cores and each epoch restarts its workers: 1.4x the bare step time
+        cfg.train.max_steps = int(max(20, min(20000, budget / (per_step * 1.4))))
+        fits = f"{cfg.train.max_steps} steps fit in --minutes {minutes:g}"
+    else:
+        cfg.train.max_steps = steps
+        fits = f"--steps {steps}: about {steps * per_step * 1.4 / 60:.1f} minutes of training"
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, cfg.train.max_steps // 5)
     print(f"[3/5] evaluating the untrained model ({per_step:.2f} s per step of {cfg.data.global_batch_size} "
-          f"utterances here: {cfg.train.max_steps} steps fit in --minutes {minutes:g})", flush=True)
+          f"utterances here: {fits})", flush=True)
     untrained = out / "untrained"
     if untrained.exists():
         shutil.rmtree(untrained)

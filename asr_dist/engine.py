@@ -171,7 +171,8 @@ class Trainer:
                                   pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
                                   micro_batch_seconds=cfg.data.micro_batch_seconds,
                                   global_batch_seconds=cfg.data.global_batch_seconds,
-                                  sync_buckets=cfg.data.sync_buckets, featurize=self.featurize, alignable=alignable)
+                                  sync_buckets=cfg.data.sync_buckets, featurize=self.featurize, alignable=alignable,
+                                  length_plan=cfg.data.length_plan)
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")

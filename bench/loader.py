@@ -3,7 +3,8 @@
 
 Per audio format (FLAC, WAV): audio seconds delivered per second by one loader stream (read from the
 tar, decode, normalise, encode labels, pad into micro-batches of 16), with the bare soundfile decode
-of the same bytes in the same run as the baseline (the bound). Then the padding fraction of
+of the same bytes in the same run as the baseline (the bound); for FLAC also with ``length_plan``
+(every utterance read at its offset, after listing every shard), against the streamed reader. Then the padding fraction of
 micro-batches with and without length bucketing on a log-normal duration mix of 1.5 to 15 s, and how
 evenly micro-batches fill memory: a fixed utterance count against the large-batch mode
 (``data.micro_batch_seconds``: as many utterances as fit in that many seconds, padding included), whose
@@ -45,9 +46,13 @@ def bare_decode(shards: str, ext: str) -> float:
     return seconds / (time.perf_counter() - t0)
 
 
-def loader_speed(shards: str, workers: int, epochs: int = 2) -> dict:
+def loader_speed(shards: str, workers: int, epochs: int = 2, length_plan: bool = False) -> dict:
+    t0 = time.perf_counter()
     loader = TrainLoader(shards, rank=0, world_size=1, micro_batch_size=16, global_batch_size=32,
-                         num_workers=workers)
+                         num_workers=workers, length_plan=length_plan)
+    if length_plan:  # the listing of every shard happens once, before the first epoch: timed on its own
+        next(iter(loader.plan()))
+    listing = time.perf_counter() - t0
     seconds, wall = 0.0, 0.0
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -55,8 +60,10 @@ def loader_speed(shards: str, workers: int, epochs: int = 2) -> dict:
         for b in loader:
             seconds += float(b["attention_mask"].sum()) / 16000
         wall += time.perf_counter() - t0
-    return {"audio_seconds_per_second": round(seconds / wall, 1),
-            "per_worker": round(seconds / wall / max(1, workers), 1)}
+    out = {"audio_seconds_per_second": round(seconds / wall, 1), "per_worker": round(seconds / wall / max(1, workers), 1)}
+    if length_plan:
+        out["listing_seconds"] = round(listing, 2)
+    return out
 
 
 def batch_samples(loader: TrainLoader) -> list[tuple[int, int, int]]:
@@ -103,6 +110,11 @@ def main() -> None:
                 f"loader_{args.workers}_workers": many,
                 "ratio_1_stream_vs_bare_decode": round(one["audio_seconds_per_second"] / bound, 3),
             }
+            if ext == "flac":  # data.length_plan: every utterance read at its offset instead of whole shards in order
+                planned = loader_speed(shards, 0, length_plan=True)
+                out[ext]["loader_1_stream_length_plan"] = planned
+                out[ext]["ratio_length_plan_vs_streamed"] = round(planned["audio_seconds_per_second"]
+                                                                  / one["audio_seconds_per_second"], 3)
         shards = str(Path(tmp) / "flac")
         out["padding_fraction"] = {f"bucket_batches_{n}" + (" (no bucketing)" if n == 1 else ""): padding(shards, n)
                                    for n in (1, 8, 32, 64)}

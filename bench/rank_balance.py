@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How evenly the ranks of a data-parallel step share its work, with and without synchronised buckets.
+"""How evenly the ranks of a data-parallel step share its work: alone, with synchronised buckets, with the length plan.
 
 In a step every rank waits for the slowest. Every rank's training loader of one epoch runs in this
 process (``TrainLoader.plan``: the real batch forming, reading the shards' JSON, decoding no audio),
@@ -14,7 +14,10 @@ the padded audio of its micro-batches (utterances x longest); per world size:
   utterances_per_epoch       utterances delivered in the epoch, all ranks; distinct_utterances of them
 
 The baseline in the same run is the same loader with ``sync_buckets=False`` (each rank shuffles its
-own buffer). The large-batch mode (``data.micro_batch_seconds``) is measured at 8 ranks.
+own buffer); then ``sync_buckets=True`` (the default: the ranks take the same length quantile of their own
+buffers) and ``length_plan=True`` (``data.length_plan``: the epoch planned from every utterance's length,
+so a step's ranks hold neighbours). The large-batch mode (``data.micro_batch_seconds``) is measured at 8
+ranks, without and with synchronised buckets (the length plan does not take it).
 
   python bench/rank_balance.py [--utterances 3438] [--worlds 1 2 4 8 16 32 64]   -> JSON on stdout
 """
@@ -83,17 +86,24 @@ def balance(plans: list[list[list[int]]], accumulation: int, model_config) -> di
             "padding": round(1 - audio_total / padded_total, 4)}
 
 
-def measure(shards: str, world: int, model_config, **loader) -> dict:
+MODES = {"no_sync": dict(sync_buckets=False), "sync": dict(sync_buckets=True),
+         "plan": dict(sync_buckets=True, length_plan=True)}
+
+
+def measure(shards: str, world: int, model_config, modes=tuple(MODES), **loader) -> dict:
     out = {}
-    for sync in (False, True):
-        first = TrainLoader(shards, rank=0, world_size=world, sync_buckets=sync, **loader)
-        plans = rank_plans(shards, world, sync_buckets=sync, **loader)
+    for name in modes:
+        first = TrainLoader(shards, rank=0, world_size=world, **MODES[name], **loader)
+        plans = rank_plans(shards, world, **MODES[name], **loader)
         keys = [len(b) for p in plans for b in p]
         row = balance(plans, first.accumulation, model_config)
         row["utterances_per_epoch"] = sum(keys)
         row["bucket_batches"] = first.bucket_batches
-        out["sync" if sync else "no_sync"] = row
-    out["gain_padded"] = round(out["no_sync"]["slowest_over_mean_padded"] / out["sync"]["slowest_over_mean_padded"], 3)
+        out[name] = row
+    base = out["no_sync"]["slowest_over_mean_padded"]
+    out["gain_padded"] = round(base / out["sync"]["slowest_over_mean_padded"], 3)
+    if "plan" in out:
+        out["gain_padded_plan"] = round(base / out["plan"]["slowest_over_mean_padded"], 3)
     return out
 
 
@@ -130,11 +140,12 @@ def main() -> None:
             row = {"micro_batch_size": micro, "global_batch_size": global_batch, **measure(shards, world, model_config,
                                                                                           **loader)}
             row["distinct_utterances_sync"] = distinct(shards, world, sync_buckets=True, **loader)
+            row["distinct_utterances_plan"] = distinct(shards, world, length_plan=True, **loader)
             out["worlds"][f"{world}x{micro}"] = row
         seconds = dict(micro_batch_size=1, global_batch_size=8, num_workers=args.workers,
                        micro_batch_seconds=args.large_seconds, global_batch_seconds=8 * args.large_seconds)
         out["large_batch_8_ranks"] = {"micro_batch_seconds": args.large_seconds,
-                                      **measure(shards, 8, model_config, **seconds)}
+                                      **measure(shards, 8, model_config, modes=("no_sync", "sync"), **seconds)}
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=1))
 

@@ -64,6 +64,10 @@ def test_loader_benchmark_shows_bucketing_cuts_padding_and_seconds_fill_evenly()
         assert f["ratio_1_stream_vs_bare_decode"] == pytest.approx(ratio(one, bare), abs=2e-3)
         two = f["loader_2_workers"]
         assert two["per_worker"] == pytest.approx(two["audio_seconds_per_second"] / 2, abs=0.1)
+    planned = r["flac"]["loader_1_stream_length_plan"]
+    assert planned["audio_seconds_per_second"] > 0 and planned["listing_seconds"] >= 0
+    assert r["flac"]["ratio_length_plan_vs_streamed"] == pytest.approx(
+        ratio(planned["audio_seconds_per_second"], r["flac"]["loader_1_stream"]["audio_seconds_per_second"]), abs=2e-3)
     pad = list(r["padding_fraction"].values())  # no bucketing, then ever larger buckets
     assert list(r["padding_fraction"])[0].startswith("bucket_batches_1 ")
     assert pad[0] > 0.2 and pad == sorted(pad, reverse=True), r["padding_fraction"]
@@ -138,6 +142,7 @@ def test_rank_balance_benchmark_shows_synchronised_steps_wait_less():
     r = run_bench("rank_balance.py", "--utterances", "320", "--worlds", "1", "2", "8", "--shard-size", "8")
     one = r["worlds"]["1x32"]
     assert one["sync"]["slowest_over_mean_padded"] == one["no_sync"]["slowest_over_mean_padded"] == 1.0
+    assert one["plan"]["slowest_over_mean_padded"] == 1.0
     for name in ("2x16", "8x4"):
         w = r["worlds"][name]
         sync, alone = w["sync"], w["no_sync"]
@@ -146,6 +151,14 @@ def test_rank_balance_benchmark_shows_synchronised_steps_wait_less():
         assert w["gain_padded"] == pytest.approx(ratio(alone["slowest_over_mean_padded"],
                                                        sync["slowest_over_mean_padded"]), abs=2e-3)
         assert w["distinct_utterances_sync"] == sync["utterances_per_epoch"] == sync["steps"] * 32
-        for row in (sync, alone):
+        # the length plan: a step's ranks hold neighbouring lengths, closer than synchronised buckets
+        plan = w["plan"]
+        assert plan["slowest_over_mean_padded"] < sync["slowest_over_mean_padded"] and plan["steps"] == sync["steps"], w
+        assert w["gain_padded_plan"] == pytest.approx(ratio(alone["slowest_over_mean_padded"],
+                                                            plan["slowest_over_mean_padded"]), abs=2e-3)
+        assert w["distinct_utterances_plan"] == plan["utterances_per_epoch"] == sync["utterances_per_epoch"]
+        for row in (sync, alone, plan):
             assert row["slowest_over_mean_flops"] >= row["slowest_over_mean_padded"] - 1e-3
     assert r["worlds"]["8x4"]["sync"]["slowest_over_mean_padded"] < 1.3
+    assert r["worlds"]["8x4"]["plan"]["slowest_over_mean_padded"] < 1.05
+    assert "plan" not in r["large_batch_8_ranks"]  # the length plan takes a fixed utterance count only

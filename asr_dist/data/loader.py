@@ -500,7 +500,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                     filled += sample[2]["num_samples"] if by_seconds else 1
                     buffer.append(sample)
                 except (KeyError, ValueError) as e:
-                    self._bad(layout, pos, units, key, f"no .{self.audio_format} or unreadable JSON ({e})", counters)
+                    self._bad(layout.shards[units[pos % len(units)][0]].path, key,
+                              f"no .{self.audio_format} or unreadable JSON ({e})", counters)
             # similar lengths together: the padding of a micro-batch is what its longest utterance adds
             buffer.sort(key=lambda s: (s[2]["num_samples"], s[0]))
             if by_seconds:
@@ -523,7 +524,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                     break
                 samples, shards, seconds = [], [], []
                 for key, data, meta, shard in batches[b]:
-                    if self.alignable is not None and not self._fits(layout, pos, units, key, meta, encode, counters):
+                    if self.alignable is not None and not self._fits(layout.shards[shard].path, layout, key, meta, encode,
+                                                                         counters):
                         continue
                     if not self.decode:
                         samples.append((key, meta["num_samples"]))
@@ -532,7 +534,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     try:
                         audio = decode_audio(data, key)
                     except fmt.ShardError as e:
-                        self._bad(layout, pos, units, key, str(e), counters)
+                        self._bad(layout.shards[shard].path, key, str(e), counters)
                         continue
                     samples.append((key, self.featurize(audio), encode(meta["text"]), meta["text"]))
                     shards.append(shard)
@@ -557,7 +559,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             state.buffer_index += 1
             state.taken_from_buffer = state.delivered_from_buffer = 0
 
-    def _fits(self, layout, pos, units, key, meta, encode, counters) -> bool:
+    def _fits(self, shard: str, layout, key, meta, encode, counters) -> bool:
         """Whether the model can align the sample; one it cannot is skipped like a damaged one (counted, logged),
         whatever data.on_corrupt says: its CTC loss would be infinite, zeroed by ctc_zero_infinity, and train nothing."""
         try:
@@ -567,7 +569,6 @@ class TrainStream(torch.utils.data.IterableDataset):
             return True  # no num_samples or text: the decode path reports the sample
         if frames >= need:
             return True
-        shard = layout.shards[units[pos % len(units)][0]].path
         counters["refused_in_row"] += 1
         if counters["refused_in_row"] > sum(s.num_samples for s in layout.shards):  # a whole pass, nothing delivered
             raise LoaderError(f"the model cannot align any utterance of the shards (e.g. {shard} sample {key}: "
@@ -579,8 +580,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     len(labels), need, frames, meta["num_samples"] / SAMPLE_RATE)
         return False
 
-    def _bad(self, layout, pos, units, key, why, counters):
-        shard = layout.shards[units[pos % len(units)][0]].path
+    def _bad(self, shard: str, key, why, counters):
         if self.on_corrupt == "stop":
             raise fmt.ShardError(f"{shard} sample {key}: {why} (data.on_corrupt=skip skips such samples)")
         counters["skipped_samples"] = counters.get("skipped_samples", 0) + 1
@@ -628,7 +628,7 @@ class TrainLoader:
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
                  global_batch_seconds: float | None = None, sync_buckets: bool = True, featurize=normalize,
-                 alignable=None):
+                 alignable=None, length_plan: bool = False):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         self.featurize = featurize  # audio (T,) -> the model's input, in the workers: the model family's featurizer()
         # alignable: the model's picklable check (asr_dist.audio.AlignmentCheck); utterances it refuses are skipped
@@ -665,6 +665,11 @@ class TrainLoader:
             raise LoaderError(f"data.bucket_batches={bucket_batches}: give 1 (no bucketing) or more")
         self.num_workers, self.seed, self.bucket_batches = num_workers, seed, bucket_batches
         self.sync_buckets = sync_buckets
+        if length_plan and micro_batch_seconds is not None:
+            raise LoaderError("data.length_plan=true plans a fixed utterance count per micro-batch (data.micro_batch_size); "
+                              "leave data.micro_batch_seconds out, or set data.length_plan=false")
+        self.length_plan = length_plan
+        self._catalogue = None  # length plan: every shard's samples, listed once (asr_dist.data.length_plan)
         self.on_corrupt, self.pin_memory, self.pad_to_multiple_of = on_corrupt, pin_memory, pad_to_multiple_of
         self.prefetch_factor = prefetch_factor
         streams = max(1, num_workers) * world_size
@@ -721,10 +726,20 @@ class TrainLoader:
                           if s else StreamState())
         return layouts, states
 
+    def _stream(self, layouts: list[StreamLayout], states: list[StreamState], decode: bool) -> TrainStream:
+        args = (layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt, self.pad_to_multiple_of)
+        kwargs = dict(decode=decode, featurize=self.featurize, alignable=self.alignable)
+        if not self.length_plan:
+            return TrainStream(*args, **kwargs)
+        from .length_plan import Catalogue, PlannedStream
+
+        if self._catalogue is None:
+            self._catalogue = Catalogue.list(self.shards, self.on_corrupt)
+        return PlannedStream(self._catalogue, *args, **kwargs)
+
     def __iter__(self) -> Iterator[dict]:
         layouts, states = self._layouts()
-        ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
-                         self.pad_to_multiple_of, featurize=self.featurize, alignable=self.alignable)
+        ds = self._stream(layouts, states, decode=True)
         w_count = len(layouts)
         if self.num_workers > 0:
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -774,8 +789,7 @@ class TrainLoader:
         (read from the shards' JSON; no audio is decoded), without moving the loader on: what this rank
         will train on, for planning and for bench/rank_balance.py."""
         layouts, states = self._layouts()
-        ds = TrainStream(layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt,
-                         self.pad_to_multiple_of, decode=False, alignable=self.alignable)
+        ds = self._stream(layouts, states, decode=False)
         streams = [ds.iter_stream(w) for w in range(len(layouts))]
         for g in range(self._offset_consumed(), self._quota_steps * self.accumulation):
             batch = next(streams[g % len(streams)])  # the canonical order, as __iter__ delivers
@@ -801,6 +815,7 @@ class TrainLoader:
             "cut_padding": self._cut_padding(),
             "bucket_batches": self.bucket_batches,
             "sync_buckets": self.sync_buckets,
+            "length_plan": self.length_plan,
             "mix": [list(m) for m in self.shards.mix],
             "num_samples": self.shards.num_samples,
             "quota_steps": self._quota_steps,
@@ -824,7 +839,7 @@ class TrainLoader:
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
                 self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds, self._cut_padding(),
                 self.bucket_batches, self.sync_buckets, [list(m) for m in self.shards.mix])
-        same = tuple(sd.get(k) for k in layout) == mine
+        same = tuple(sd.get(k) for k in layout) == mine and sd.get("length_plan", False) == self.length_plan
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]
             self._states = {int(k): v for k, v in sd["streams"].items()}

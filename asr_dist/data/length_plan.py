@@ -8,15 +8,16 @@ every rank computes the same plan from those lengths:
 
   the epoch's utterances in the loader's order (``epoch_sequence``: shards shuffled by (seed, epoch), or a
   weighted mix), the first world x micro-batches x micro of them (the rest of a global batch is the reserve)
-  ──windows of world x workers x bucket_batches x micro utterances──> each window sorted by length and cut
-  into groups of world x micro neighbours, the groups shuffled by (seed, epoch, window)
+  ──windows of world x workers x bucket_batches x micro utterances──> each window sorted by length (give
+  or take LENGTH_JITTER, drawn by (seed, epoch)) and cut into groups of world x micro neighbours, the
+  groups shuffled by (seed, epoch, window)
   ──group k──> micro-batch k of the window on every rank: rank r takes the group's utterances r, r + world,
   r + 2 x world, ... (dealt like cards, so that no rank always holds the group's longest end)
 
 So micro-batch g of every rank comes from one group of world x micro neighbours in the sorted window:
 the ranks' padded lengths differ by at most the group's spread, and so does a micro-batch's padding
-(measured: 8 x 4 at 1.02x the mean's padded work with 4 % padding, where contiguous slices gave 1.06x
-and 0.5 %). Micro-batch g is read by worker g % workers, sample by sample at its offset in the
+(on 480 utterances, 8 x 4: 1.02x the mean's padded work with 4 % padding, where contiguous slices gave
+1.06x and 0.5 %; on 3,438, bench/rank_balance.py: 1.012x, 1.9 %). Micro-batch g is read by worker g % workers, sample by sample at its offset in the
 shard (``os.pread`` of its JSON and audio), so the streams no longer read shards from start to end. Every utterance of the
 epoch's share is delivered once, every rank runs the same number of micro-batches, and the stream's
 position is its count of delivered micro-batches (with the skips and reserve stand-ins so far): a
@@ -46,6 +47,8 @@ from .loader import (LabelEncoder, LoaderError, ShardSet, StreamLayout, TrainStr
 
 log = logging.getLogger(__name__)
 
+LENGTH_JITTER = 0.03  # utterances are sorted by length x exp(+-this): the groups change between epochs
+
 
 @dataclasses.dataclass
 class Catalogue:
@@ -68,7 +71,7 @@ class Catalogue:
                 locs = fmt.list_shard(shard.path)
             except fmt.ShardError as e:
                 if on_corrupt == "stop":
-                    raise
+                    raise fmt.ShardError(f"{e} (data.on_corrupt=skip skips such samples)") from None
                 log.warning("length plan: %s (its samples are skipped as damaged when their turn comes)", e)
                 locs = []
             if len(locs) > n or (len(locs) < n and on_corrupt == "stop"):
@@ -104,7 +107,12 @@ def rank_plan(catalogue: Catalogue, layout: StreamLayout) -> tuple[list[np.ndarr
     if used > len(sequence):
         raise LoaderError(f"the length plan needs {used} utterances this epoch, the shards hold {len(sequence)}; "
                           "this is a bug")
-    lengths = np.array([catalogue.lengths[s][i] for s, i in sequence[:used]], dtype=np.int64)
+    lengths = np.array([catalogue.lengths[s][i] for s, i in sequence[:used]], dtype=np.float64)
+    # sorted by length give or take LENGTH_JITTER, drawn anew each epoch: where a window holds the whole epoch,
+    # exact sorting would put the same utterances together in every epoch
+    draw = random.Random(f"jitter-{layout.seed}-{layout.epoch}{layout.tag}").getrandbits(64)
+    jitter = np.random.default_rng(draw).uniform(-1, 1, used)
+    lengths *= np.exp(LENGTH_JITTER * jitter)
     window = group * layout.num_workers * layout.bucket_batches
     batches = []
     for w, start in enumerate(range(0, used, window)):

@@ -43,7 +43,7 @@ class DataArgs:
     num_workers: int = 2  # DataLoader worker processes per rank
     bucket_batches: Optional[int] = None  # length bucketing buffer, in micro-batches (1 = no bucketing); default: 32, and with a fixed utterance count enough for 1024 utterances (more agree closer across ranks, less padding; about 100 kB of FLAC an utterance per loader worker)
     sync_buckets: bool = True  # the ranks of a step take micro-batches of the same length quantile (a shared shuffle of their buffers), so none waits long for the slowest; fixed utterance count only (the large-batch mode fills micro-batches by seconds already)
-    length_plan: bool = False  # plan the epoch from every utterance's length (each rank lists every shard's tar headers and JSON at start-up, then reads utterances at their offsets): a step's ranks hold neighbouring lengths at any world size (on a 3.4 h corpus, 64 ranks x 1: the slowest rank does 1.04x the mean's work, where sync_buckets alone leaves 1.37x; bench/rank_balance.py); fixed utterance count only
+    length_plan: Optional[bool] = None  # default: on with a fixed utterance count, off in the large-batch mode. Plan the epoch from every utterance's length (each rank lists every shard's tar headers and JSON at start-up, then reads utterances at their offsets): a step's ranks hold neighbouring lengths at any world size (on a 3.4 h corpus, 64 ranks x 1: the slowest rank does 1.04x the mean's work, where sync_buckets alone leaves 1.37x; bench/rank_balance.py). false: each reader streams its shards and sorts its own buffer (sync_buckets)
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
     allow_failed_shards: bool = False  # train on a shard set whose build rejected more than --max-reject-fraction
@@ -245,6 +245,12 @@ def merge_config(path: str | None = None, overrides: list[str] | None = None) ->
     return obj
 
 
+def length_plan(data: DataArgs) -> bool:
+    """data.length_plan as the loader takes it: unset means on with a fixed utterance count (the large-batch
+    mode cuts its micro-batches by seconds, which the plan does not do)."""
+    return data.micro_batch_seconds is None if data.length_plan is None else bool(data.length_plan)
+
+
 def check_mix(train_shards, temperature: float | None):
     """data.train_shards as a plain list of directories, or as a mix {name: {"path": DIR, "weight": W}}
     (weights > 0, or none of them with data.mix_temperature)."""
@@ -300,7 +306,7 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg.data.train_shards, str):
         cfg.data.train_shards = [cfg.data.train_shards]
     cfg.data.train_shards = check_mix(cfg.data.train_shards, cfg.data.mix_temperature)
-    if cfg.data.length_plan and cfg.data.micro_batch_seconds is not None:
+    if cfg.data.length_plan is True and cfg.data.micro_batch_seconds is not None:
         raise ConfigError("data.length_plan=true plans micro-batches of a fixed utterance count: leave "
                           "data.micro_batch_seconds out (use data.micro_batch_size), or set data.length_plan=false")
     if isinstance(cfg.data.train_shards, dict) and cfg.data.micro_batch_seconds is not None:

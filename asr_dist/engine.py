@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, shard_dirs, to_dict
+from .config import Config, ConfigError, length_plan, shard_dirs, to_dict
 from .data.index import ShardError, build_failure, read_index
 from .flops import peak_flops, train_flops_per_audio_second
 from .data.loader import ShardSet, TrainLoader
@@ -172,7 +172,7 @@ class Trainer:
                                   micro_batch_seconds=cfg.data.micro_batch_seconds,
                                   global_batch_seconds=cfg.data.global_batch_seconds,
                                   sync_buckets=cfg.data.sync_buckets, featurize=self.featurize, alignable=alignable,
-                                  length_plan=cfg.data.length_plan)
+                                  length_plan=length_plan(cfg.data))
         self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
         self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
                                           cuda=get_accelerator().device_name() == "cuda")

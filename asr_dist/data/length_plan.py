@@ -107,7 +107,8 @@ def rank_plan(catalogue: Catalogue, layout: StreamLayout) -> tuple[list[np.ndarr
     if used > len(sequence):
         raise LoaderError(f"the length plan needs {used} utterances this epoch, the shards hold {len(sequence)}; "
                           "this is a bug")
-    lengths = np.array([catalogue.lengths[s][i] for s, i in sequence[:used]], dtype=np.float64)
+    first = np.cumsum([0] + [len(x) for x in catalogue.lengths])  # each shard's first row in the flat column
+    lengths = np.concatenate(catalogue.lengths)[first[shard_col[:used]] + sample_col[:used]].astype(np.float64)
     # sorted by length give or take LENGTH_JITTER, drawn anew each epoch: where a window holds the whole epoch,
     # exact sorting would put the same utterances together in every epoch
     draw = random.Random(f"jitter-{layout.seed}-{layout.epoch}{layout.tag}").getrandbits(64)

@@ -40,10 +40,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
 from . import index as fmt
-from .loader import (LabelEncoder, LoaderError, ShardSet, StreamLayout, TrainStream, collate, decode_audio,
-                     epoch_sequence, input_padding)
+from .loader import LabelEncoder, LoaderError, ShardSet, StreamLayout, TrainStream, epoch_sequence
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +154,7 @@ class PlannedStream(TrainStream):
                     s, i = reserve[(stand_ins + w * len(reserve) // layout.num_workers) % len(reserve)]
                     stand_ins += 1
                     self._read(layout, int(s), int(i), encode, fds, counters, samples, shards, seconds)
-                if self.decode:
-                    batch = collate(samples, input_padding(self.featurize, self.pad_to_multiple_of), seconds)
-                else:
-                    batch = {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
+                batch = self._collate(samples, seconds)
                 state.delivered += 1
                 counters["refused_in_row"] = 0
                 batch["shards"] = shards
@@ -200,17 +195,4 @@ class PlannedStream(TrainStream):
         except (fmt.ShardError, OSError) as e:
             self._bad(path, key, str(e), counters)
             return
-        if self.alignable is not None and not self._fits(path, layout, key, meta, encode, counters):
-            return
-        if not self.decode:
-            samples.append((key, meta["num_samples"]))
-            shards.append(s)
-            return
-        try:
-            audio = decode_audio(audio_bytes, key)
-        except fmt.ShardError as e:
-            self._bad(path, key, str(e), counters)
-            return
-        samples.append((key, self.featurize(audio), encode(meta["text"]), meta["text"]))
-        shards.append(s)
-        seconds.append(len(audio) / SAMPLE_RATE)
+        self._add(layout, s, key, audio_bytes, meta, encode, counters, samples, shards, seconds)

@@ -524,28 +524,11 @@ class TrainStream(torch.utils.data.IterableDataset):
                     break
                 samples, shards, seconds = [], [], []
                 for key, data, meta, shard in batches[b]:
-                    if self.alignable is not None and not self._fits(layout.shards[shard].path, layout, key, meta, encode,
-                                                                         counters):
-                        continue
-                    if not self.decode:
-                        samples.append((key, meta["num_samples"]))
-                        shards.append(shard)
-                        continue
-                    try:
-                        audio = decode_audio(data, key)
-                    except fmt.ShardError as e:
-                        self._bad(layout.shards[shard].path, key, str(e), counters)
-                        continue
-                    samples.append((key, self.featurize(audio), encode(meta["text"]), meta["text"]))
-                    shards.append(shard)
-                    seconds.append(len(audio) / SAMPLE_RATE)
+                    self._add(layout, shard, key, data, meta, encode, counters, samples, shards, seconds)
                 state.taken_from_buffer = b + 1
                 if not samples:
                     continue  # every utterance of it was damaged and skipped: the next batch stands in
-                if self.decode:
-                    batch = collate(samples, input_padding(self.featurize, self.pad_to_multiple_of), seconds)
-                else:
-                    batch = {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
+                batch = self._collate(samples, seconds)
                 state.delivered += 1
                 state.delivered_from_buffer += 1
                 counters["refused_in_row"] = 0
@@ -558,6 +541,31 @@ class TrainStream(torch.utils.data.IterableDataset):
                 yield batch
             state.buffer_index += 1
             state.taken_from_buffer = state.delivered_from_buffer = 0
+
+    def _add(self, layout, shard: int, key, data: bytes, meta: dict, encode, counters, samples, shards,
+             seconds) -> None:
+        """Append one read sample to the micro-batch being formed (decoded and featurised, or its key and
+        length when planning), or skip it: one the model cannot align, or whose audio does not decode."""
+        path = layout.shards[shard].path
+        if self.alignable is not None and not self._fits(path, layout, key, meta, encode, counters):
+            return
+        if not self.decode:
+            samples.append((key, meta["num_samples"]))
+            shards.append(shard)
+            return
+        try:
+            audio = decode_audio(data, key)
+        except fmt.ShardError as e:
+            self._bad(path, key, str(e), counters)
+            return
+        samples.append((key, self.featurize(audio), encode(meta["text"]), meta["text"]))
+        shards.append(shard)
+        seconds.append(len(audio) / SAMPLE_RATE)
+
+    def _collate(self, samples, seconds) -> dict:
+        if self.decode:
+            return collate(samples, input_padding(self.featurize, self.pad_to_multiple_of), seconds)
+        return {"keys": [k for k, _ in samples], "num_samples": [n for _, n in samples]}
 
     def _fits(self, shard: str, layout, key, meta, encode, counters) -> bool:
         """Whether the model can align the sample; one it cannot is skipped like a damaged one (counted, logged),

@@ -62,7 +62,7 @@ class ModelArgs:
     cudnn_benchmark: bool = False  # let cuDNN time every convolution algorithm for each new input shape and keep the fastest: pays only with few distinct shapes (data.pad_to_multiple_of=16000)
     fft_positional_conv: bool = False  # compute the positional convolution (kernel 128, 16 groups) with FFTs in float32: the same result (within 1e-5), about 40x fewer FLOPs
     sync_free_forward: bool = True  # training forward with its masks and CTC lengths made on the host from the loader's lengths: the GPU is never waited for inside it (transformers' forward waits up to 9 times per micro-batch); same loss and gradients. false: transformers' own forward
-    compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length) and the feature encoder's norm + GELU
+    compile: bool = False  # torch.compile each transformer layer (regional: one graph shared by every layer, dynamic length) and the feature encoder's norm + GELU; refused for wav2vec2-conformer and wav2vec2-bert, whose layers compile anew at every batch length
     layerdrop: float = 0.0  # probability of skipping each transformer layer in an optimizer step: the same layers on every rank and micro-batch (ZeRO stage 0-2)
     mask_time_prob: float = 0.05  # SpecAugment: share of frames masked in time
     mask_time_length: int = 10  # SpecAugment: frames per time mask

@@ -7,6 +7,7 @@ training also adapter.<language>.safetensors (the adapters and CTC head, for ``l
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -45,8 +46,12 @@ def export(trainer, out: Path) -> None:
     state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out.parent))
     model = engine.module
-    model.config.dtype = "float32"
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    # save_pretrained records the live module's dtype (bf16 or fp16 under mixed precision) in config.json,
+    # and from_pretrained would then load the fp32 weights in that dtype: the export says float32
+    config = copy.deepcopy(model.config)
+    config.dtype = "float32"
+    config.save_pretrained(str(tmp))
     if trainer.cfg.model.train_adapters_only:  # also the adapter alone, for load_adapter on another copy of the base
         trainer.family.write_adapter(state, model, trainer.cfg.model.adapter_language, tmp)
     make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME, trainer.family).save_pretrained(str(tmp))

@@ -160,11 +160,14 @@ def test_a_hubert_run_resumes_to_identical_losses(train_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(train_shards, tmp_path):
-    """Two ranks, ZeRO-1, 10 steps of model.train_adapters_only from a base checkpoint: against the initial
-    state, every adapter and head tensor moved and nothing else did; adapter.dan.safetensors loads with
-    transformers' load_adapter into the export and gives its logits; a run resumed from step 5 has the
-    uninterrupted run's losses."""
+@pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (3, "bf16")])
+def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(zero_stage, precision, train_shards, tmp_path):
+    """Two ranks, 10 steps of model.train_adapters_only from a base checkpoint, at ZeRO-1 in fp32 and ZeRO-3
+    in bf16: against the initial state, every adapter and head tensor moved and nothing else did (in bf16 the
+    frozen weights come back as the bf16 values DeepSpeed holds them in, bit for bit); adapter.dan.safetensors
+    loads with transformers' load_adapter into the export and gives its logits; the checkpoint made into a
+    model directory carries the same adapters; at ZeRO-1 a run resumed from step 5 has the uninterrupted
+    run's losses."""
     import json
 
     import transformers
@@ -174,7 +177,10 @@ def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(train_sha
 
     base = save_base_model("wav2vec2", tmp_path / "base")
     args = [f"model.pretrained={base}", "train.max_steps=10", *RUN, "train.checkpoint_every=5",
-            "model.train_adapters_only=true", "model.adapter_language=dan"]
+            "model.train_adapters_only=true", "model.adapter_language=dan",
+            f"distributed.zero_stage={zero_stage}", f"distributed.precision={precision}"]
+    # DeepSpeed's bf16 engine holds the whole module in bf16, the frozen encoder too
+    held = (lambda t: t.to(torch.bfloat16).float()) if precision == "bf16" else (lambda t: t)
     out = tmp_path / "run"
     r = launch("torchrun", overrides(train_shards, out, *args))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -186,10 +192,12 @@ def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(train_sha
     initial, family = build_model(cfg.model, vocab, seed=cfg.seed)  # what the run started from
     adapters = set(family.adapter_weights(initial))
     exported = transformers.Wav2Vec2ForCTC.from_pretrained(str(out / "model")).eval()
+    assert exported.dtype == torch.float32  # an export loads in fp32 whatever the training precision
     before, after = initial.state_dict(), exported.state_dict()
     assert before.keys() == after.keys()
-    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    moved = {k for k in before if not torch.equal(held(before[k]), after[k])}
     assert moved == adapters, (moved ^ adapters)
+    assert all(torch.equal(after[k], held(before[k])) for k in before if k not in adapters)
     # the adapter file: load_adapter puts the trained adapters and head into a model holding the initial ones
     x = torch.randn(1, 24000, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -205,7 +213,10 @@ def test_mms_adapter_only_training_changes_the_adapters_and_head_alone(train_sha
 
     from_ckpt = checkpoint_to_model_dir(out / "checkpoints" / "step-00000010", tmp_path / "from-ckpt")
     a, b = (load_file(str(d / "adapter.dan.safetensors")) for d in (out / "model", from_ckpt))
-    assert a.keys() == b.keys() == adapters and all(torch.equal(a[k], b[k]) for k in a)
+    # (a ZeRO-3 checkpoint keeps the adapters' fp32 master weights; the export, the module's bf16 copy)
+    assert a.keys() == b.keys() == adapters and all(torch.equal(a[k], held(b[k])) for k in a)
+    if zero_stage == 3:
+        return
     # exact resume: DeepSpeed saved the frozen weights with the module and the optimizer state of the adapters
     cut = tmp_path / "cut"
     shutil.copytree(out / "checkpoints" / "step-00000005", cut / "checkpoints" / "step-00000005")

@@ -96,6 +96,10 @@ def test_model_settings_a_family_cannot_honour_are_refused_when_read(tmp_path):
          "no single grouped positional convolution"),
         (["model.preset=tiny", "model.family=data2vec-audio", "model.fft_positional_conv=true"],
          "no single grouped positional convolution"),
+        (["model.preset=tiny", "model.family=wav2vec2-conformer", "model.compile=true"],
+         "wav2vec2-conformer: torch.compile builds new graphs for every new batch length"),
+        (["model.preset=tiny", "model.family=wav2vec2-bert", "model.compile=true"],
+         "wav2vec2-bert: torch.compile builds new graphs for every new batch length"),
     ]
     for overrides, message in cases:
         with pytest.raises(ModelError, match=message):
@@ -105,6 +109,7 @@ def test_model_settings_a_family_cannot_honour_are_refused_when_read(tmp_path):
     model, family = build_model(cfg.model, VOCAB)
     assert model.config._attn_implementation == "eager" and type(model) is transformers.WavLMForCTC
     assert load_config(None, BASE + [f"model.pretrained={hubert}", "model.family=hubert"]).model.family == "hubert"
+    assert load_config(None, BASE + [f"model.pretrained={hubert}", "model.compile=true"]).model.compile
 
 
 def test_no_family_without_a_front_end_is_asked_to_freeze_one():

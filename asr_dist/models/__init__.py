@@ -131,7 +131,16 @@ class ModelFamily:
         if args.fft_positional_conv and not self.fft_positional_conv:
             raise ModelError(f"model.fft_positional_conv=true for {self.name}: it has no single grouped positional "
                              f"convolution to compute with FFTs (wav2vec2, hubert and wavlm have); set it to false")
+        if args.compile and self.recompiles_per_length:
+            raise ModelError(f"model.compile=true for {self.name}: torch.compile builds new graphs for every new "
+                             f"batch length in its layers (the sequence length is specialised in their backward), "
+                             f"so compiling costs more than it saves; set model.compile=false")
         self.check_adapters(args)
+
+    # Whether torch.compile of the layers specialises the sequence length (conformer layers: one more graph
+    # at every new length, measured on the tiny presets at 1.0, 1.5 and 1.25 s with relative and rotary
+    # positions); past dynamo's recompile limit such layers fall back to eager without a word.
+    recompiles_per_length: bool = False
 
     def check_adapters(self, args: ModelArgs) -> None:
         """model.train_adapters_only and its companions: refused where transformers has no attention adapters."""

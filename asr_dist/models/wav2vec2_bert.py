@@ -78,6 +78,7 @@ class Wav2Vec2BertFamily(ModelFamily):
     has_front_end = False
     conv_adapter = True
     attention_kernels = ("sdpa", "eager")  # no flash attention in transformers' wav2vec2-bert
+    recompiles_per_length = True
     _layout = dict(feature_projection_input_dim=STACK * 80, position_embeddings_type="relative_key",
                    hidden_act="swish")
     presets = {

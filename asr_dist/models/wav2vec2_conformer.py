@@ -25,6 +25,7 @@ class Wav2Vec2ConformerFamily(ModelFamily):
     presets = {"tiny": _conformer(PRESETS["tiny"], conv_depthwise_kernel_size=15, position_embeddings_type="relative"),
                "large": _conformer(PRESETS["large"], position_embeddings_type="relative")}
     attention_kernels = ("sdpa", "eager")  # no flash attention in transformers' conformer
+    recompiles_per_length = True
 
     def positional_flops(self, config, frames: int) -> float:
         return 0.0  # positions enter in the attention (layer_flops)

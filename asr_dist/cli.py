@@ -223,7 +223,7 @@ def cmd_evaluate(args) -> int:
     r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
                        micro_batch_size=args.batch_size, micro_batch_seconds=args.batch_seconds,
                        num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args),
-                       group_by=args.by, seed=args.seed)
+                       group_by=args.by, seed=args.seed, subset=args.subset, split=args.split)
     if r["world_size"] == 1 or get_rank_zero():
         print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
                                             "insertions", "audio_hours", "real_time_factor")}, indent=1))
@@ -350,7 +350,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="also draw the duration histogram into this PNG")
     p.set_defaults(func=cmd_shards_info)
 
-    p = sub.add_parser("train", help="fine-tune Wav2Vec2ForCTC with DeepSpeed (one process here; see launch/train.py)",
+    p = sub.add_parser("train", help="fine-tune a CTC encoder (any model family) with DeepSpeed (one process here; see launch/train.py)",
                        description="Train from an experiment YAML. Overrides are dotted keys: train.max_steps=100 "
                                    "optim.lr=3e-4. Under deepspeed, torchrun or srun, every rank runs this.")
     p.add_argument("--config", "-c", required=True, metavar="YAML", help="experiment config (see configs/)")
@@ -375,6 +375,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also report WER/CER per value of this metadata field of the samples (gender, dialect, …; "
                         "see shards info), with 95 %% bootstrap intervals; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling for --by (default: 0)")
+    p.add_argument("--subset", metavar="NAME", help="where --shards is a Hugging Face dataset repository or cache: "
+                                                    "its subset (default: the card's default)")
+    p.add_argument("--split", metavar="NAME", help="where --shards is a Hugging Face dataset or a Common Voice "
+                                                   "release: the split to evaluate (test, validation, …; default: the "
+                                                   "only one)")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per forward pass (default: 16)")
     p.add_argument("--batch-seconds", type=float, default=None, metavar="S",
                    help="instead: forward passes of as many utterances as fit in S seconds of audio, padding "

@@ -67,9 +67,14 @@ def load_model_dir(model_dir: str, device: torch.device):
     return model, vocab, meta, family
 
 
-def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
-    """A shard set as is; any other corpus is built into a temporary one with the model's normaliser."""
+def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path, subset: str | None = None,
+               split: str | None = None) -> str:
+    """A shard set as is; any other corpus (its ``subset`` and ``split`` where it has them) is built into a
+    temporary one with the model's normaliser."""
     if (Path(source) / fmt.INDEX_NAME).exists():
+        if subset or split:
+            raise ModelDirError(f"{source} is a shard set, which has no subsets or splits; leave out "
+                                f"--subset and --split, or give the corpus itself")
         return source
     from .data.writer import BuildOptions, build
 
@@ -78,7 +83,7 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
     out = tmp / "shards"
     s = build(BuildOptions(inputs=[source], output=str(out), normalizer=norm["name"],
                            normalizer_settings=norm.get("settings", {}), vocab=str(vocab_path), progress=False,
-                           max_reject_fraction=1.0, max_duration=3600))
+                           max_reject_fraction=1.0, max_duration=3600, subset=subset, split=split))
     if s.num_rejected:
         log.warning("%d utterances of %s could not be evaluated; see %s", s.num_rejected, source, out / fmt.REJECTS_NAME)
     return str(out)
@@ -87,14 +92,16 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path) -> str:
 def evaluate_model(model_dir: str, source: str, report: str | None = None, predictions: str | None = None,
                    micro_batch_size: int = 16, num_workers: int = 2, denv: DistEnv | None = None,
                    progress: bool = True, decoder: dict | None = None, micro_batch_seconds: float | None = None,
-                   group_by: list[str] | None = None, seed: int = 0) -> dict:
+                   group_by: list[str] | None = None, seed: int = 0, subset: str | None = None,
+                   split: str | None = None) -> dict:
     """WER, CER and error counts of ``model_dir`` (an exported model or a training checkpoint) on
     ``source``, on every rank of the job. ``decoder``: None for greedy decoding, else
     BeamSearchDecoder's arguments (lm, beam_width, alpha, beta). ``group_by``: metadata fields of the
-    samples' JSON to break the rates down by (``result["groups"]``, bootstrap intervals from ``seed``)."""
+    samples' JSON to break the rates down by (``result["groups"]``, bootstrap intervals from ``seed``).
+    ``subset``, ``split``: which part of a Hugging Face dataset or Common Voice release ``source`` is."""
     with model_directory(model_dir) as d:
         result = _evaluate_model(d, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers,
-                                 denv, progress, decoder, group_by or [], seed)
+                                 denv, progress, decoder, group_by or [], seed, subset, split)
     result["model"] = str(model_dir)
     if report and result.pop("_write_report", False):
         Path(report).write_text(json.dumps(result, indent=1) + "\n")
@@ -103,7 +110,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
 
 
 def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers, denv,
-                    progress, decoder, group_by=(), seed=0) -> dict:
+                    progress, decoder, group_by=(), seed=0, subset=None, split=None) -> dict:
     denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
@@ -117,11 +124,20 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
                                 world_size=denv.world_size, timeout=datetime.timedelta(minutes=30))
     model, vocab, meta, family = load_model_dir(model_dir, device)
     with tempfile.TemporaryDirectory() as tmp:
-        shards_dir = _as_shards(source, Path(model_dir) / "vocab.json", meta, Path(tmp)) if denv.is_main else None
+        shards_dir, failed = None, None
+        if denv.is_main:
+            try:
+                shards_dir = _as_shards(source, Path(model_dir) / "vocab.json", meta, Path(tmp), subset, split)
+            except UserError as e:  # every rank stops with it, none waits for a set that never comes
+                failed = e
         if denv.world_size > 1:
-            box = [shards_dir]
+            box = [shards_dir, None if failed is None else str(failed)]
             dist.broadcast_object_list(box, src=0)  # ranks share the temporary set (one machine) or a shard set
             shards_dir = box[0]
+            if box[1] is not None and failed is None:
+                failed = UserError(box[1])
+        if failed is not None:
+            raise failed
         shards = ShardSet.open(shards_dir)
         if shards.vocab != vocab:
             raise ModelDirError(f"{shards_dir}: its vocab.json differs from the model's; build it with "

@@ -19,7 +19,7 @@ from typing import Iterable
 
 from .errors import InvalidValue, PathNotFound
 
-PAD_TOKEN = "[PAD]"  # id 0; Wav2Vec2ForCTC uses the pad id as the CTC blank
+PAD_TOKEN = "[PAD]"  # id 0; transformers' *ForCTC models use the pad id as the CTC blank
 UNK_TOKEN = "[UNK]"
 WORD_DELIMITER = "|"
 

@@ -130,3 +130,46 @@ def test_group_scalars_and_results_of_an_evaluation():
                     "eval/dev/words_by_gender/f": 3, "eval/dev/words_by_gender/m": 4}
     assert set(eval_scalars("pooled", set_result(1.0, ErrorCounts()))) == {"eval/pooled/loss", "eval/pooled/wer",
                                                                            "eval/pooled/cer"}
+
+
+def test_a_split_of_a_hub_repository_is_evaluated_by_name(model_and_set, tmp_path):
+    """`evaluate --split test --by gender` on a Hugging Face dataset repository as downloaded: the split's
+    utterances, its gender groups; without --split the command says to choose one; a shard set has none."""
+    import pyarrow.parquet as pq
+
+    from asr_dist.errors import UserError
+
+    root = model_and_set
+    repo = write_corpus(tmp_path / "hub", "hf-hub", 16, seed=3)
+    test_rows = [r for f in sorted(Path(repo).glob("data/test-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    with pytest.raises(UserError, match=r"splits train, test; choose one with --split"):
+        evaluate_model(str(root / "model"), repo, num_workers=0, progress=False)
+    assert main(["evaluate", "--model", str(root / "model"), "--shards", repo, "--split", "test", "--by", "gender",
+                 "--workers", "0", "--no-progress", "--report", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["num_utterances"] == len(test_rows) > 0
+    assert sum(g["utterances"] for g in r["groups"]["gender"].values()) == len(test_rows)
+    with pytest.raises(ModelDirError, match=r"is a shard set, which has no subsets or splits"):
+        evaluate_model(str(root / "model"), str(root / "shards"), num_workers=0, progress=False, split="test")
+
+
+def _ranks_on_a_bad_split(rank, world, port, root, repo, out):
+    torch.set_num_threads(1)
+    from asr_dist.errors import UserError
+
+    try:
+        evaluate_model(str(root / "model"), repo, num_workers=0, progress=False, split="validation",
+                       denv=DistEnv(rank, rank, world, "127.0.0.1", port, "test"))
+    except UserError as e:
+        (out / f"rank{rank}.txt").write_text(str(e))
+
+
+@pytest.mark.slow
+def test_a_corpus_rank_0_cannot_read_stops_every_rank_with_its_message(model_and_set, tmp_path):
+    """Rank 0 builds a corpus into shards for all ranks; when that fails, the other ranks stop with the
+    same message at once instead of waiting for a set that never comes."""
+    repo = write_corpus(tmp_path / "hub", "hf-hub", 8, seed=3)
+    mp.spawn(_ranks_on_a_bad_split, args=(2, 29500 + os.getpid() % 200, model_and_set, repo, tmp_path), nprocs=2,
+             join=True)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] and "no split 'validation'" in messages[0]

@@ -239,22 +239,39 @@ def _audio_kind(f: Path, column: str, typ) -> str:
                      f"a path string or binary audio (name the audio column with --audio-column)")
 
 
+def _columns(f: Path, text_column: str | None, audio_column: str | None):
+    """(schema, audio column, text column, speaker column or None, the other columns) of one table file."""
+    from .sources import AUDIO_COLUMNS, SPEAKER_COLUMNS, TEXT_COLUMNS, _pick
+
+    sch = schema(f)
+    cols = list(sch.names)
+    audio_col = _pick(cols, audio_column, AUDIO_COLUMNS, "audio", str(f))
+    text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", str(f))
+    speaker_col = _pick(cols, None, SPEAKER_COLUMNS, "speaker", str(f), required=False)
+    return sch, audio_col, text_col, speaker_col, [c for c in cols if c not in (audio_col, text_col)]
+
+
+def table_fields(files: list[Path], text_column: str | None, audio_column: str | None) -> set[str]:
+    """The metadata fields the files' rows offer (their columns besides audio and text; "speaker" where a
+    speaker column is), from the schemas alone: what ``read_tables`` will find, known before any audio is read."""
+    fields: set[str] = set()
+    for f in files:
+        _, _, _, speaker_col, extra = _columns(f, text_column, audio_column)
+        fields.update(extra, ["speaker"] if speaker_col else [])
+    return fields
+
+
 def read_tables(files: list[Path], root: Path, label: str, subset: str, split: str, text_column: str | None,
                 audio_column: str | None, keep: list[str] | None, spill: Spill, columns_seen: set) -> Iterator:
     """Items and Rejects of the chosen split's files, one row group in memory at a time."""
-    from .sources import AUDIO_COLUMNS, RESERVED_FIELDS, SPEAKER_COLUMNS, TEXT_COLUMNS, Item, Reject, _pick, _stem, make_key
+    from .sources import RESERVED_FIELDS, Item, Reject, _stem, make_key
 
     num = 0  # rows of the split so far: a key for rows whose audio has no name
     for f in files:
         row_no = 0
         rel = f.relative_to(root) if f.is_relative_to(root) else f
-        sch = schema(f)
-        cols = list(sch.names)
-        audio_col = _pick(cols, audio_column, AUDIO_COLUMNS, "audio", str(f))
+        sch, audio_col, text_col, speaker_col, extra = _columns(f, text_column, audio_column)
         kind = _audio_kind(f, audio_col, sch.field(audio_col).type)
-        text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", str(f))
-        speaker_col = _pick(cols, None, SPEAKER_COLUMNS, "speaker", str(f), required=False)
-        extra = [c for c in cols if c not in (audio_col, text_col)]
         columns_seen.update(extra)
         if speaker_col:
             columns_seen.add("speaker")

@@ -509,6 +509,17 @@ def read_hf_tables(path: Path, label: str, fmt: str, subset: str | None = None, 
                                kw.get("keep"), spill, kw.get("columns_seen") if kw.get("columns_seen") is not None else set())
 
 
+def table_fields(spec: InputSpec, text_column: str | None = None, audio_column: str | None = None) -> set[str] | None:
+    """The fields a parquet/arrow input offers, from its schemas (no rows read); None for other layouts,
+    whose fields are known only once their manifests are read."""
+    if spec.format not in ("hf-hub", "hf-cache"):
+        return None
+    from . import hub
+
+    resolve = hub.resolve_hub if spec.format == "hf-hub" else hub.resolve_cache
+    return hub.table_fields(resolve(spec.path, spec.subset, spec.split)[2], text_column, audio_column)
+
+
 READERS = {
     "commonvoice": read_commonvoice,
     "nemo": read_nemo,

@@ -46,7 +46,7 @@ from ..text import (
 )
 from . import index as fmt
 from .hub import Spill
-from .sources import RESERVED_FIELDS, InputError, Item, Reject, item_audio, read_input, resolve_input
+from .sources import RESERVED_FIELDS, InputError, Item, Reject, item_audio, read_input, resolve_input, table_fields
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,16 @@ def _in_part(name: str, part: tuple[int, int] | None) -> bool:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % n == i
 
 
+def check_keep_fields(keep: list[str], offered: dict[str, set]) -> None:
+    """--keep-fields names only fields that some input (``offered``: its label -> its fields) has."""
+    everywhere = set().union(*offered.values())
+    missing = [f for f in keep if f not in everywhere]
+    if missing:
+        have = "; ".join(f"{label}: {', '.join(sorted(c)) or '(none)'}" for label, c in offered.items())
+        raise InputError(f"--keep-fields {','.join(missing)}: no input has {'this field' if len(missing) == 1 else 'these fields'}; "
+                         f"fields found: {have}")
+
+
 def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None,
          spill: Spill | None = None) -> tuple[list[Item], list[Reject]]:
     """All items of all inputs, text normalised, duplicates and text rejects removed, in shuffle order.
@@ -211,12 +221,7 @@ def scan(opts: BuildOptions, specs, normalizer: Normalizer, vocab: dict | None,
                     continue
             items.append(it)
     if opts.keep_fields is not None:
-        everywhere = set().union(*offered.values())
-        missing = [f for f in opts.keep_fields if f not in everywhere]
-        if missing:
-            have = "; ".join(f"{label}: {', '.join(sorted(c)) or '(none)'}" for label, c in offered.items())
-            raise InputError(f"--keep-fields {','.join(missing)}: no input has {'this field' if len(missing) == 1 else 'these fields'}; "
-                             f"fields found: {have}")
+        check_keep_fields(opts.keep_fields, offered)
     items.sort(key=lambda it: order_key(opts.seed, it.key))
     return items, rejects
 
@@ -546,6 +551,10 @@ def build(opts: BuildOptions) -> BuildSummary:
         s.already_complete = True
         _remark(out, complete, s)
         return s
+    if opts.keep_fields is not None:  # parquet/arrow schemas name their fields: a typo stops before any audio is copied
+        known = {s.label: table_fields(s, opts.text_column, opts.audio_column) for s in specs}
+        if all(f is not None for f in known.values()):
+            check_keep_fields(opts.keep_fields, known)
     tables = any(s.format in ("hf-hub", "hf-cache") for s in specs)
     spill_dir = None
     if tables:

@@ -192,6 +192,11 @@ def test_keep_fields_errors(corpus, tmp_path):
     with pytest.raises(InputError, match=r"--keep-fields duration: the sample JSON already has this field"):
         build(opts(src, tmp_path / "out", keep_fields=["duration"]))
     assert not (tmp_path / "out" / "index.json").exists()
+    # a parquet input's fields are read from its schemas: the error comes before any audio is spilled
+    repo = corpus("hf-hub", num=8)
+    with pytest.raises(InputError, match=r"--keep-fields dialekt: no input has this field; fields found: .*dialect"):
+        build(opts(repo, tmp_path / "hub", split="train", keep_fields=["speaker", "dialekt"]))
+    assert not (tmp_path / "hub").exists()
 
 
 def test_kaldi_and_nemo_default_fields(corpus, tmp_path):

@@ -31,7 +31,6 @@ sequence), so every rank still runs the same count.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -41,7 +40,7 @@ from typing import Iterator
 import numpy as np
 
 from . import index as fmt
-from .loader import LabelEncoder, LoaderError, ShardSet, StreamLayout, TrainStream, epoch_sequence
+from .loader import LabelEncoder, LoaderError, ShardSet, StreamLayout, TrainStream, epoch_sequence, sample_meta
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +76,8 @@ class Catalogue:
                                   f"run `asr-dist shards verify`")
             for i, loc in enumerate(locs):
                 try:
-                    ln[i] = int(json.loads(loc.meta)["num_samples"])
-                except (KeyError, TypeError, ValueError):
+                    ln[i] = sample_meta(loc.meta)["num_samples"]
+                except ValueError:
                     ln[i] = 0  # the read reports it (data.on_corrupt)
                 k[i] = loc.key
                 pl[i, :2] = loc.members.get(shards.audio_format, (-1, -1))
@@ -188,7 +187,7 @@ class PlannedStream(TrainStream):
             meta_bytes, audio_bytes = os.pread(fd, json_size, json_at), os.pread(fd, audio_size, audio_at)
             if len(meta_bytes) != json_size or len(audio_bytes) != audio_size:
                 raise fmt.ShardError(f"{path}: sample {key} is cut short (the shard changed since it was listed?)")
-            meta = json.loads(meta_bytes)
+            meta = sample_meta(meta_bytes)
         except (KeyError, ValueError) as e:
             self._bad(path, key, f"no .{self.audio_format} or unreadable JSON ({e})", counters)
             return

@@ -165,6 +165,16 @@ class LabelEncoder:
         return [self.table.get(c, self.unk) for c in text]
 
 
+def sample_meta(raw: bytes | str) -> dict:
+    """A sample's JSON as a dict with its num_samples; ValueError (the caller names the sample) otherwise."""
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError(f"its JSON is a {type(meta).__name__}, not an object")
+    if not isinstance(meta.get("num_samples"), int) or not isinstance(meta.get("text"), str):
+        raise ValueError("its JSON lacks a whole-number num_samples or a text string")
+    return meta
+
+
 def normalize(audio: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance per utterance, as Wav2Vec2FeatureExtractor(do_normalize=True)."""
     return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
@@ -496,7 +506,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 taken += 1
                 key, files = item
                 try:
-                    sample = (key, files[self.audio_format], json.loads(files["json"]), units[pos % len(units)][0])
+                    sample = (key, files[self.audio_format], sample_meta(files["json"]), units[pos % len(units)][0])
                     filled += sample[2]["num_samples"] if by_seconds else 1
                     buffer.append(sample)
                 except (KeyError, ValueError) as e:
@@ -936,7 +946,13 @@ class EvalLoader:
         if len(locs) != self.shards.num_samples:
             raise LoaderError(f"{self.shards.dirs}: {len(locs)} samples in the shards, index.json says "
                               f"{self.shards.num_samples}; run `asr-dist shards verify`")
-        order = sorted((json.loads(loc.meta)["num_samples"], loc.key, i) for i, loc in enumerate(locs))
+        lengths = []
+        for loc in locs:
+            try:
+                lengths.append(sample_meta(loc.meta)["num_samples"])
+            except ValueError as e:
+                raise LoaderError(f"{loc.shard}: sample {loc.key}: {e}; run `asr-dist shards verify` on it") from None
+        order = sorted((n, loc.key, i) for i, (n, loc) in enumerate(zip(lengths, locs)))
         locs, lengths = [locs[i] for _, _, i in order], [n for n, _, _ in order]
         if micro_batch_seconds is None:
             batches = [locs[i:i + micro_batch_size] for i in range(0, len(locs), micro_batch_size)]

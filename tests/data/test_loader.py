@@ -358,6 +358,34 @@ def test_damaged_shards_by_policy(train_set, tmp_path):
     assert len(batches) == skip.micro_batches_per_epoch  # the count holds: other shards stand in
 
 
+@pytest.mark.parametrize("plan", [True, False])
+def test_a_sample_json_that_is_not_an_object_is_a_damaged_sample(train_set, tmp_path, plan):
+    """A sample whose JSON parses to a list (or lacks num_samples or text) is reported by shard and key, or
+    skipped and counted under on_corrupt=skip; the evaluation loader names it at start."""
+    import io
+    import tarfile
+
+    d = tmp_path / "s"
+    shutil.copytree(train_set, d)
+    shard = d / "shard-000002.tar"
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    bad = next(m.name for m, _ in members if m.name.endswith(".json"))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as t:
+        for m, data in members:
+            data = b"[1, 2]" if m.name == bad else data
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    key = bad[: -len(".json")]
+    kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0, length_plan=plan)
+    with pytest.raises(fmt.ShardError, match=rf"shard-000002.tar sample {key}: .*a list, not an object"):
+        list(TrainLoader(str(d), **kw))
+    skip = TrainLoader(str(d), on_corrupt="skip", **kw)
+    assert len(list(skip)) == skip.micro_batches_per_epoch and skip.skipped_samples == 1
+    with pytest.raises(LoaderError, match=rf"shard-000002.tar: sample {key}: its JSON is a list"):
+        EvalLoader(str(d), rank=0, world_size=1, micro_batch_size=4, num_workers=0)
+
+
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_skipped_samples_count_survives_a_resume(train_set, tmp_path, workers):
     d = tmp_path / "s"

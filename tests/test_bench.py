@@ -53,6 +53,14 @@ def test_shards_benchmark_ratios_agree_with_its_figures():
         assert b["ratio_vs_bare_work"] == pytest.approx(ratio(b["x_real_time"], bare), abs=0.01), b
 
 
+def test_catalogue_benchmark_reads_every_utterance_both_ways():
+    r = run_bench("catalogue.py", "--utterances", "1500")
+    assert (r["utterances"], r["shards"]) == (1500, 2) and r["samples_tsv_bytes"] > 1500 * 40
+    for name, key in (("listing", "baseline_listing_seconds"), ("samples_tsv", "samples_tsv_seconds")):
+        assert r["microseconds_per_utterance"][name] == pytest.approx(1e6 * r[key] / 1500, abs=1.0)
+    assert r["speedup"] == pytest.approx(ratio(r["baseline_listing_seconds"], r["samples_tsv_seconds"]), rel=0.2)
+
+
 @pytest.mark.slow  # builds and decodes two shard sets several times (about 20 s)
 def test_loader_benchmark_shows_bucketing_cuts_padding_and_seconds_fill_evenly():
     # 128 utterances: a buffer holds at most what an epoch's share takes, so from 8 micro-batches of 16 on

@@ -3,7 +3,7 @@ and a safe reader for our tar shards.
 
   DIR/shard-000000.tar … shard-NNNNNN.tar   {key}.flac|{key}.wav + {key}.json per sample
   DIR/index.json                            written last: its presence means the set is complete
-  DIR/vocab.json  DIR/rejects.tsv
+  DIR/vocab.json  DIR/rejects.tsv  DIR/samples.tsv (each sample's length and byte offsets)
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 VOCAB_NAME = "vocab.json"
 REJECTS_NAME = "rejects.tsv"
+SAMPLES_NAME = "samples.tsv"
+SAMPLES_HEADER = "shard\tkey\tnum_samples\taudio_offset\taudio_size\tjson_offset\tjson_size\n"
 STATE_NAME = ".build-state.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
@@ -173,6 +175,49 @@ def list_shard(path: str | os.PathLike) -> list[SampleLocation]:
                     out[-1].meta = tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{path}: unreadable: {e}") from None
+    return out
+
+
+def sample_table_bytes(directory: str | os.PathLike, shards: list[dict], audio_format: str) -> bytes:
+    """samples.tsv of a set: per sample, in shard order, its shard, key, length and the (offset, size) of its
+    audio and JSON bytes, so that readers plan an epoch by length without listing every shard."""
+    lines = [SAMPLES_HEADER]
+    for s in shards:
+        for loc in list_shard(Path(directory) / s["name"]):
+            (a_at, a_size), (j_at, j_size) = loc.members[audio_format], loc.members["json"]
+            n = json.loads(loc.meta)["num_samples"]
+            lines.append(f"{s['name']}\t{loc.key}\t{n}\t{a_at}\t{a_size}\t{j_at}\t{j_size}\n")
+    return "".join(lines).encode("utf-8")
+
+
+def read_sample_table(directory: str | os.PathLike, index: dict) -> dict[str, tuple[list[str], list[tuple]]]:
+    """samples.tsv as {shard name: (keys, [(num_samples, audio offset, audio size, JSON offset, JSON size)])},
+    holding only the shards it can speak for: none where the set has no table (built by an older asr-dist)
+    or the table is not the one index.json records, and no shard whose file size is not index.json's."""
+    entry = index.get("samples_table")
+    path = Path(directory) / SAMPLES_NAME
+    try:
+        data = path.read_bytes() if entry else b""
+    except OSError:
+        data = b""
+    if not entry or len(data) != entry.get("bytes"):
+        return {}
+    out: dict[str, tuple[list[str], list[tuple]]] = {}
+    try:
+        for line in data.decode("utf-8").splitlines()[1:]:
+            shard, key, *numbers = line.split("\t")
+            keys, rows = out.setdefault(shard, ([], []))
+            keys.append(key)
+            rows.append(tuple(int(x) for x in numbers))
+    except ValueError:  # not ours after all: the shards are listed instead
+        return {}
+    for s in index["shards"]:
+        try:
+            ok = os.stat(Path(directory) / s["name"]).st_size == s["bytes"]
+        except OSError:
+            ok = False
+        if not ok or len(out.get(s["name"], ((), ()))[1]) != s["num_samples"]:
+            out.pop(s["name"], None)
     return out
 
 

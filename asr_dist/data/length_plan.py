@@ -3,8 +3,9 @@
 Synchronised buckets give the ranks of a step the same length quantile of their own buffers; how close
 those lengths come depends on how many utterances each reader sorts, and at one utterance per rank and
 step (64 x 1) a reader's share of a corpus of a few thousand hours is too small for 1.1x. The plan needs
-no share at all: every rank lists every shard once at start-up (tar headers and JSON, no audio), and
-every rank computes the same plan from those lengths:
+no share at all: every rank learns every utterance's length and byte offsets once at start-up, from the
+set's samples.tsv (written by the builder; shards it cannot speak for are listed: tar headers and JSON,
+no audio), and every rank computes the same plan from those lengths:
 
   the epoch's utterances in the loader's order (``epoch_sequence``: shards shuffled by (seed, epoch), or a
   weighted mix), the first world x micro-batches x micro of them (the rest of a global batch is the reserve)
@@ -61,8 +62,21 @@ class Catalogue:
     def list(cls, shards: ShardSet, on_corrupt: str = "stop") -> "Catalogue":
         t0 = time.perf_counter()
         keys, lengths, places = [], [], []
+        tables: dict[str, dict] = {}  # per directory: its samples.tsv, by shard name
+        listed = 0
         for shard in shards.shards:
             n = shard.num_samples
+            directory, name = os.path.split(shard.path)
+            if directory not in tables:
+                tables[directory] = fmt.read_sample_table(directory, fmt.read_index(directory))
+            known = tables[directory].get(name)
+            if known is not None:  # the build wrote each sample's length and offsets down
+                keys.append(known[0])
+                rows = np.asarray(known[1], dtype=np.int64).reshape(n, 5)
+                lengths.append(rows[:, 0].copy())
+                places.append(rows[:, 1:].copy())
+                continue
+            listed += 1
             k, ln, pl = [""] * n, np.zeros(n, dtype=np.int64), np.full((n, 4), -1, dtype=np.int64)
             try:
                 locs = fmt.list_shard(shard.path)
@@ -86,8 +100,8 @@ class Catalogue:
             lengths.append(ln)
             places.append(pl)
         total = sum(len(x) for x in lengths)
-        log.info("length plan: listed %d utterances of %d shards in %.1f s", total, len(shards.shards),
-                 time.perf_counter() - t0)
+        log.info("length plan: %d utterances of %d shards in %.1f s (%d shards listed, the rest from %s)", total,
+                 len(shards.shards), time.perf_counter() - t0, listed, fmt.SAMPLES_NAME)
         return cls(keys, lengths, places)
 
 

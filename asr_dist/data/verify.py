@@ -60,7 +60,27 @@ def verify(directory: str, progress: bool = True) -> list[str]:
             total += count
     if total != index["num_samples"]:
         problems.append(f"{total} samples in all, index.json says {index['num_samples']}")
+    problems.extend(_check_sample_table(d, index))
     return problems
+
+
+def _check_sample_table(d: Path, index: dict) -> list[str]:
+    """samples.tsv, where index.json records one, is what the shards hold (sets built by an older asr-dist
+    have none: their readers list the shards instead)."""
+    entry = index.get("samples_table")
+    if not entry:
+        return []
+    try:
+        data = (d / fmt.SAMPLES_NAME).read_bytes()
+    except OSError as e:
+        return [f"{fmt.SAMPLES_NAME}: unreadable ({e}); readers list the shards instead"]
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return [f"{fmt.SAMPLES_NAME}: checksum differs from index.json (the file changed or is damaged)"]
+    try:
+        expected = fmt.sample_table_bytes(d, index["shards"], index["audio_format"])
+    except (fmt.ShardError, KeyError, ValueError):
+        return []  # a damaged shard, reported above
+    return [] if data == expected else [f"{fmt.SAMPLES_NAME}: does not describe the shards as they are"]
 
 
 def _check_sample(key: str, files: dict[str, bytes], audio_ext: str, allowed: set[str] | None) -> list[str]:

@@ -394,7 +394,7 @@ def _sha256_file(p: Path) -> str:
 
 
 def _our_files(out: Path) -> list[Path]:
-    names = (fmt.INDEX_NAME, fmt.VOCAB_NAME, fmt.REJECTS_NAME, fmt.STATE_NAME)
+    names = (fmt.INDEX_NAME, fmt.VOCAB_NAME, fmt.REJECTS_NAME, fmt.SAMPLES_NAME, fmt.STATE_NAME)
     return [p for p in out.iterdir() if fmt.SHARD_RE.match(p.name) or p.name in names or p.name.endswith(".tmp")]
 
 
@@ -487,6 +487,10 @@ def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | No
     fmt.write_bytes_atomic(out / fmt.VOCAB_NAME, vocab_json_bytes(vocab))
     rows = list(rejects_rows)
     fmt.write_bytes_atomic(out / fmt.REJECTS_NAME, (fmt.REJECTS_HEADER + "".join(rows)).encode("utf-8"))
+    t0 = time.time()
+    table = fmt.sample_table_bytes(out, shards, fingerprint["audio_format"])
+    fmt.write_bytes_atomic(out / fmt.SAMPLES_NAME, table)
+    log.info("wrote %s (%d samples) in %.1f s", fmt.SAMPLES_NAME, table.count(b"\n") - 1, time.time() - t0)
     total_seconds = sum(s["audio_seconds"] for s in shards)
     kept = sum(s["num_samples"] for s in shards)
     index = {
@@ -506,6 +510,7 @@ def _finalize(out: Path, shards: list[dict], fingerprint: dict, vocab: dict | No
         "text_normalizer": fingerprint["normalizer"],
         "vocab_sha256": vocab_hash(vocab),
         "num_rejected": len(rows),
+        "samples_table": {"name": fmt.SAMPLES_NAME, "bytes": len(table), "sha256": hashlib.sha256(table).hexdigest()},
         "build_failed": fmt.failure_mark(len(rows) / (kept + len(rows)) if rows else 0.0, max_reject_fraction),
         "seed": fingerprint["seed"],
         "sorted_in_shard": fingerprint["sort_in_shard"] and fingerprint["part"] is None,

@@ -377,6 +377,7 @@ def test_a_sample_json_that_is_not_an_object_is_a_damaged_sample(train_set, tmp_
             m.size = len(data)
             t.addfile(m, io.BytesIO(data))
     key = bad[: -len(".json")]
+    (d / fmt.SAMPLES_NAME).unlink()  # the table describes the shard as built; this one is listed as it is now
     kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0, length_plan=plan)
     with pytest.raises(fmt.ShardError, match=rf"shard-000002.tar sample {key}: .*a list, not an object"):
         list(TrainLoader(str(d), **kw))
@@ -916,6 +917,48 @@ def test_length_plan_with_damaged_shards_by_policy(train_set, tmp_path, caplog):
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     list(second)
     assert second.skipped_samples == whole.skipped_samples
+
+
+def test_length_plan_reads_samples_tsv_as_listing_the_shards_would(train_set, tmp_path, caplog):
+    """The build writes each sample's length and offsets to samples.tsv; the plan takes them from there
+    (no shard listed) and they equal what listing the shards gives; a shard whose size changed is listed;
+    a set without the table (an older build) is listed whole; verify checks the table."""
+    from asr_dist.data.length_plan import Catalogue
+    from asr_dist.data.verify import verify
+
+    d = tmp_path / "s"
+    shutil.copytree(train_set, d)
+    index = fmt.read_index(d)
+    assert index["samples_table"]["bytes"] == (d / fmt.SAMPLES_NAME).stat().st_size
+    with caplog.at_level(logging.INFO, logger="asr_dist.data.length_plan"):
+        table = Catalogue.list(ShardSet.open(str(d)))
+    assert f"(0 shards listed, the rest from {fmt.SAMPLES_NAME})" in caplog.text
+    kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0, length_plan=True)
+    from_table = [b["keys"] for b in TrainLoader(str(d), **kw)]
+    fmt.write_json_atomic(d / fmt.INDEX_NAME, {k: v for k, v in index.items() if k != "samples_table"}, indent=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="asr_dist.data.length_plan"):
+        listed = Catalogue.list(ShardSet.open(str(d)))
+    assert f"({len(index['shards'])} shards listed" in caplog.text
+    assert table.keys == listed.keys
+    assert all(np.array_equal(a, b) for a, b in zip(table.lengths, listed.lengths))
+    assert all(np.array_equal(a, b) for a, b in zip(table.places, listed.places))
+    assert [b["keys"] for b in TrainLoader(str(d), **kw)] == from_table
+    fmt.write_json_atomic(d / fmt.INDEX_NAME, index, indent=1)
+    assert verify(str(d), progress=False) == []
+    # a shard rewritten to another size is listed, and stops the plan as before when it is damaged
+    data = (d / "shard-000003.tar").read_bytes()
+    (d / "shard-000003.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(fmt.ShardError, match="shard-000003.tar"):
+        Catalogue.list(ShardSet.open(str(d)))
+    (d / "shard-000003.tar").write_bytes(data)
+    table_bytes = (d / fmt.SAMPLES_NAME).read_bytes()
+    (d / fmt.SAMPLES_NAME).write_bytes(table_bytes.replace(b"\t", b"\t1", 1))
+    assert any("samples.tsv" in p for p in verify(str(d), progress=False))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="asr_dist.data.length_plan"):
+        Catalogue.list(ShardSet.open(str(d)))  # a table of another size than index.json's is not used
+    assert f"({len(index['shards'])} shards listed" in caplog.text
 
 
 def test_length_plan_draws_a_weighted_mix_by_its_weights(mix_sets):

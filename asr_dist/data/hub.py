@@ -121,6 +121,11 @@ def resolve_hub(path: Path, subset: str | None, split: str | None) -> tuple[str,
     return subset, split, chosen
 
 
+def resolve_tables(path: Path, fmt: str, subset: str | None, split: str | None) -> tuple[str, str, list[Path]]:
+    """(subset, split, files) of a Hub repository (``fmt`` "hf-hub") or a ``datasets`` cache ("hf-cache")."""
+    return (resolve_hub if fmt == "hf-hub" else resolve_cache)(path, subset, split)
+
+
 def resolve_cache(path: Path, subset: str | None, split: str | None) -> tuple[str, str, list[Path]]:
     """(subset, split, files) of a ``datasets`` cache directory; the subset is the config's directory name."""
     from .sources import InputError

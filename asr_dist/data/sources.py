@@ -501,8 +501,7 @@ def read_hf_tables(path: Path, label: str, fmt: str, subset: str | None = None, 
                    spill=None, **kw) -> Iterator[Item | Reject]:
     from . import hub
 
-    resolve = hub.resolve_hub if fmt == "hf-hub" else hub.resolve_cache
-    subset, split, files = resolve(path, subset, split)
+    subset, split, files = hub.resolve_tables(path, fmt, subset, split)
     if spill is None:
         raise InputError(f"{path}: reading a parquet/arrow dataset needs a spill file for its audio")
     yield from hub.read_tables(files, path, label, subset, split, kw.get("text_column"), kw.get("audio_column"),
@@ -516,8 +515,8 @@ def table_fields(spec: InputSpec, text_column: str | None = None, audio_column: 
         return None
     from . import hub
 
-    resolve = hub.resolve_hub if spec.format == "hf-hub" else hub.resolve_cache
-    return hub.table_fields(resolve(spec.path, spec.subset, spec.split)[2], text_column, audio_column)
+    return hub.table_fields(hub.resolve_tables(spec.path, spec.format, spec.subset, spec.split)[2], text_column,
+                            audio_column)
 
 
 READERS = {
@@ -553,7 +552,7 @@ def resolve_input(path: str, fmt: str | None, subset: str | None = None, split: 
     if fmt in ("hf-hub", "hf-cache"):
         from . import hub
 
-        subset, split, _ = (hub.resolve_hub if fmt == "hf-hub" else hub.resolve_cache)(p, subset, split)
+        subset, split, _ = hub.resolve_tables(p, fmt, subset, split)
     elif fmt == "commonvoice" and p.is_dir():
         commonvoice_tsv(p, split)
         subset = None

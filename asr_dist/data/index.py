@@ -157,12 +157,13 @@ class SampleLocation:
         return data
 
 
-def list_shard(path: str | os.PathLike) -> list[SampleLocation]:
-    """Every sample of a shard, located without reading its audio (tar headers and JSON only)."""
+def list_shard(path: str | os.PathLike, data: bytes | None = None) -> list[SampleLocation]:
+    """Every sample of a shard, located without reading its audio (tar headers and JSON only); from
+    ``data``, the shard's bytes, where the caller holds them already."""
     path = Path(path)
     out: list[SampleLocation] = []
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with (tarfile.open(path, mode="r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
             for m in tar:
                 key, ext = _check_member(path, m)
                 end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -183,11 +184,18 @@ def sample_table_bytes(directory: str | os.PathLike, shards: list[dict], audio_f
     audio and JSON bytes, so that readers plan an epoch by length without listing every shard."""
     lines = [SAMPLES_HEADER]
     for s in shards:
-        for loc in list_shard(Path(directory) / s["name"]):
-            (a_at, a_size), (j_at, j_size) = loc.members[audio_format], loc.members["json"]
-            n = json.loads(loc.meta)["num_samples"]
-            lines.append(f"{s['name']}\t{loc.key}\t{n}\t{a_at}\t{a_size}\t{j_at}\t{j_size}\n")
+        lines += sample_table_lines(s["name"], list_shard(Path(directory) / s["name"]), audio_format)
     return "".join(lines).encode("utf-8")
+
+
+def sample_table_lines(name: str, locs: list[SampleLocation], audio_format: str) -> list[str]:
+    """samples.tsv's lines for the samples ``locs`` of the shard ``name``."""
+    lines = []
+    for loc in locs:
+        (a_at, a_size), (j_at, j_size) = loc.members[audio_format], loc.members["json"]
+        n = json.loads(loc.meta)["num_samples"]
+        lines.append(f"{name}\t{loc.key}\t{n}\t{a_at}\t{a_size}\t{j_at}\t{j_size}\n")
+    return lines
 
 
 def read_sample_table(directory: str | os.PathLike, index: dict) -> dict[str, tuple[list[str], list[tuple]]]:

@@ -34,11 +34,13 @@ def verify(directory: str, progress: bool = True) -> list[str]:
     audio_ext = index["audio_format"]
     keys: dict[str, str] = {}
     total = 0
+    table = [fmt.SAMPLES_HEADER]  # samples.tsv as these shards give it; None once a shard cannot
     with tqdm(total=index["num_samples"], unit="utt", desc="verifying", disable=not progress, mininterval=1.0) as bar:
         for shard in index["shards"]:
             path = d / shard["name"]
             if not path.exists():
                 problems.append(f"{shard['name']}: missing")
+                table = None
                 continue
             data = path.read_bytes()  # read once: checksummed, then parsed from memory
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
@@ -55,18 +57,23 @@ def verify(directory: str, progress: bool = True) -> list[str]:
                     keys[key] = shard["name"]
             except fmt.ShardError as e:
                 problems.append(f"{shard['name']}: {e}")
+            try:
+                if table is not None:
+                    table += fmt.sample_table_lines(shard["name"], fmt.list_shard(path, data), audio_ext)
+            except (fmt.ShardError, KeyError, ValueError):
+                table = None  # a damaged shard, reported above
             if count != shard["num_samples"]:
                 problems.append(f"{shard['name']}: {count} samples read, index.json says {shard['num_samples']}")
             total += count
     if total != index["num_samples"]:
         problems.append(f"{total} samples in all, index.json says {index['num_samples']}")
-    problems.extend(_check_sample_table(d, index))
+    problems.extend(_check_sample_table(d, index, None if table is None else "".join(table).encode("utf-8")))
     return problems
 
 
-def _check_sample_table(d: Path, index: dict) -> list[str]:
-    """samples.tsv, where index.json records one, is what the shards hold (sets built by an older asr-dist
-    have none: their readers list the shards instead)."""
+def _check_sample_table(d: Path, index: dict, expected: bytes | None) -> list[str]:
+    """samples.tsv, where index.json records one, is ``expected``: what the shards hold (None: a shard is
+    damaged, reported already). Sets built by an older asr-dist have none: their readers list the shards."""
     entry = index.get("samples_table")
     if not entry:
         return []
@@ -76,11 +83,7 @@ def _check_sample_table(d: Path, index: dict) -> list[str]:
         return [f"{fmt.SAMPLES_NAME}: unreadable ({e}); readers list the shards instead"]
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         return [f"{fmt.SAMPLES_NAME}: checksum differs from index.json (the file changed or is damaged)"]
-    try:
-        expected = fmt.sample_table_bytes(d, index["shards"], index["audio_format"])
-    except (fmt.ShardError, KeyError, ValueError):
-        return []  # a damaged shard, reported above
-    return [] if data == expected else [f"{fmt.SAMPLES_NAME}: does not describe the shards as they are"]
+    return [] if expected is None or data == expected else [f"{fmt.SAMPLES_NAME}: does not describe the shards as they are"]
 
 
 def _check_sample(key: str, files: dict[str, bytes], audio_ext: str, allowed: set[str] | None) -> list[str]:

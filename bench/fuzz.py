@@ -254,7 +254,7 @@ def targets() -> dict[str, Target]:
     from asr_dist.config import ConfigError
     from asr_dist.data.index import ShardError
     from asr_dist.data.loader import LoaderError
-    from asr_dist.data.sources import InputError
+    from asr_dist.data.items import InputError
 
     t = [Target(f"audio-{n}", _audio, (AudioError,), names_input=False) for n in ("wav", "flac", "ogg", "mp3")]
     t += [Target("shard-tar", _shard, (ShardError,)),

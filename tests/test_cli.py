@@ -36,7 +36,7 @@ def test_only_the_projects_own_errors_are_short(tmp_path, capsys, monkeypatch):
     from asr_dist.config import ConfigError
     from asr_dist.data.index import ShardError
     from asr_dist.data.loader import LoaderError
-    from asr_dist.data.sources import InputError
+    from asr_dist.data.items import InputError
     from asr_dist.data.writer import BuildError
     from asr_dist.decode import ModelDirError
     from asr_dist.errors import UserError

@@ -22,6 +22,19 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from .items import (
+    AUDIO_COLUMNS,
+    RESERVED_FIELDS,
+    SPEAKER_COLUMNS,
+    TEXT_COLUMNS,
+    InputError,
+    Item,
+    Reject,
+    file_stem,
+    make_key,
+    pick_column,
+)
+
 log = logging.getLogger(__name__)
 
 _SPLIT_FILE = re.compile(r"^(?P<name>.+?)-(?P<split>[^-]+?)(?:-\d{5}-of-\d{5})?\.arrow$")
@@ -93,8 +106,6 @@ def resolve_hub(path: Path, subset: str | None, split: str | None) -> tuple[str,
     """(subset, split, files) of a repository as downloaded, chosen as the Hub would."""
     import datasets
 
-    from .sources import InputError
-
     try:
         names = datasets.get_dataset_config_names(str(path))
         default = datasets.get_dataset_default_config_name(str(path))
@@ -128,8 +139,6 @@ def resolve_tables(path: Path, fmt: str, subset: str | None, split: str | None) 
 
 def resolve_cache(path: Path, subset: str | None, split: str | None) -> tuple[str, str, list[Path]]:
     """(subset, split, files) of a ``datasets`` cache directory; the subset is the config's directory name."""
-    from .sources import InputError
-
     leaves = cache_leaves(path)
     by_config: dict[str, list[Path]] = {}
     for leaf in leaves:
@@ -163,8 +172,6 @@ def resolve_cache(path: Path, subset: str | None, split: str | None) -> tuple[st
 
 
 def _choose_split(where: str, names: list[str], split: str | None) -> str:
-    from .sources import InputError
-
     if split is None:
         if len(names) != 1:
             raise InputError(f"{where}: splits {', '.join(names)}; choose one with --split")
@@ -180,8 +187,6 @@ def _batches(f: Path, columns: list[str]) -> Iterator[tuple[str, int, object, Ex
     record batch of an arrow file; an unreadable parquet row group comes with its error and row count."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from .sources import InputError
 
     if f.suffix == ".parquet":
         try:
@@ -215,8 +220,6 @@ def schema(f: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .sources import InputError
-
     try:
         if f.suffix == ".parquet":
             return pq.read_schema(f)
@@ -232,8 +235,6 @@ def schema(f: Path):
 def _audio_kind(f: Path, column: str, typ) -> str:
     import pyarrow as pa
 
-    from .sources import InputError
-
     if pa.types.is_struct(typ) and {typ.field(i).name for i in range(typ.num_fields)} >= {"bytes", "path"}:
         return "struct"
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
@@ -246,13 +247,11 @@ def _audio_kind(f: Path, column: str, typ) -> str:
 
 def _columns(f: Path, text_column: str | None, audio_column: str | None):
     """(schema, audio column, text column, speaker column or None, the other columns) of one table file."""
-    from .sources import AUDIO_COLUMNS, SPEAKER_COLUMNS, TEXT_COLUMNS, _pick
-
     sch = schema(f)
     cols = list(sch.names)
-    audio_col = _pick(cols, audio_column, AUDIO_COLUMNS, "audio", str(f))
-    text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", str(f))
-    speaker_col = _pick(cols, None, SPEAKER_COLUMNS, "speaker", str(f), required=False)
+    audio_col = pick_column(cols, audio_column, AUDIO_COLUMNS, "audio", str(f))
+    text_col = pick_column(cols, text_column, TEXT_COLUMNS, "text", str(f))
+    speaker_col = pick_column(cols, None, SPEAKER_COLUMNS, "speaker", str(f), required=False)
     return sch, audio_col, text_col, speaker_col, [c for c in cols if c not in (audio_col, text_col)]
 
 
@@ -269,8 +268,6 @@ def table_fields(files: list[Path], text_column: str | None, audio_column: str |
 def read_tables(files: list[Path], root: Path, label: str, subset: str, split: str, text_column: str | None,
                 audio_column: str | None, keep: list[str] | None, spill: Spill, columns_seen: set) -> Iterator:
     """Items and Rejects of the chosen split's files, one row group in memory at a time."""
-    from .sources import RESERVED_FIELDS, Item, Reject, _stem, make_key
-
     num = 0  # rows of the split so far: a key for rows whose audio has no name
     for f in files:
         row_no = 0
@@ -320,7 +317,7 @@ def read_tables(files: list[Path], root: Path, label: str, subset: str, split: s
                     speaker = str(data[speaker_col][i])
                 else:
                     speaker = None
-                key = make_key(_stem(name)) if name else make_key(f"{subset}-{split}-{num:09d}")
+                key = make_key(file_stem(name)) if name else make_key(f"{subset}-{split}-{num:09d}")
                 yield Item(label, where, key, "" if texts[i] is None else str(texts[i]), audio_path=path,
                            blob=spill.add(blob) if blob else None, speaker=speaker, fields=fields)
                 row_no += 1

@@ -21,12 +21,23 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import UserError
+from . import hub
+from .items import (
+    AUDIO_COLUMNS,
+    RESERVED_FIELDS,
+    SPEAKER_COLUMNS,
+    TEXT_COLUMNS,
+    InputError,
+    Item,
+    Reject,
+    file_stem,
+    make_key,
+    pick_column,
+)
 
 FORMATS = ("commonvoice", "nemo", "audiofolder", "hf-dataset", "hf-hub", "hf-cache", "kaldi")
 # layouts with splits; the others ignore --split and --subset
@@ -34,63 +45,6 @@ SPLIT_FORMATS = ("commonvoice", "hf-hub", "hf-cache", "hf-dataset")
 COMMONVOICE_SPLITS = ("train", "dev", "test", "validated", "other", "invalidated")
 # Common Voice's demographic columns kept by default ("speaker" is its client_id)
 COMMONVOICE_FIELDS = ("speaker", "age", "gender", "accents")
-# names the sample JSON already uses; an input column of one of these names is not carried
-RESERVED_FIELDS = frozenset(("text", "text_raw", "duration", "num_samples", "source", "id", "audio_sha256"))
-TEXT_COLUMNS = ("transcription", "text", "sentence", "transcript", "normalized_text")
-AUDIO_COLUMNS = ("audio", "path", "file")
-SPEAKER_COLUMNS = ("speaker_id", "speaker", "client_id")
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class InputError(UserError):
-    """An input that cannot be read at all; the message says what to change."""
-
-
-@dataclasses.dataclass
-class Reject:
-    input: str
-    item: str
-    reason: str
-    detail: str = ""
-
-    def tsv_row(self) -> str:
-        clean = [str(v).replace("\t", " ").replace("\n", " ") for v in (self.input, self.item, self.reason, self.detail)]
-        return "\t".join(clean) + "\n"
-
-
-@dataclasses.dataclass
-class Item:
-    input: str  # the --input it came from
-    item: str  # where in that input: "line 12", "row 3", an utterance id
-    key: str
-    text_raw: str
-    audio_path: str | None = None  # a file
-    command: str | None = None  # a Kaldi wav.scp command whose stdout is the audio (--allow-commands)
-    dataset: tuple | None = None  # (dataset dir, split, row, audio column) for save_to_disk inputs
-    offset: float = 0.0
-    duration: float | None = None
-    speaker: str | None = None
-    blob: tuple | None = None  # (spill file, offset, size): audio bytes copied out of a parquet/arrow table
-    fields: dict = dataclasses.field(default_factory=dict)  # metadata kept in the sample's JSON
-    text: str = ""  # normalised, filled in by the builder
-
-    def metadata(self) -> dict:
-        """The fields for the sample's JSON: the speaker (where the input names one) and the kept fields."""
-        out = {"speaker": self.speaker} if self.speaker is not None else {}
-        out.update(self.fields)
-        return out
-
-
-def make_key(name: str) -> str:
-    """A WebDataset-safe sample key: no dots (WebDataset splits on the first one), no slashes, no
-    leading underscore. Characters outside [A-Za-z0-9_-] become "_"."""
-    key = _KEY_BAD.sub("_", name).lstrip("_")
-    return key or "utt"
-
-
-def _stem(path: str) -> str:
-    p = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    return p.rsplit(".", 1)[0] if "." in p else p
 
 
 def _segment_key(stem: str, offset: float) -> str:
@@ -114,8 +68,6 @@ def detect_format(path: Path) -> str:
             return "hf-dataset"
         if (path / "clips").is_dir() and any((path / f"{s}.tsv").exists() for s in COMMONVOICE_SPLITS):
             return "commonvoice"
-        from . import hub
-
         if hub.is_cache_dir(path):
             return "hf-cache"
         if hub.is_hub_repo(path):
@@ -136,8 +88,6 @@ def manifest_files(path: Path, fmt: str) -> list[Path]:
     if fmt in ("commonvoice", "nemo"):
         return [path] if path.is_file() else sorted(path.glob("*.tsv"))
     if fmt in ("hf-hub", "hf-cache"):
-        from . import hub
-
         return hub.manifest_files(path, fmt)
     if fmt == "kaldi":
         return [path / n for n in ("wav.scp", "text", "segments", "utt2spk") if (path / n).exists()]
@@ -174,22 +124,6 @@ def _lines(path: Path, label: str) -> Iterator[tuple[int, str | None, Reject | N
                 yield n, raw.decode("utf-8").rstrip("\r\n"), None
             except UnicodeDecodeError as e:
                 yield n, None, Reject(label, f"{path.name} line {n}", "bad_encoding", f"not UTF-8 ({e.reason} at byte {e.start})")
-
-
-def _pick(columns, wanted: str | None, candidates: tuple[str, ...], what: str, where: str, required=True) -> str | None:
-    if wanted:
-        if wanted not in columns:
-            raise InputError(f"{where}: no {what} column {wanted!r}; columns found: {', '.join(columns)}")
-        return wanted
-    for c in candidates:
-        if c in columns:
-            return c
-    if required:
-        raise InputError(
-            f"{where}: no {what} column; expected one of {', '.join(candidates)} (or name it with "
-            f"--{what}-column); columns found: {', '.join(columns) or '(none)'}"
-        )
-    return None
 
 
 def _kept(columns, keep: list[str] | None, defaults, columns_seen: set | None) -> list[str]:
@@ -246,7 +180,7 @@ def read_commonvoice(path: Path, label: str, text_column: str | None = None, kee
                         f"{path}: missing column 'path'; a Common Voice TSV needs 'path' and 'sentence'; "
                         f"columns found: {', '.join(header)}"
                     )
-            text_col = _pick(header, text_column, ("sentence",), "text", str(path))
+            text_col = pick_column(header, text_column, ("sentence",), "text", str(path))
             speaker_col = "client_id" if "client_id" in header and _speaker_kept(keep) else None
             others = [c for c in header if c not in ("path", text_col)]
             if "client_id" in header and columns_seen is not None:
@@ -262,7 +196,7 @@ def read_commonvoice(path: Path, label: str, text_column: str | None = None, kee
         row = dict(zip(header, fields))
         clip = row["path"]
         yield Item(
-            label, f"{path.name} line {n}", make_key(_stem(clip)), row[text_col],
+            label, f"{path.name} line {n}", make_key(file_stem(clip)), row[text_col],
             audio_path=str(audio_dir / clip), speaker=(row.get(speaker_col) or None) if speaker_col else None,
             fields=_values(row, kept),
         )
@@ -303,7 +237,7 @@ def read_nemo(path: Path, label: str, text_column: str | None = None, keep: list
         audio = _resolve(path.parent, entry["audio_filepath"])
         extra = [k for k in entry if k not in _NEMO_KEYS and k != text_key]
         yield Item(
-            label, where, _segment_key(_stem(audio), offset), str(entry[text_key]), audio_path=audio,
+            label, where, _segment_key(file_stem(audio), offset), str(entry[text_key]), audio_path=audio,
             offset=offset, duration=duration,
             speaker=str(entry["speaker"]) if entry.get("speaker") is not None and _speaker_kept(keep) else None,
             fields=_values(entry, _kept(extra, keep, None, columns_seen)),
@@ -328,8 +262,8 @@ def read_audiofolder(path: Path, label: str, text_column: str | None = None, kee
             if text_col is None:
                 if "file_name" not in row:
                     raise InputError(f"{meta}: no 'file_name' column; columns found: {', '.join(row)}")
-                text_col = _pick(list(row), text_column, TEXT_COLUMNS, "text", str(meta))
-                speaker_col = _pick(list(row), None, SPEAKER_COLUMNS, "speaker", str(meta), required=False)
+                text_col = pick_column(list(row), text_column, TEXT_COLUMNS, "text", str(meta))
+                speaker_col = pick_column(list(row), None, SPEAKER_COLUMNS, "speaker", str(meta), required=False)
                 if speaker_col and columns_seen is not None:
                     columns_seen.add("speaker")
                 if not _speaker_kept(keep):
@@ -475,9 +409,9 @@ def read_hf_dataset(
     for split, ds in splits:
         where_ds = f"{path} split {split}" if split else str(path)
         cols = ds.column_names
-        audio_col = _pick(cols, audio_column, AUDIO_COLUMNS, "audio", where_ds)
-        text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", where_ds)
-        speaker_col = _pick(cols, None, SPEAKER_COLUMNS, "speaker", where_ds, required=False)
+        audio_col = pick_column(cols, audio_column, AUDIO_COLUMNS, "audio", where_ds)
+        text_col = pick_column(cols, text_column, TEXT_COLUMNS, "text", where_ds)
+        speaker_col = pick_column(cols, None, SPEAKER_COLUMNS, "speaker", where_ds, required=False)
         paths = ds.cast_column(audio_col, datasets.Audio(decode=False))[audio_col] if isinstance(
             ds.features[audio_col], datasets.Audio) else None
         texts = ds[text_col]
@@ -489,7 +423,7 @@ def read_hf_dataset(
         for i, text in enumerate(texts):
             where = f"{split + ' ' if split else ''}row {i}"
             name = (paths[i] or {}).get("path") if paths is not None else None
-            key = make_key(_stem(name)) if name else make_key(f"{split or 'row'}-{i:09d}")
+            key = make_key(file_stem(name)) if name else make_key(f"{split or 'row'}-{i:09d}")
             yield Item(
                 label, where, key, "" if text is None else str(text), dataset=(str(path), split, i, audio_col),
                 speaker=str(speakers[i]) if speakers is not None and speakers[i] is not None else None,
@@ -499,8 +433,6 @@ def read_hf_dataset(
 
 def read_hf_tables(path: Path, label: str, fmt: str, subset: str | None = None, split: str | None = None,
                    spill=None, **kw) -> Iterator[Item | Reject]:
-    from . import hub
-
     subset, split, files = hub.resolve_tables(path, fmt, subset, split)
     if spill is None:
         raise InputError(f"{path}: reading a parquet/arrow dataset needs a spill file for its audio")
@@ -513,8 +445,6 @@ def table_fields(spec: InputSpec, text_column: str | None = None, audio_column: 
     whose fields are known only once their manifests are read."""
     if spec.format not in ("hf-hub", "hf-cache"):
         return None
-    from . import hub
-
     return hub.table_fields(hub.resolve_tables(spec.path, spec.format, spec.subset, spec.split)[2], text_column,
                             audio_column)
 
@@ -550,8 +480,6 @@ def resolve_input(path: str, fmt: str | None, subset: str | None = None, split: 
     if fmt not in READERS:
         raise InputError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt in ("hf-hub", "hf-cache"):
-        from . import hub
-
         subset, split, _ = hub.resolve_tables(p, fmt, subset, split)
     elif fmt == "commonvoice" and p.is_dir():
         commonvoice_tsv(p, split)
@@ -580,9 +508,7 @@ def item_audio(item: Item) -> str | bytes:
     """An item's audio for soundfile: the path of a plain file (libsndfile reads what it needs),
     or the bytes of a Kaldi command's output, a datasets row or a parquet/arrow table's row."""
     if item.blob is not None:
-        from .hub import read_blob
-
-        return read_blob(item.blob)
+        return hub.read_blob(item.blob)
     if item.dataset is None and item.command is None:
         return item.audio_path
     return _item_audio_bytes(item)

@@ -46,7 +46,8 @@ from ..text import (
 )
 from . import index as fmt
 from .hub import Spill
-from .sources import RESERVED_FIELDS, InputError, Item, Reject, item_audio, read_input, resolve_input, table_fields
+from .items import RESERVED_FIELDS, InputError, Item, Reject
+from .sources import item_audio, read_input, resolve_input, table_fields
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import soundfile as sf
 
 from asr_dist.cli import main
 from asr_dist.data import index as fmt
-from asr_dist.data.sources import InputError, resolve_input
+from asr_dist.data.items import InputError
+from asr_dist.data.sources import resolve_input
 from asr_dist.data.verify import info, verify
 from asr_dist.data.writer import _num_samples_16k, build
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from asr_dist.data.sources import InputError, Item, Reject, make_key, read_input, resolve_input
+from asr_dist.data.items import InputError, Item, Reject, make_key
+from asr_dist.data.sources import read_input, resolve_input
 
 
 def read(path, **kw):

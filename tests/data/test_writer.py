@@ -20,7 +20,7 @@ import webdataset as wds
 
 from asr_dist.cli import main
 from asr_dist.data import index as fmt
-from asr_dist.data.sources import InputError
+from asr_dist.data.items import InputError
 from asr_dist.data.verify import verify
 from asr_dist.data.writer import BuildOptions, build, merge
 

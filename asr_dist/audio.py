@@ -1,7 +1,8 @@
-"""Audio decoding, resampling and encoding.
+"""Audio decoding, resampling, encoding and normalisation.
 
 file | bytes ──soundfile──> float32 (T_in, C) at sr_in ──mean over C──> (T_in,)
       ──soxr HQ──> (T,) at 16 kHz ──> FLAC | 16-bit WAV bytes
+16 kHz (T,) ──normalize: zero mean, unit variance──> (T,), the waveform families' model input
 
 Everything decodes from memory or a path with libsndfile (wav, flac, ogg, mp3, …); no temporary
 files, no FFmpeg.
@@ -219,37 +220,6 @@ def encode(audio: np.ndarray, fmt: str = "flac") -> bytes:
     return buf.getvalue()
 
 
-# wav2vec2's convolutional feature encoder: (kernel, stride) per layer; about 49.9 frames per second
-WAV2VEC2_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
-
-
-def num_ctc_frames(num_samples: int, conv=WAV2VEC2_CONV) -> int:
-    """Output frames of wav2vec2's feature encoder for ``num_samples`` 16 kHz samples (``conv``: another
-    layout's (kernel, stride) steps, each ``n -> (n - kernel) // stride + 1``)."""
-    n = num_samples
-    for kernel, stride in conv:
-        n = (n - kernel) // stride + 1
-        if n <= 0:
-            return 0
-    return n
-
-
-class AlignmentCheck:
-    """Whether CTC can align an utterance with a model: its frames must hold one per label plus a blank
-    between each pair of equal adjacent labels. An utterance that cannot be aligned has an infinite CTC
-    loss, which ``ctc_zero_infinity`` turns into a zero loss and no gradient: it would train on nothing,
-    silently. ``frames`` maps 16 kHz samples to the model's CTC frames; the model families give
-    ``functools.partial(num_ctc_frames, conv=steps)``, which the loader's workers unpickle without
-    importing transformers. Pure Python, picklable."""
-
-    def __init__(self, frames):
-        self.frames = frames
-
-    @staticmethod
-    def frames_needed(labels) -> int:
-        """Frames CTC needs for ``labels`` (ids, without padding)."""
-        return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
-
-    def __call__(self, num_samples: int, labels) -> tuple[int, int]:
-        """(the model's frames for ``num_samples``, the frames ``labels`` need): alignable when the first >= the second."""
-        return self.frames(num_samples), self.frames_needed(labels)
+def normalize(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per utterance, as Wav2Vec2FeatureExtractor(do_normalize=True)."""
+    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)

@@ -167,7 +167,8 @@ def cmd_train(args) -> int:
         return EXIT_OK
     accelerator = configure_accelerator()
     if args.dry_run:
-        from .data.loader import ShardSet, TrainLoader
+        from .data.loader import TrainLoader
+        from .data.shardset import ShardSet
         from .deepspeed_config import check_layerdrop, deepspeed_config
         from .engine import check_shard_builds
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .data import index as fmt
-from .data.loader import EvalLoader, ShardSet
+from .data.eval_loader import EvalLoader
+from .data.shardset import ShardSet
 from .distributed import DistEnv, device_index, get_env
 from .errors import InvalidValue, UserError
 from .evaluation import evaluate_set

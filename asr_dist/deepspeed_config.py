@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .data.loader import LoaderError, accumulation_steps
+from .data.batching import accumulation_steps
+from .data.shardset import LoaderError
 
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool = False) -> dict:

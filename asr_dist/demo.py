@@ -94,7 +94,7 @@ def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: i
     from importlib import resources
 
     from .config import load_config
-    from .data.loader import ShardSet
+    from .data.shardset import ShardSet
     from .data.verify import verify
     from .data.writer import BuildOptions, build
     from .decode import evaluate_model

@@ -37,7 +37,8 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, length_plan, shard_dirs, to_dict
 from .data.index import ShardError, build_failure, read_index
 from .flops import peak_flops, train_flops_per_audio_second
-from .data.loader import ShardSet, TrainLoader
+from .data.loader import TrainLoader
+from .data.shardset import ShardSet
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
 from .logging import MetricWriter, setup_logging
 from .deepspeed_config import check_layerdrop, deepspeed_config

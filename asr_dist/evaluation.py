@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from .data import index as fmt
 from .config import ConfigError
-from .data.loader import EvalLoader, ShardSet
+from .data.eval_loader import EvalLoader
+from .data.shardset import ShardSet
 from .metrics import ErrorCounts, GreedyDecoder, GroupTable, pooled_counts, utterance_counts
 from .models.ctc import ctc_loss
 

@@ -153,7 +153,7 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
 
     from . import checkpoint as ckpt_mod
     from .config import Config
-    from .data.loader import ShardSet
+    from .data.shardset import ShardSet
     from .models import build_model
 
     ckpt, out = Path(ckpt), Path(out)

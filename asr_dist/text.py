@@ -156,18 +156,6 @@ class Normalizer:
         return _SPACES.sub(" ", text).strip()
 
 
-def text_to_ctc_chars(text: str) -> str:
-    """The label string CTC sees: spaces become the word delimiter."""
-    return text.replace(" ", WORD_DELIMITER)
-
-
-def ctc_min_frames(text: str) -> int:
-    """Frames CTC needs for this transcript: one per label plus a blank between repeated labels."""
-    labels = text_to_ctc_chars(text)
-    repeats = sum(1 for a, b in zip(labels, labels[1:]) if a == b)
-    return len(labels) + repeats
-
-
 def build_vocab(char_counts: Counter | dict) -> dict[str, int]:
     """The CTC vocabulary: [PAD]=0 (blank), [UNK]=1, "|"=2, then the characters in sorted order."""
     chars = sorted(c for c in char_counts if c != " " and c != WORD_DELIMITER)

@@ -27,7 +27,7 @@ import soundfile as sf  # noqa: E402
 
 from asr_dist.data import index as fmt  # noqa: E402
 from asr_dist.data.length_plan import Catalogue  # noqa: E402
-from asr_dist.data.loader import ShardSet  # noqa: E402
+from asr_dist.data.shardset import ShardSet  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 
 

@@ -177,7 +177,7 @@ def _audio(data: bytes, seed: dict, work: Path) -> None:
 
 def _shard(data: bytes, seed: dict, work: Path) -> None:
     from asr_dist.data import index as fmt
-    from asr_dist.data.loader import decode_audio
+    from asr_dist.data.samples import decode_audio
 
     path = work / "shard-000000.tar"
     path.write_bytes(data)
@@ -200,13 +200,13 @@ def _shard_dir(work: Path, seed: dict, name: str, data: bytes) -> Path:
 
 
 def _index(data: bytes, seed: dict, work: Path) -> None:
-    from asr_dist.data.loader import ShardSet
+    from asr_dist.data.shardset import ShardSet
 
     ShardSet.open(str(_shard_dir(work, seed, "index.json", data)))
 
 
 def _vocab(data: bytes, seed: dict, work: Path) -> None:
-    from asr_dist.data.loader import ShardSet
+    from asr_dist.data.shardset import ShardSet
 
     ShardSet.open(str(_shard_dir(work, seed, "vocab.json", data)))
 
@@ -253,7 +253,7 @@ def targets() -> dict[str, Target]:
     from asr_dist.audio import AudioError
     from asr_dist.config import ConfigError
     from asr_dist.data.index import ShardError
-    from asr_dist.data.loader import LoaderError
+    from asr_dist.data.shardset import LoaderError
     from asr_dist.data.items import InputError
 
     t = [Target(f"audio-{n}", _audio, (AudioError,), names_input=False) for n in ("wav", "flac", "ogg", "mp3")]

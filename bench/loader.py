@@ -30,7 +30,8 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from asr_dist.data import index as fmt  # noqa: E402
-from asr_dist.data.loader import TrainLoader, default_bucket_batches  # noqa: E402
+from asr_dist.data.batching import default_bucket_batches  # noqa: E402
+from asr_dist.data.loader import TrainLoader  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 from synthetic import make_corpus  # noqa: E402
 

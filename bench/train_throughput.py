@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from asr_dist.data.loader import LabelEncoder, ShardSet, collate, input_padding  # noqa: E402
+from asr_dist.data.samples import LabelEncoder, collate, input_padding  # noqa: E402
+from asr_dist.data.shardset import ShardSet  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 from synthetic import make_corpus  # noqa: E402
 

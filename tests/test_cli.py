@@ -35,7 +35,7 @@ def test_only_the_projects_own_errors_are_short(tmp_path, capsys, monkeypatch):
     from asr_dist import plots
     from asr_dist.config import ConfigError
     from asr_dist.data.index import ShardError
-    from asr_dist.data.loader import LoaderError
+    from asr_dist.data.shardset import LoaderError
     from asr_dist.data.items import InputError
     from asr_dist.data.writer import BuildError
     from asr_dist.decode import ModelDirError

@@ -94,7 +94,7 @@ def test_unknown_field_and_the_table(model_and_set, tmp_path, capsys):
 def test_eval_group_by_a_field_the_eval_set_lacks_is_a_config_error(model_and_set, tmp_path):
     """eval.group_by is checked against index.json `fields` before any model work (also by --dry-run)."""
     from asr_dist.config import ConfigError, load_config
-    from asr_dist.data.loader import ShardSet
+    from asr_dist.data.shardset import ShardSet
     from asr_dist.evaluation import check_group_fields
 
     root = model_and_set

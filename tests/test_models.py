@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from asr_dist.config import ConfigError, ModelArgs, load_config
-from asr_dist.data.loader import collate
+from asr_dist.data.samples import collate
 from asr_dist.flops import train_flops_per_audio_second
 from asr_dist.models import FAMILIES, ModelError, build_model, family_for
 from trainkit import save_base_model
@@ -329,6 +329,19 @@ def test_the_adapter_file_holds_what_load_adapter_reads(tmp_path):
 
 # ── CTC frames: can the model align an utterance? ──
 
+def test_ctc_frames_match_wav2vec2():
+    from asr_dist.models.frames import num_ctc_frames
+
+    model = transformers.Wav2Vec2Config()
+    for n in (400, 16000, 16000 * 7 + 123):
+        # the formula transformers uses to size attention masks
+        expected = n
+        for k, s in zip(model.conv_kernel, model.conv_stride):
+            expected = (expected - k) // s + 1
+        assert num_ctc_frames(n) == expected
+    assert num_ctc_frames(100) == 0
+
+
 def test_the_alignment_check_agrees_with_the_ctc_loss():
     """Alignable exactly when transformers' CTC loss (without ctc_zero_infinity) is finite, for labels with
     and without repeats, at the bound and one past it; the check survives pickling (the loader's workers)."""
@@ -353,9 +366,9 @@ def test_the_alignment_check_agrees_with_the_ctc_loss():
         assert bool(torch.isfinite(loss)) == (got >= need), (len(labels), need, got, loss)
     assert [check(n, c)[1] for c in cases] == [49, 50, 49, 51, 48, 50]
     assert check(100, [3])[0] == 0  # shorter than one frame
-    # plain Python for the loader's workers (no transformers to import there); a family whose frames are
+    # plain Python for the loader's workers (no model to build there); a family whose frames are
     # not convolution steps is asked itself
-    from asr_dist.audio import num_ctc_frames
+    from asr_dist.models.frames import num_ctc_frames
 
     assert check.frames.func is num_ctc_frames
 
@@ -379,7 +392,7 @@ def test_the_frames_follow_the_model_layout():
     for n in (16000, 40000):
         assert family.audio_frames(config, n) == int(model._get_feat_extract_output_lengths(n))
     assert family.audio_frames(config, 16000) == 7
-    from asr_dist.audio import WAV2VEC2_CONV  # the layout tests/data/test_loader.py skips utterances with
+    from asr_dist.models.frames import WAV2VEC2_CONV  # the layout tests/data/test_loader.py skips utterances with
 
     stride3 = transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=1, adapter_stride=3)
     assert family.alignment_check(stride3).frames.keywords["conv"] == WAV2VEC2_CONV + ((1, 3),)

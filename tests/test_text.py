@@ -5,7 +5,6 @@ from asr_dist.text import (
     TextReject,
     build_vocab,
     char_inventory,
-    ctc_min_frames,
 )
 
 
@@ -68,12 +67,6 @@ def test_description_round_trip():
     assert Normalizer.from_description(n.describe()).describe() == n.describe()
     assert n.describe() == {"name": "danish", "settings": {"hesitations": "words", "inaudible": "drop",
                                                            "digits": "keep", "fold_accents": True}}
-
-
-def test_ctc_min_frames_counts_blanks_between_repeats():
-    assert ctc_min_frames("ab") == 2
-    assert ctc_min_frames("all") == 4  # a, l, blank, l
-    assert ctc_min_frames("a  b") == 5  # a | blank | b
 
 
 def test_vocab_works_with_wav2vec2_tokenizer(tmp_path):

@@ -14,7 +14,9 @@ import transformers
 
 from asr_dist.config import ModelArgs, load_config
 from asr_dist.data import index as fmt
-from asr_dist.data.loader import ShardSet, TrainLoader, collate, input_padding
+from asr_dist.data.loader import TrainLoader
+from asr_dist.data.samples import collate, input_padding
+from asr_dist.data.shardset import ShardSet
 from asr_dist.flops import train_flops_per_audio_second
 from asr_dist.models import FAMILIES, ModelError, build_model
 from asr_dist.models.ctc import ctc_loss

@@ -41,7 +41,10 @@ from typing import Iterator
 import numpy as np
 
 from . import index as fmt
-from .loader import LabelEncoder, LoaderError, ShardSet, StreamLayout, TrainStream, epoch_sequence, sample_meta
+from .order import StreamLayout, epoch_sequence
+from .samples import BatchMaker, sample_meta
+from .shardset import LoaderError, ShardSet
+from .streams import TrainStream
 
 log = logging.getLogger(__name__)
 
@@ -148,49 +151,41 @@ class PlannedStream(TrainStream):
 
     def iter_stream(self, w: int) -> Iterator[dict]:
         layout, state = self.layouts[w], dataclasses.replace(self.states[w])
-        encode = LabelEncoder(self.vocab)
         batches, reserve = rank_plan(self.catalogue, layout)
         mine = batches[w::layout.num_workers]
         # cursor: (0, reserve utterances taken as stand-ins so far); skipped_before_buffer: damaged samples so far
         stand_ins = state.cursor[1]
-        counters = {"skipped_samples": state.skipped_before_buffer, "refused_in_row": 0}
+        maker = self.batch_maker(layout, state.skipped_before_buffer)
         fds: dict[int, int] = {}
         try:
             while state.delivered < len(mine):
-                samples, shards, seconds = [], [], []
                 for s, i in mine[state.delivered]:
-                    self._read(layout, int(s), int(i), encode, fds, counters, samples, shards, seconds)
-                while not samples:  # every utterance of it was damaged: a stand-in from the reserve
+                    self._read(layout, int(s), int(i), maker, fds)
+                while not maker.samples:  # every utterance of it was damaged: a stand-in from the reserve
                     if stand_ins >= len(reserve):
                         raise LoaderError(f"rank {layout.rank}: no readable utterance left to stand in for a "
                                           f"damaged micro-batch (every one of the epoch was tried)")
                     s, i = reserve[(stand_ins + w * len(reserve) // layout.num_workers) % len(reserve)]
                     stand_ins += 1
-                    self._read(layout, int(s), int(i), encode, fds, counters, samples, shards, seconds)
-                batch = self._collate(samples, seconds)
+                    self._read(layout, int(s), int(i), maker, fds)
+                batch = maker.take()
                 state.delivered += 1
-                counters["refused_in_row"] = 0
-                batch["shards"] = shards
-                batch["stream"] = (w, state.delivered - 1)
-                batch["state"] = dataclasses.asdict(dataclasses.replace(
-                    state, cursor=(0, stand_ins), skipped_before_buffer=counters["skipped_samples"]))
-                batch["skipped_samples"] = counters["skipped_samples"]
-                yield batch
+                yield self._deliver(batch, w, state, maker.skipped, cursor=(0, stand_ins),
+                                    skipped_before_buffer=maker.skipped)
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    def _read(self, layout, s: int, i: int, encode, fds, counters, samples, shards, seconds) -> None:
-        """Append sample i of shard s to the micro-batch being formed, or count it as skipped."""
+    def _read(self, layout, s: int, i: int, maker: BatchMaker, fds: dict[int, int]) -> None:
+        """Add sample i of shard s to the micro-batch being formed, or count it as skipped."""
         path, cat = layout.shards[s].path, self.catalogue
         key = cat.keys[s][i]
         audio_at, audio_size, json_at, json_size = (int(x) for x in cat.places[s][i])
         if not key:
-            self._bad(path, f"#{i}", "it could not be listed (the shard is damaged there)", counters)
+            maker.bad(path, f"#{i}", "it could not be listed (the shard is damaged there)")
             return
         if not self.decode and self.alignable is None:  # planning: the catalogue has the lengths
-            samples.append((key, int(cat.lengths[s][i])))
-            shards.append(s)
+            maker.add_length(s, key, int(cat.lengths[s][i]))
             return
         try:
             if audio_at < 0 or json_at < 0:
@@ -203,9 +198,9 @@ class PlannedStream(TrainStream):
                 raise fmt.ShardError(f"{path}: sample {key} is cut short (the shard changed since it was listed?)")
             meta = sample_meta(meta_bytes)
         except (KeyError, ValueError) as e:
-            self._bad(path, key, f"no .{self.audio_format} or unreadable JSON ({e})", counters)
+            maker.bad(path, key, f"no .{self.audio_format} or unreadable JSON ({e})")
             return
         except (fmt.ShardError, OSError) as e:
-            self._bad(path, key, str(e), counters)
+            maker.bad(path, key, str(e))
             return
-        self._add(layout, s, key, audio_bytes, meta, encode, counters, samples, shards, seconds)
+        maker.add(path, s, key, audio_bytes, meta)

@@ -16,6 +16,7 @@ the same for workers started another way and adds the SIGTERM check."""
 import os
 import signal
 import threading
+from pathlib import Path
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1,)
 # blocked while the forkserver and the resource tracker start: they keep them blocked (a blocked
@@ -83,3 +84,31 @@ def terminate_only_from(owner: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=wait, name="sigterm-from-rank", daemon=True).start()
+
+
+def worker_context():
+    """The forkserver for loader workers. It preloads the module that makes it (and so every worker
+    forked from it) ignore the preemption signals meant for the rank and die with the rank; it and
+    multiprocessing's resource tracker are started with those signals blocked (a blocked signal stays
+    blocked across exec, and a handled one would revert to its deadly default there)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    import signal
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "asr_dist.data.forkserver_preload"])
+    os.environ[OWNER_ENV] = str(os.getpid())  # the forkserver's preload checks that its rank still lives
+    # Python 3.11's forkserver ignores the sys.path it is handed: let it find asr_dist to preload it
+    root = str(Path(__file__).resolve().parents[2])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, root]))
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(BLOCKED_AT_START))
+    try:
+        multiprocessing.resource_tracker.ensure_running()  # it ignores TERM itself, and unblocks TERM here
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(BLOCKED_AT_START))
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return ctx

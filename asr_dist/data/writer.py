@@ -32,13 +32,12 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from .. import __version__
-from ..audio import SAMPLE_RATE, AudioError, decode, encode, num_ctc_frames, probe, to_16k
+from ..audio import SAMPLE_RATE, AudioError, decode, encode, probe, to_16k
 from ..errors import UserError
 from ..text import (
     Normalizer,
     TextReject,
     build_vocab,
-    ctc_min_frames,
     load_vocab,
     vocab_chars,
     vocab_hash,
@@ -237,11 +236,6 @@ def _init_worker(work: dict) -> None:
     _WORK.update(work)
 
 
-def _num_samples_16k(n: int, sr: int) -> int:
-    """Length of soxr's output for ``n`` samples at ``sr`` (it rounds half up)."""
-    return n if sr == SAMPLE_RATE else (2 * n * SAMPLE_RATE + sr) // (2 * sr)
-
-
 def check_item(item: Item):
     """("ok", seconds, None) or ("reject", reason, detail): read and decode, apply the filters."""
     w = _WORK
@@ -256,10 +250,6 @@ def check_item(item: Item):
         return "reject", "too_short", f"{seconds:.2f} s < --min-duration {w['min_duration']}"
     if seconds > w["max_duration"]:
         return "reject", "too_long", f"{seconds:.2f} s > --max-duration {w['max_duration']}"
-    frames = num_ctc_frames(_num_samples_16k(frames, sr))
-    need = ctc_min_frames(item.text)
-    if need > frames:
-        return "reject", "text_too_long", f"{need} CTC labels need more than the {frames} frames of {seconds:.2f} s"
     return "ok", seconds, None
 
 

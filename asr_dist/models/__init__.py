@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelArgs
-from ..data.loader import normalize
+from ..audio import normalize
 from ..text import PAD_TOKEN
-from ..audio import AlignmentCheck, num_ctc_frames
+from .frames import AlignmentCheck, num_ctc_frames
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,14 @@ from asr_dist.data import index as fmt
 from asr_dist.data.items import InputError
 from asr_dist.data.sources import resolve_input
 from asr_dist.data.verify import info, verify
-from asr_dist.data.writer import _num_samples_16k, build
+from asr_dist.data.writer import build
 
 from test_writer import opts, read_set, rejects
+
+
+def num_samples_16k(n: int, sr: int) -> int:
+    """Length of soxr's output for ``n`` samples at ``sr`` (it rounds half up)."""
+    return n if sr == 16000 else (2 * n * 16000 + sr) // (2 * sr)
 
 
 def hub_rows(repo: Path, pattern: str) -> list[dict]:
@@ -44,7 +49,7 @@ def test_hub_repo_default_subset_split_train(corpus, tmp_path):
         info_ = sf.info(io.BytesIO(row["audio"]["bytes"]))
         codecs[(info_.format, info_.samplerate)] += 1
         # decoded by soundfile at the row's own rate and resampled to 16 kHz
-        assert sr == 16000 and meta["num_samples"] == len(audio) == _num_samples_16k(info_.frames, info_.samplerate)
+        assert sr == 16000 and meta["num_samples"] == len(audio) == num_samples_16k(info_.frames, info_.samplerate)
         assert meta["text_raw"] == row["text"]
         assert meta["speaker"] == meta["speaker_id"] == row["speaker_id"]
         assert meta["age"] == row["age"] and meta["dialect"] == row["dialect"]

@@ -18,7 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from asr_dist.data import index as fmt
-from asr_dist.data.loader import EvalLoader, LabelEncoder, LoaderError, ShardSet, TrainLoader
+from asr_dist.data.eval_loader import EvalLoader
+from asr_dist.data.loader import TrainLoader
+from asr_dist.data.samples import LabelEncoder
+from asr_dist.data.shardset import LoaderError, ShardSet
 from asr_dist.data.writer import BuildOptions, build
 from asr_dist.synth import write_corpus
 
@@ -228,7 +231,7 @@ def test_large_batch_mode_gives_every_reader_the_same_audio(tmp_path):
     audio unread. (With a fixed utterance count they own equal shard counts: shards hold equal counts.)"""
     import sys
 
-    from asr_dist.data.loader import StreamLayout, unit_owners
+    from asr_dist.data.order import StreamLayout, unit_owners
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from synthetic import make_corpus
@@ -743,7 +746,7 @@ def _coarse_check():
     """The alignment check of a wav2vec2 layout with one strided adapter layer of stride 3 (about 16 frames a
     second; test_models checks that the family gives this one): about two thirds of the synthesised utterances
     have more CTC labels than its frames."""
-    from asr_dist.audio import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
+    from asr_dist.models.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
 
     return AlignmentCheck(functools.partial(num_ctc_frames, conv=WAV2VEC2_CONV + ((1, 3),)))
 
@@ -779,7 +782,7 @@ def test_utterances_the_model_cannot_align_are_skipped_with_equal_counts_on_two_
     assert all(r["skipped"] > 0 for r in ranks)
     # the warning names the sample and its frames vs labels; the plan is what the loader delivers
     kw = dict(rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0, alignable=_coarse_check())
-    with caplog.at_level(logging.WARNING, logger="asr_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="asr_dist.data.samples"):
         batches = [b["keys"] for b in TrainLoader(train_set, **kw)]
     line = next(r.getMessage() for r in caplog.records if "cannot align" in r.getMessage())
     key = line.split(" sample ")[1].split(":")[0]
@@ -791,7 +794,7 @@ def test_utterances_the_model_cannot_align_are_skipped_with_equal_counts_on_two_
 
 
 def test_a_shard_set_the_model_cannot_align_at_all_stops_with_the_reason(train_set):
-    from asr_dist.audio import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
+    from asr_dist.models.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
 
     six_hertz = AlignmentCheck(functools.partial(num_ctc_frames, conv=WAV2VEC2_CONV + ((1, 2),) * 3))
     loader = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0,

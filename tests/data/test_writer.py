@@ -68,6 +68,17 @@ def test_every_layout_builds_a_verified_set(corpus, tmp_path, layout):
     assert [sh["num_samples"] for sh in index["shards"]] == [8, 4] and index["last_shard_short"]
 
 
+def test_a_transcript_with_more_labels_than_a_model_has_frames_is_kept(tmp_path):
+    """The builder knows no model: whether CTC can align an utterance (labels against the model's frames)
+    is training's check. 0.6 s of audio (29 frames of wav2vec2) with a 92-character transcript is kept."""
+    sf.write(tmp_path / "a.wav", 0.1 * np.sin(np.arange(9600) / 7).astype(np.float32), 16000)
+    text = "det regner i københavn " * 4
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio_filepath": "a.wav", "duration": 0.6, "text": text}) + "\n")
+    s = build(opts(tmp_path / "m.jsonl", tmp_path / "out"))
+    assert (s.num_kept, s.num_rejected) == (1, 0)
+    assert [m["text"] for m, _, _ in read_set(tmp_path / "out").values()] == [text.strip()]
+
+
 def test_hf_dataset_saved_to_disk(corpus, tmp_path):
     import datasets  # a hard dependency: missing, the test fails rather than skips
     folder = Path(corpus("audiofolder", num=6))

@@ -11,12 +11,10 @@ import contextlib
 import errno
 import json
 import logging
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -149,32 +147,6 @@ def use_safe_loading(engine) -> None:
 # ───────────────────────────── state that travels with a checkpoint ─────────────────────────────
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-            "numpy": np_state[1].tolist(), "numpy_pos": int(np_state[2]),
-            "torch": torch.get_rng_state().tolist(),
-            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
-
-
-def loader_state_for(saved: list[dict], rank: int, same_world: bool) -> dict:
-    """The loader state this rank resumes from. On another number of ranks every rank starts from
-    rank 0's position (the loader re-deals the rest of the epoch), and the damaged samples that all
-    saved ranks skipped are counted once, on rank 0: train/skipped_samples sums them over ranks."""
-    if same_world:
-        return saved[rank]
-    skipped = sum(s.get("skipped_samples", 0) for s in saved)
-    return {**saved[0], "skipped_samples": skipped if rank == 0 else 0}
-
-
 def gather(obj, world_size: int) -> list:
     if world_size == 1:
         return [obj]
@@ -185,10 +157,11 @@ def gather(obj, world_size: int) -> list:
 
 class Checkpointer:
     """A run's saves and its resume: DeepSpeed's checkpoint of every rank, plus the client state exact
-    resume needs (step, epoch, world size, every rank's loader position and random generators, the config)."""
+    resume needs: the TrainState of every rank (step, history and best, loader position, random generators),
+    the world size and the config."""
 
-    def __init__(self, engine, loader, denv, cfg):
-        self.engine, self.loader, self.cfg = engine, loader, cfg
+    def __init__(self, engine, state, denv, cfg):
+        self.engine, self.state, self.cfg = engine, state, cfg
         self.rank, self.world, self.is_main = denv.rank, denv.world_size, denv.is_main
         self.dir = Path(cfg.output_dir) / "checkpoints"
 
@@ -201,37 +174,44 @@ class Checkpointer:
         last = latest(self.dir)
         return last is not None and last.name == tag_for(step)
 
-    def resume(self) -> dict | None:
-        """Load train.resume (auto: the latest complete checkpoint) into the engine, the loader and the
-        random generators; the client state it saved (history, best, …), or None when there is none."""
+    def to_resume(self) -> Path | None:
+        """The checkpoint train.resume names (auto: the latest complete one), or None for a fresh start."""
         mode = self.cfg.train.resume
         if mode == "never":
             return None
         path = Path(mode) if mode != "auto" else latest(self.dir)
+        if path is not None and not (path / MARKER).exists():
+            raise TrainingError(f"{path} is not a complete checkpoint (no {MARKER}); give another train.resume")
+        return path
+
+    def resume(self) -> dict | None:
+        """Load train.resume into the engine and the TrainState; the client state it saved (its config, …),
+        or None when there is nothing to resume."""
+        path = self.to_resume()
         if path is None:
             return None
-        if not (path / MARKER).exists():
-            raise TrainingError(f"{path} is not a complete checkpoint (no {MARKER}); give another train.resume")
         with refused_as(path, TrainingError):
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if client is None:
             raise TrainingError(f"DeepSpeed could not load {path}")
-        same_world = client["world_size"] == self.world
-        self.loader.load_state_dict(loader_state_for(client["loader"], self.rank, same_world))
-        if same_world:
-            set_rng_state(client["rng"][self.rank])
-        log.info("resumed from %s at step %d (epoch %d)", path, self.engine.global_steps, self.loader.epoch)
+        self.state.load_state_dict(client, self.rank, self.world)
+        if self.state.step != self.engine.global_steps:
+            raise TrainingError(f"{path}: its client state says step {self.state.step} but DeepSpeed's state step "
+                                f"{self.engine.global_steps}; the checkpoint is inconsistent: resume from another one")
+        log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
         return client
 
-    def save(self, step: int, extra: dict) -> Path:
-        """Save step ``step`` on every rank, with the client state exact resume needs and ``extra``; mark it
-        complete once all ranks are done, and prune the oldest beyond train.keep_checkpoints."""
+    def save(self, step: int) -> Path:
+        """Save step ``step`` on every rank, with the client state exact resume needs; mark it complete once
+        all ranks are done, and prune the oldest beyond train.keep_checkpoints."""
         tag = tag_for(step)
+        mine = self.state.state_dict()
         client = {
-            "step": step, "epoch": self.loader.epoch, "world_size": self.world,
-            "loader": gather(self.loader.state_dict(), self.world),
-            "rng": gather(rng_state(), self.world),
-            "config": to_dict(self.cfg), "asr_dist_version": __version__, **extra,
+            "step": step, "epoch": mine["epoch"], "world_size": self.world,
+            "loader": gather(mine["loader"], self.world),
+            "rng": gather(mine["rng"], self.world),
+            "history": mine["history"], "best": mine["best"], "last_train_loss": mine["last_train_loss"],
+            "config": to_dict(self.cfg), "asr_dist_version": __version__,
         }
         path = self.dir / tag
         if self.is_main and path.exists():

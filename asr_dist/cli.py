@@ -156,55 +156,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import json
-
-    from .config import load_config, to_yaml
+    from .config import to_yaml
     from .distributed import configure_accelerator, get_env
+    from .plan import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return EXIT_OK
     accelerator = configure_accelerator()
     if args.dry_run:
-        from .data.loader import TrainLoader
-        from .data.shardset import ShardSet
-        from .deepspeed_config import check_layerdrop, deepspeed_config
-        from .engine import check_shard_builds
+        from .plan import plan_run
 
-        world = args.world_size or get_env().world_size
-        check_layerdrop(cfg, world, shared_draws=cfg.model.sync_free_forward)  # (a model with an adapter: at the start)
-        check_shard_builds(cfg)
-        if cfg.eval.group_by:
-            from .evaluation import check_group_fields
-
-            check_group_fields(list(cfg.eval.group_by), {n: ShardSet.open(d) for n, d in cfg.data.eval_shards.items()})
-        shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
-        d = cfg.data
-        loader = TrainLoader(shards, rank=0, world_size=world, micro_batch_size=d.micro_batch_size,
-                             global_batch_size=d.global_batch_size, num_workers=0,
-                             micro_batch_seconds=d.micro_batch_seconds, global_batch_seconds=d.global_batch_seconds)
-        total = cfg.train.max_steps or cfg.train.num_epochs * loader.steps_per_epoch
-        # as the ranks would get it
-        print(json.dumps(deepspeed_config(cfg, world, total, cuda=accelerator == "cuda"), indent=1))
-        batch = (f"{d.global_batch_size} = micro {d.micro_batch_size}" if d.micro_batch_seconds is None else
-                 f"{d.global_batch_seconds:g} s = micro {d.micro_batch_seconds:g} s")
-        print(f"world size {world}: {shards.num_samples} utterances, {shards.audio_seconds / 3600:.2f} h of audio; "
-              f"{loader.steps_per_epoch} steps per epoch (global batch {batch} x accumulation {loader.accumulation} "
-              f"x {world} ranks); {total} steps in all")
-        from .data.loader import unalignable
-        from .models import family_of
-
-        family = family_of(cfg.model)
-        refused = unalignable(shards, family.alignment_check(family.run_config(cfg.model, shards.vocab)))
-        what = cfg.model.pretrained or f"{family.name} {cfg.model.preset}"
-        if refused:
-            key, frames, need = refused[0]
-            print(f"{len(refused)} of {shards.num_samples} training utterances cannot be aligned by {what}: more "
-                  f"CTC labels than its frames (e.g. {key}: {need} frames needed, {frames} made); training skips "
-                  f"them (train/skipped_samples)")
-        else:
-            print(f"every training utterance can be aligned by {what} (no more CTC labels than frames)")
+        print(plan_run(cfg, args.world_size or get_env().world_size, cuda=accelerator == "cuda").describe())
         return EXIT_OK
     from .engine import TrainingError, train
 
@@ -302,8 +266,21 @@ def cmd_transcribe(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-# the model families (asr_dist.models.FAMILIES), named here so that --help does not import transformers
-DEMO_FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer", "wav2vec2-bert")
+def family_names() -> list[str]:
+    """The model families (asr_dist.models.FAMILIES) read from the source of asr_dist/models/ (each registered
+    class's ``name``), so that --help neither imports transformers nor keeps a list of its own."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    models = Path(importlib.util.find_spec("asr_dist.models").origin).parent
+    names = []
+    for path in sorted(models.glob("*.py")):
+        for block in path.read_text(encoding="utf-8").split("@register")[1:]:
+            m = re.search(r'^\s+name = "([\w-]+)"', block, re.M)
+            if m:
+                names.append(m.group(1))
+    return names
 
 
 def cmd_demo(args) -> int:
@@ -432,7 +409,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="train exactly N steps instead of what fits in --minutes: the same model on any machine")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU when there is one")
     p.add_argument("--model", default="wav2vec2", metavar="FAMILY",
-                   help=f"the encoder family whose tiny preset trains: {', '.join(DEMO_FAMILIES)} (default: wav2vec2)")
+                   help=f"the encoder family whose tiny preset trains: {', '.join(family_names())} (default: wav2vec2)")
     p.add_argument("--workers", "-j", type=int, default=_default_workers())
     p.add_argument("--rebuild", action="store_true", help="synthesise and build again instead of reusing earlier output")
     p.set_defaults(func=cmd_demo)

@@ -42,7 +42,7 @@ class DataArgs:
     global_batch_seconds: Optional[float] = None  # large-batch mode: audio seconds (padding included) per optimizer step over all ranks and accumulation; a multiple of data.micro_batch_seconds x ranks
     num_workers: int = 2  # DataLoader worker processes per rank
     bucket_batches: Optional[int] = None  # length bucketing buffer, in micro-batches (1 = no bucketing); default: 32, and with a fixed utterance count enough for 1024 utterances (more agree closer across ranks, less padding; about 100 kB of FLAC an utterance per loader worker)
-    sync_buckets: bool = True  # the ranks of a step take micro-batches of the same length quantile (a shared shuffle of their buffers), so none waits long for the slowest; fixed utterance count only (the large-batch mode fills micro-batches by seconds already)
+    sync_buckets: bool = True  # streamed batches (data.length_plan=false, and the large-batch mode): the ranks of a step take micro-batches of the same length quantile of their buffers (a shared shuffle), so none waits long for the slowest
     length_plan: Optional[bool] = None  # default: on with a fixed utterance count, off in the large-batch mode. Plan the epoch from every utterance's length (each rank reads every utterance's length and offsets from the set's samples.tsv at start-up, or lists the shards of a set built without one, then reads utterances at their offsets): a step's ranks hold neighbouring lengths at any world size (on a 3.4 h corpus, 64 ranks x 1: the slowest rank does 1.04x the mean's work, where sync_buckets alone leaves 1.37x; bench/rank_balance.py). false: each reader streams its shards and sorts its own buffer (sync_buckets)
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
@@ -138,19 +138,6 @@ class Config:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
-
-
-# from-scratch sizes (Wav2Vec2Config arguments); "tiny" keeps a small conv front end because it dominates CPU time
-PRESETS = {
-    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-                 conv_dim=(48,) * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
-                 feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 conv_dim=(512,) * 7, feat_extract_norm="group", do_stable_layer_norm=False),
-    "xlsr-300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                      conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
-}
-PRESETS["large"] = PRESETS["xlsr-300m"]  # wav2vec2-large-lv60's layout, which XLS-R-300M shares
 
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -295,7 +282,8 @@ def shard_dirs(train_shards) -> list[str]:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks, once, at load time."""
+    """Cross-field checks of the config alone, once, at load time (what needs a checkpoint, a model family or
+    the shard sets is asr_dist.plan's)."""
     if not cfg.output_dir or cfg.output_dir == MISSING:
         raise ConfigError("output_dir is required: where the run writes logs, checkpoints and the model")
     if isinstance(cfg.data.train_shards, dict) and not cfg.data.train_shards:
@@ -314,15 +302,12 @@ def validate(cfg: Config) -> None:
                           "does not mix by weight yet; give a plain list of shard directories, or a fixed utterance count")
     if (cfg.model.pretrained is None) == (cfg.model.preset is None):
         raise ConfigError("give exactly one of model.pretrained (a local checkpoint directory) or model.preset "
-                          f"({', '.join(PRESETS)}, with model.family for another family than wav2vec2)")
+                          "(tiny, base, xlsr-300m, …; with model.family for another family than wav2vec2)")
     if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: no config.json there; point it at a local "
                           f"checkpoint directory (save_pretrained layout); nothing is downloaded")
     if cfg.model.attention is not None and cfg.model.attention not in ("sdpa", "eager", "flash_attention_2"):
         raise ConfigError(f"model.attention={cfg.model.attention!r}; choose one of sdpa, eager, flash_attention_2")
-    from .models import check_model_config  # the family: from model.pretrained's config.json, or model.family
-
-    check_model_config(cfg.model, cfg.distributed.zero_stage)
     if (cfg.train.max_steps is None) == (cfg.train.num_epochs is None):
         raise ConfigError("give exactly one of train.max_steps or train.num_epochs")
     for name, value in (("train.max_steps", cfg.train.max_steps), ("train.num_epochs", cfg.train.num_epochs)):
@@ -379,6 +364,27 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = v
+    return out
+
+
+def config_diff(before: dict, after: dict) -> list[str]:
+    """Every key whose value differs between two configs (``to_dict`` form), as ``key: old -> new``."""
+    a, b = _flat(before), _flat(after)
+
+    def show(d: dict, k: str) -> str:
+        return json.dumps(d[k]) if k in d else "unset"
+
+    return [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b))
+            if k not in a or k not in b or a[k] != b[k]]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from .data import index as fmt
 from .data.eval_loader import EvalLoader
 from .data.shardset import ShardSet
-from .distributed import DistEnv, device_index, get_env
+from .config import DistributedArgs
+from .distributed import DistEnv, device_index, get_env, init_torch_process_group
 from .errors import InvalidValue, UserError
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
@@ -116,13 +117,8 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
               else torch.device("cpu"))
-    if denv.world_size > 1 and not dist.is_initialized():
-        import datetime
-        import os
-
-        os.environ.update(MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=denv.rank,
-                                world_size=denv.world_size, timeout=datetime.timedelta(minutes=30))
+    if denv.world_size > 1:
+        init_torch_process_group(denv, DistributedArgs.timeout_minutes, cuda=device.type == "cuda")
     model, vocab, meta, family = load_model_dir(model_dir, device)
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir, failed = None, None

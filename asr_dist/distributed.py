@@ -97,6 +97,17 @@ def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
                                rank=denv.rank, world_size=denv.world_size)
 
 
+def init_torch_process_group(denv: DistEnv, timeout_minutes: int, cuda: bool) -> None:
+    """Start torch.distributed without DeepSpeed (evaluation and decoding): NCCL on GPUs, gloo on CPU."""
+    import torch.distributed as dist
+
+    os.environ.update(_env_vars(denv))
+    if dist.is_available() and dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if cuda else "gloo", rank=denv.rank, world_size=denv.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
 def configure_accelerator() -> str:
     """DeepSpeed's accelerator: CUDA when a GPU is visible, else its CPU accelerator (gloo). Must run
     before deepspeed is imported; an explicit DS_ACCELERATOR wins."""

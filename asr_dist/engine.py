@@ -1,21 +1,20 @@
-"""The training engine: config -> DeepSpeed -> steps, evaluation, checkpoints, export.
+"""The training loop of one rank, built from a RunPlan (asr_dist.plan): DeepSpeed, steps, evaluation, checkpoints.
 
-  Config ──deepspeed_config──> DeepSpeed JSON (micro x accumulation x world = global batch)
-  TrainLoader (equal micro-batches per rank) ──> engine(input_values (B, T) or input_features (B, F, 160),
-                                                        attention_mask, labels (B, L))
-      .backward(loss) .step()  ── every optimizer step: preemption agreement (one tiny all-reduce)
-      every log_every:         mean loss over ranks, lr, grad norm, loss scale, throughput -> TensorBoard + JSONL
-      every eval.every_steps:  exact distributed loss / WER / CER per eval set (and per group of each
-                               eval.group_by field), pooled over the sets -> TensorBoard + JSONL + eval_results.json
-      every checkpoint_every:  DeepSpeed checkpoint + client state (step, loader state and RNG of every rank)
+  RunPlan ──> TrainLoader of this rank, the model (its family's), deepspeed.initialize, TrainState
+  loop, one optimizer step at a time:
+      next step's micro-batches (accumulation of them) ──train_step (asr_dist.step)──> loss sums, audio
+      ──> every optimizer step: watchdog beat, skipped-step watch, preemption agreement (one tiny all-reduce)
+      ──> every log_every:         mean loss over ranks, lr, grad norm, loss scale, throughput -> TensorBoard + JSONL
+      ──> every eval.every_steps:  exact distributed loss / WER / CER per eval set (and per group of each
+                                   eval.group_by field), pooled over the sets -> TensorBoard + JSONL + eval_results.json
+      ──> every checkpoint_every:  DeepSpeed checkpoint + the TrainState of every rank (asr_dist.state)
   end ──> final evaluation, checkpoint, Hugging Face export (model + processor + model card)
 
+{output_dir}/config.yaml is the resolved config that ran; a resume names every key that differs from it.
 Each part reads on its own: the DeepSpeed JSON in asr_dist.deepspeed_config, the evaluations in
-asr_dist.evaluation.TrainingEvaluation, saves and resume in asr_dist.checkpoint.Checkpointer, the model
-in its family (asr_dist.models); this module is the step loop, its logging and its diagnoses.
-
-Training is counted in optimizer steps. Only rank 0 writes logs and exports; every rank takes
-part in saves and in the collectives.
+asr_dist.evaluation.TrainingEvaluation, saves and resume in asr_dist.checkpoint.Checkpointer, the model in
+its family (asr_dist.models). Training is counted in optimizer steps. Only rank 0 writes logs and exports;
+every rank takes part in saves and in the collectives.
 """
 
 from __future__ import annotations
@@ -34,49 +33,23 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, length_plan, shard_dirs, to_dict
-from .data.index import ShardError, build_failure, read_index
-from .flops import peak_flops, train_flops_per_audio_second
-from .data.loader import TrainLoader
-from .data.shardset import ShardSet
+from .config import Config, ConfigError, config_diff, to_dict, to_yaml
+from .data.index import ShardError
+from .deepspeed_config import check_layerdrop
 from .distributed import DistEnv, Heartbeat, device_index, get_env, init_process_group, shutdown
-from .logging import MetricWriter, setup_logging
-from .deepspeed_config import check_layerdrop, deepspeed_config
 from .errors import TrainingError
 from .evaluation import TrainingEvaluation
-from .models import build_model, family_of
-from .models.ctc import layerdrop_draw
+from .flops import peak_flops, train_flops_per_audio_second
+from .logging import MetricWriter, setup_logging
+from .models import build_model
+from .plan import RunPlan, plan_run
+from .state import TrainState
+from .step import NonFiniteStep, StepSpec, keys_text, train_step
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # the job was asked to stop, saved, and can be requeued
-
-
-def utterance_weighted(loss: torch.Tensor, utterances: int, mean_utterances: float | None) -> torch.Tensor:
-    """A micro-batch's loss for backward. The model's CTC loss is a mean over the micro-batch's
-    utterances; in the large-batch mode (``mean_utterances`` set: utterances per micro-batch on
-    average) it is scaled by utterances / that mean, so every utterance weighs the same in an
-    optimizer step whichever micro-batch it landed in (100 short ones and 10 long ones would
-    otherwise count alike). With a fixed utterance count the loss is left as it is."""
-    return loss if mean_utterances is None else loss * (utterances / mean_utterances)
-
-
-def check_shard_builds(cfg: Config) -> None:
-    """A shard set whose build rejected more than its --max-reject-fraction is refused unless
-    data.allow_failed_shards says to use it anyway."""
-    if cfg.data.allow_failed_shards:
-        return
-    sets = [("data.train_shards", d) for d in shard_dirs(cfg.data.train_shards)]
-    sets += [(f"data.eval_shards.{name}", d) for name, d in cfg.data.eval_shards.items()]
-    for key, d in sets:
-        try:
-            why = build_failure(read_index(d))
-        except FileNotFoundError:
-            continue  # not a shard set at all: opening it says so
-        if why:
-            raise ConfigError(f"{key}: {d}: {why}. Fix the inputs and build it again (or with a higher "
-                              f"--max-reject-fraction), or set data.allow_failed_shards=true to use it as it is")
 
 
 def seed_everything(seed: int) -> None:
@@ -150,36 +123,23 @@ class StepProfiler:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, denv: DistEnv, preemption: Preemption | None = None):
+    """One rank's training run, built from the run's plan. The loop reads as: the next step's micro-batches
+    → ``train_step`` → log → evaluate → checkpoint → preemption check."""
+
+    def __init__(self, plan: RunPlan, denv: DistEnv, preemption: Preemption | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        self.cfg, self.denv = cfg, denv
+        cfg = plan.cfg
+        self.plan, self.cfg, self.denv = plan, cfg, denv
         self.out = Path(cfg.output_dir)
         self.rank, self.world = denv.rank, denv.world_size
-        # everything that can fail on the config or the data fails here, before any model work
-        check_shard_builds(cfg)
-        self.shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
-        # the model family's input, made in the loader's workers: the normalised waveform, or feature frames
-        family = family_of(cfg.model)
-        self.featurize = family.featurizer()
-        self.samples_per_input = getattr(self.featurize, "samples_per_frame", 1)  # audio samples per input step
-        alignable = family.alignment_check(family.run_config(cfg.model, self.shards.vocab))  # more labels than frames: skipped
-        self.loader = TrainLoader(self.shards, rank=self.rank, world_size=self.world,
-                                  micro_batch_size=cfg.data.micro_batch_size,
-                                  global_batch_size=cfg.data.global_batch_size, num_workers=cfg.data.num_workers,
-                                  seed=cfg.seed, bucket_batches=cfg.data.bucket_batches, on_corrupt=cfg.data.on_corrupt,
-                                  pin_memory=torch.cuda.is_available(), pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-                                  micro_batch_seconds=cfg.data.micro_batch_seconds,
-                                  global_batch_seconds=cfg.data.global_batch_seconds,
-                                  sync_buckets=cfg.data.sync_buckets, featurize=self.featurize, alignable=alignable,
-                                  length_plan=length_plan(cfg.data))
-        self.total_steps = cfg.train.max_steps or cfg.train.num_epochs * self.loader.steps_per_epoch
-        self.ds_config = deepspeed_config(cfg, self.world, self.total_steps,
-                                          cuda=get_accelerator().device_name() == "cuda")
-        # the evaluation sets and their groups, read (sample JSON only) before any model work
+        self.shards, self.family = plan.shards, plan.family
+        self.loader = plan.loader(self.rank)
+        self.total_steps, self.ds_config = plan.total_steps, plan.ds_config
+        # the evaluation sets' loaders and groups, read (sample JSON only) before any model work
         self.writer = MetricWriter(self.out, enabled=denv.is_main)
-        self.evaluation = TrainingEvaluation(cfg, self.shards.vocab, self.rank, self.world, self.featurize, self.writer)
+        self.evaluation = TrainingEvaluation(cfg, plan.eval_sets, plan.vocab, self.rank, self.world, plan.featurize, self.writer)
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
@@ -192,40 +152,74 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)
-        model, self.family = build_model(cfg.model, self.shards.vocab, seed=cfg.seed)
+        model, _ = build_model(cfg.model, plan.vocab, seed=cfg.seed, family=plan.family, config=plan.model_config)
         if cfg.model.compile:
             self.family.compile(model)
-        self.sync_free = cfg.model.sync_free_forward and self.family.use_sync_free_forward(model)
-        check_layerdrop(cfg, self.world, shared_draws=self.sync_free)
-        self.layerdrop = cfg.model.layerdrop if self.sync_free else 0.0  # else transformers' forward draws
-        self.layers = self.family.num_layers(model.config)
-        if cfg.distributed.zero_stage == 3 and self.sync_free:
+        sync_free = cfg.model.sync_free_forward and self.family.use_sync_free_forward(model)
+        check_layerdrop(cfg, self.world, shared_draws=sync_free)
+        if cfg.distributed.zero_stage == 3 and sync_free:
             for p in self.family.zero3_external_parameters(model):
                 deepspeed.zero.register_external_parameter(model, p)
         params = self.family.trainable_parameters(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         ckpt.use_safe_loading(self.engine)
-        # the large-batch mode's micro-batches hold different numbers of utterances: see utterance_weighted
-        self.utterances_per_micro = None if cfg.data.micro_batch_seconds is None else (
-            self.shards.num_samples / (self.loader.steps_per_epoch * self.loader.accumulation * self.world))
         front = self.family.front_end(model)
         self.frozen_encoder = front is not None and not any(p.requires_grad for p in front.parameters())
+        self.layers = self.family.num_layers(model.config)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
-        self.history: list[dict] = []  # one row per evaluation: the model card's results table
-        self.best: dict = {}
-        self.last_train_loss: float | None = None
-        self.checkpoints = ckpt.Checkpointer(self.engine, self.loader, denv, cfg)
+        self.spec = StepSpec(
+            input_name=self.family.input_name, device=self.device, input_dtype=self.input_dtype, sync_free=sync_free,
+            layerdrop=cfg.model.layerdrop if sync_free else 0.0,  # else transformers' forward draws
+            num_layers=self.layers, seed=cfg.seed, utterances_per_micro=plan.utterances_per_micro,
+            # ZeRO 1-3 and fp16 skip steps with inf/NaN gradients themselves; stage 0 in fp32/bf16 does not
+            check_finite=cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16",
+            samples_per_input=getattr(plan.featurize, "samples_per_frame", 1),
+            micro_batch_key="data.micro_batch_" + ("size" if cfg.data.micro_batch_seconds is None else "seconds"),
+            rank=self.rank, world_size=self.world)
+        self.state = TrainState(self.loader)
+        self.checkpoints = ckpt.Checkpointer(self.engine, self.state, denv, cfg)
         self.preemption = preemption or Preemption()
-        # ZeRO 1-3 and fp16 skip steps with inf/NaN gradients themselves; stage 0 in fp32/bf16 does not
-        self.check_finite = cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16"
+        self._pending: list[dict] = []  # micro-batches of a step that an epoch's end cut (carried into the next)
+        self._skipped_run, self._last_skipped = 0, 0
 
-    # ── resume, save (asr_dist.checkpoint.Checkpointer) ──
+    # ── resume, save (asr_dist.checkpoint.Checkpointer), the run's config ──
 
     def resume(self) -> None:
         client = self.checkpoints.resume()
+        if self.denv.is_main:
+            self._record_config(client)
+
+    def _record_config(self, client: dict | None) -> None:
+        """Write {output_dir}/config.yaml, the resolved config of this run. On a resume, name every key that
+        differs from the config the checkpoint was trained with (config.yaml, else the checkpoint's own), and keep
+        that one as config.until-step-N.yaml."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / CONFIG_NAME
         if client is not None:
-            self.history, self.best = client.get("history", []), client.get("best", {})
+            before = None
+            if path.exists():
+                from omegaconf import OmegaConf
+
+                try:
+                    before = OmegaConf.to_container(OmegaConf.load(path))
+                except Exception as e:  # an unreadable record is no reason to stop a resume
+                    log.warning("%s: not readable (%s); comparing with the checkpoint's config instead", path, e)
+            before = before if isinstance(before, dict) else client.get("config")
+            changed = config_diff(before or {}, to_dict(self.cfg))
+            if changed:
+                kept = self.out / f"config.until-step-{self.state.step:08d}.yaml"
+                log.warning("resuming at step %d with %d config key(s) changed from the run's: %s (the earlier config "
+                            "is kept as %s)", self.state.step, len(changed), "; ".join(changed), kept.name)
+                if path.exists():
+                    path.replace(kept)
+                else:
+                    from omegaconf import OmegaConf
+
+                    kept.write_text(OmegaConf.to_yaml(OmegaConf.create(before)))
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(to_yaml(self.cfg))
+        tmp.replace(path)
 
     def _unwatched(self):
         """Evaluation and saves are no optimizer steps: the watchdog waits for them."""
@@ -233,7 +227,7 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         with self._unwatched():
-            return self.checkpoints.save(step, {"history": self.history, "best": self.best})
+            return self.checkpoints.save(step)
 
     def _save_unless_saved(self, step: int) -> None:
         if not self.checkpoints.is_latest(step):
@@ -256,80 +250,32 @@ class Trainer:
 
     def run(self) -> dict:
         self.resume()
-        engine, cfg = self.engine, self.cfg
-        step = engine.global_steps
-        if step >= self.total_steps:
-            log.info("already trained %d of %d steps", step, self.total_steps)
+        state, cfg = self.state, self.cfg
+        if state.step >= self.total_steps:
+            log.info("already trained %d of %d steps", state.step, self.total_steps)
         if self.denv.is_main:
             self.writer.hparams(to_dict(cfg), self.ds_config)
             log.info("training %d steps (%d per epoch, accumulation %d, %d ranks) into %s", self.total_steps,
                      self.loader.steps_per_epoch, self.loader.accumulation, self.world, self.out)
-        engine.train()
+        self.engine.train()
         window = self._new_window()
-        skipped_run, last_skipped = 0, engine.skipped_steps
-        step_keys: list[str] = []  # this rank's utterances in the current optimizer step, for diagnoses
-        start_time, start_step = time.time(), step
+        self._skipped_run, self._last_skipped = 0, self.engine.skipped_steps
+        start_time, start_step = time.time(), state.step
         profiler = StepProfiler(cfg.train.profile_steps, self.out, self.rank, self.device)
-        while step < self.total_steps:
+        while state.step < self.total_steps:
             batches = iter(self.loader)
-            while step < self.total_steps:
-                profiler.maybe_start(step)
-                t = time.time()
-                try:
-                    batch = next(batches, None)
-                except ShardError as e:  # data.on_corrupt=stop; raised again here from a loader worker
-                    text = str(e).strip().splitlines()[-1]
-                    raise TrainingError(f"damaged training data on rank {self.rank}: "
-                                        f"{text.split('ShardError: ', 1)[-1]}") from None
-                window["wait"] += time.time() - t
-                if batch is None:
+            while state.step < self.total_steps:
+                profiler.maybe_start(state.step)
+                micro = self._next_step(batches, window)
+                if micro is None:
                     break  # the epoch ended
-                inputs = batch["input_values"].to(self.device, self.input_dtype, non_blocking=True)
-                skips = None
-                try:
-                    if self.sync_free:  # masks and lengths made on the host, from these
-                        skips = layerdrop_draw(self.layerdrop, self.layers, cfg.seed, step) if self.layerdrop else None
-                        out = engine(**{self.family.input_name: inputs}, lengths=batch["attention_mask"].sum(-1),
-                                     labels=batch["labels"], skip_layers=skips)
-                    else:
-                        out = engine(**{self.family.input_name: inputs},
-                                     attention_mask=batch["attention_mask"].to(self.device, non_blocking=True),
-                                     labels=batch["labels"].to(self.device, non_blocking=True))
-                    engine.backward(utterance_weighted(out.loss, len(batch["keys"]), self.utterances_per_micro))
-                except torch.OutOfMemoryError:
-                    # one rank cannot skip a batch alone (the others would wait in its gradient reduction)
-                    micro_key = "data.micro_batch_" + ("size" if self.cfg.data.micro_batch_seconds is None else "seconds")
-                    raise TrainingError(
-                        f"out of memory on rank {self.rank} in a micro-batch of {len(batch['keys'])} utterances, "
-                        f"{float(batch['durations'].max()):.1f} s the longest, {inputs.shape[1] * self.samples_per_input / 16000:.1f} s padded "
-                        f"({_keys_text(batch['keys'])}). Lower {micro_key} (accumulation makes up the "
-                        f"global batch), set model.gradient_checkpointing=true, or rebuild the shards with a lower "
-                        f"--max-duration") from None
-                boundary = engine.is_gradient_accumulation_boundary()
-                step_keys.extend(batch["keys"])
-                if boundary and self.check_finite:
-                    self._stop_if_not_finite(engine.global_steps, out.loss, step_keys)
-                engine.step()
-                window["loss"] += out.loss.detach().to(torch.float64) * len(batch["keys"])  # per utterance
-                audio = float(batch["durations"].sum())
-                window["audio"] += audio
-                window["layer_audio"] += audio * (1 - sum(skips) / self.layers if skips else 1.0)  # for the FLOPs
-                window["utts"] += len(batch["keys"])
-                if not boundary:
-                    continue
-                step = engine.global_steps
+                result = self._train_step(micro)
+                state.step = step = self.engine.global_steps
+                self._count(window, result)
                 if self.watchdog is not None:
                     self.watchdog.step_done()
-                window["steps"] += 1
                 profiler.maybe_stop(step, final=step >= self.total_steps)
-                if engine.skipped_steps > last_skipped:
-                    skipped_run += engine.skipped_steps - last_skipped
-                else:
-                    skipped_run = 0
-                last_skipped = engine.skipped_steps
-                if skipped_run >= cfg.distributed.max_skipped_steps:
-                    self._overflow_storm(step, step_keys)
-                step_keys = []
+                self._watch_skipped(step, result.keys)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     self._log(step, window, start_time, start_step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
@@ -342,17 +288,77 @@ class Trainer:
                     raise SystemExit(EXIT_PREEMPTED)
         if self.watchdog is not None:
             self.watchdog.stop()  # what is left (evaluation, export) makes no optimizer steps
+        step = state.step
         results = self.evaluate(step) if self.evaluation.loaders else {}
         self._record(step, results)
         self._save_unless_saved(step)
         from .export import export
 
         export(self, self.out / "model")
-        if self.best:
-            log.info("best %s WER %.4f at step %d, exported to %s", self.best["set"], self.best["wer"],
-                     self.best["step"], self.out / "best")
+        if state.best:
+            log.info("best %s WER %.4f at step %d, exported to %s", state.best["set"], state.best["wer"],
+                     state.best["step"], self.out / "best")
         self.writer.close()
-        return {"step": step, "eval": results, "history": self.history}
+        return {"step": step, "eval": results, "history": state.history}
+
+    def _next_step(self, batches, window: dict) -> list[dict] | None:
+        """The micro-batches of this rank's next optimizer step, or None when the epoch ends first (what it
+        delivered of the step is kept for the next epoch's iterator)."""
+        while len(self._pending) < self.loader.accumulation:
+            t = time.time()
+            try:
+                batch = next(batches, None)
+            except ShardError as e:  # data.on_corrupt=stop; raised again here from a loader worker
+                text = str(e).strip().splitlines()[-1]
+                raise TrainingError(f"damaged training data on rank {self.rank}: "
+                                    f"{text.split('ShardError: ', 1)[-1]}") from None
+            window["wait"] += time.time() - t
+            if batch is None:
+                return None
+            self._pending.append(batch)
+        micro, self._pending = self._pending, []
+        return micro
+
+    def _train_step(self, micro: list[dict]):
+        try:
+            return train_step(self.engine, micro, self.state.step, self.spec)
+        except NonFiniteStep as e:
+            # ZeRO stage 0 without fp16 has no overflow check: the step was stopped before the weights changed
+            step = self.state.step
+            self._save_unless_saved(step)
+            raise TrainingError(
+                f"inf/NaN loss or gradients in optimizer step {step + 1} (loss {e.loss:.4g} on rank {self.rank}); "
+                f"utterances on rank {self.rank}: {keys_text(e.keys)}. The weights from before it were saved as "
+                f"checkpoint step {step}. Try a lower optim.lr or a longer optim.warmup_steps, or ZeRO stage 1-3 "
+                f"(they skip such steps and stop only after distributed.max_skipped_steps in a row)") from None
+
+    @staticmethod
+    def _count(window: dict, result) -> None:
+        window["loss"] += result.loss_sum
+        window["audio"] += result.audio_seconds
+        window["layer_audio"] += result.layer_audio_seconds
+        window["utts"] += result.utterances
+        window["steps"] += 1
+
+    def _watch_skipped(self, step: int, keys: list[str]) -> None:
+        """fp16, and ZeRO 1-3 in any precision, skip a step whose gradients are inf or NaN; many in a row is a
+        diverging run: stop with a checkpoint (skipped steps leave the weights as before them)."""
+        skipped = self.engine.skipped_steps
+        self._skipped_run = self._skipped_run + skipped - self._last_skipped if skipped > self._last_skipped else 0
+        self._last_skipped = skipped
+        if self._skipped_run < self.cfg.distributed.max_skipped_steps:
+            return
+        self.save(step)
+        n = self.cfg.distributed.max_skipped_steps
+        if self.cfg.distributed.precision == "fp16":
+            what = (f"fp16 overflow storm: {n} optimizer steps in a row were skipped for inf/NaN gradients "
+                    f"(loss scale {getattr(self.engine.optimizer, 'cur_scale', '?')})")
+            hint = "Try distributed.precision=bf16, a lower optim.lr, or a lower distributed.initial_scale_power"
+        else:
+            what = f"{n} optimizer steps in a row had inf/NaN gradients and were skipped"
+            hint = "Try a lower optim.lr or a longer optim.warmup_steps, and check those utterances"
+        raise TrainingError(f"{what}; utterances of the last one on rank {self.rank}: {keys_text(keys)}. A checkpoint "
+                            f"with the weights from before the skipped steps was saved at step {step}. {hint}")
 
     def _record(self, step: int, results: dict) -> None:
         """Add an evaluation to the history and write it to {output_dir}/eval_results.json; export the
@@ -360,17 +366,18 @@ class Trainer:
         alike: the results are all-reduced)."""
         if not results:
             return
+        state = self.state
         if self.denv.is_main:  # the latest evaluation, whole (replaced atomically: a reader never sees half)
             tmp = self.out / f"{RESULTS_NAME}.tmp"
             tmp.write_text(json.dumps({"step": step, "eval": results}, indent=1) + "\n")
             tmp.replace(self.out / RESULTS_NAME)
-        row = {"step": step, "train_loss": self.last_train_loss}
+        row = {"step": step, "train_loss": state.last_train_loss}
         for name, r in results.items():
             row.update({f"{name}_loss": r["loss"], f"{name}_wer": r["wer"], f"{name}_cer": r["cer"]})
-        self.history.append(row)
+        state.history.append(row)
         name, first = next(iter(results.items()))
-        if first["wer"] < self.best.get("wer", math.inf):
-            self.best = {"step": step, "set": name, "wer": first["wer"], "cer": first["cer"]}
+        if first["wer"] < state.best.get("wer", math.inf):
+            state.best = {"step": step, "set": name, "wer": first["wer"], "cer": first["cer"]}
             from .export import export
 
             with self._unwatched():
@@ -418,7 +425,7 @@ class Trainer:
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
         log.info("step %d/%d loss %.4f lr %.2e %.0f audio s/s ETA %s", step, self.total_steps, loss, metrics["train/lr"],
                  metrics["perf/audio_seconds_per_second"], time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
-        self.last_train_loss = loss
+        self.state.last_train_loss = loss
         window.update(self._new_window())
 
     def _new_window(self) -> dict:
@@ -426,53 +433,22 @@ class Trainer:
         return {"loss": torch.zeros((), device=self.device, dtype=torch.float64), "audio": 0.0, "layer_audio": 0.0,
                 "utts": 0, "wait": 0.0, "t0": time.time(), "steps": 0}
 
-    def _overflow_storm(self, step: int, keys: list[str]) -> None:
-        """fp16, and ZeRO 1-3 in any precision, skip a step whose gradients are inf or NaN; many in a
-        row is a diverging run: stop with a checkpoint (skipped steps leave the weights as before them)."""
-        self.save(step)
-        n = self.cfg.distributed.max_skipped_steps
-        if self.cfg.distributed.precision == "fp16":
-            what = (f"fp16 overflow storm: {n} optimizer steps in a row were skipped for inf/NaN gradients "
-                    f"(loss scale {getattr(self.engine.optimizer, 'cur_scale', '?')})")
-            hint = "Try distributed.precision=bf16, a lower optim.lr, or a lower distributed.initial_scale_power"
-        else:
-            what = f"{n} optimizer steps in a row had inf/NaN gradients and were skipped"
-            hint = "Try a lower optim.lr or a longer optim.warmup_steps, and check those utterances"
-        raise TrainingError(f"{what}; utterances of the last one on rank {self.rank}: {_keys_text(keys)}. A checkpoint "
-                            f"with the weights from before the skipped steps was saved at step {step}. {hint}")
-
-    def _stop_if_not_finite(self, step: int, loss: torch.Tensor, keys: list[str]) -> None:
-        """ZeRO stage 0 without fp16 has no overflow check: an inf/NaN gradient would reach the weights.
-        Checked before the optimizer step, on every rank together; the weights saved are still finite."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=self.device)]
-        ok = (torch.isfinite(torch.stack(norms)).all() & torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-        if self.world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if bool(ok.item()):
-            return
-        self._save_unless_saved(step)
-        raise TrainingError(
-            f"inf/NaN loss or gradients in optimizer step {step + 1} (loss {float(loss):.4g} on rank {self.rank}); "
-            f"utterances on rank {self.rank}: {_keys_text(keys)}. The weights from before it were saved as checkpoint "
-            f"step {step}. Try a lower optim.lr or a longer optim.warmup_steps, or ZeRO stage 1-3 (they skip such "
-            f"steps and stop only after distributed.max_skipped_steps in a row)")
-
 
 RESULTS_NAME = "eval_results.json"
-
-
-def _keys_text(keys: list[str], limit: int = 16) -> str:
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+CONFIG_NAME = "config.yaml"  # the resolved config of the run, in output_dir
 
 
 def train(cfg: Config, denv: DistEnv | None = None) -> dict:
     """Run (or resume) the training that ``cfg`` describes, on every rank of the job."""
+    from deepspeed.accelerator import get_accelerator
+
     preemption = Preemption()  # first: a signal during start-up is a request to stop at the first step
     denv = denv or get_env()
     setup_logging(denv.rank, denv.world_size)
     try:
-        trainer = Trainer(cfg, denv, preemption)
+        # everything that can fail on the config or the data fails here, before any model work
+        plan = plan_run(cfg, denv.world_size, cuda=get_accelerator().device_name() == "cuda")
+        trainer = Trainer(plan, denv, preemption)
         try:
             result = trainer.run()
             trainer._barrier()  # every rank done before anyone stops beating and leaves

@@ -143,13 +143,9 @@ class TrainingEvaluation:
     """The evaluations of a training run: every set of data.eval_shards, exact over the ranks, per group of
     each eval.group_by field, and pooled over the sets; written to TensorBoard and the JSONL log."""
 
-    def __init__(self, cfg, vocab: dict[str, int], rank: int, world: int, featurize, writer):
-        sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
-        for name, s in sets.items():
-            if s.vocab != vocab:
-                raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
+    def __init__(self, cfg, sets: dict[str, ShardSet], vocab: dict[str, int], rank: int, world: int, featurize, writer):
+        """``sets``: the evaluation sets, opened and checked by the run's plan (asr_dist.plan)."""
         group_by = list(cfg.eval.group_by)
-        check_group_fields(group_by, sets)
         # every utterance's group in each field, read once (sample JSON only); every rank lays the groups out alike
         self.group_tables = {name: group_table(s, group_by) for name, s in sets.items() if group_by}
         self.loaders = {name: EvalLoader(s, rank=rank, world_size=world, micro_batch_size=cfg.data.eval_micro_batch_size,

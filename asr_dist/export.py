@@ -81,16 +81,16 @@ def model_card(trainer) -> str:
         ("zero_stage", cfg.distributed.zero_stage),
     ]
     # with several sets, the pooled rates (all sets as one) come last
-    sets = list(trainer.evaluation.loaders) + ([POOLED] if any(f"{POOLED}_wer" in r for r in trainer.history) else [])
+    sets = list(trainer.evaluation.loaders) + ([POOLED] if any(f"{POOLED}_wer" in r for r in trainer.state.history) else [])
     rows = ["| Step | Training Loss | " + " | ".join(f"{n} Loss | {n} WER | {n} CER" for n in sets) + " |",
             "|---|---|" + "---|---|---|" * len(sets)]
-    for r in trainer.history:
+    for r in trainer.state.history:
         cells = [str(r["step"]), "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"]
         for n in sets:
             cells += [f"{r.get(f'{n}_loss', float('nan')):.4f}", f"{r.get(f'{n}_wer', float('nan')):.4f}",
                       f"{r.get(f'{n}_cer', float('nan')):.4f}"]
         rows.append("| " + " | ".join(cells) + " |")
-    final = trainer.history[-1] if trainer.history else {}
+    final = trainer.state.history[-1] if trainer.state.history else {}
     summary = ", ".join(f"{k.replace('_', ' ')}: {v:.4f}" for k, v in final.items() if k != "step" and v is not None)
     import deepspeed
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transformers  # noqa: E402
 
-from asr_dist.config import PRESETS  # noqa: E402
+from asr_dist.models.presets import PRESETS  # noqa: E402
 from asr_dist.data.loader import TrainLoader  # noqa: E402
 from asr_dist.data.writer import BuildOptions, build  # noqa: E402
 from asr_dist.flops import train_flops  # noqa: E402

@@ -46,8 +46,11 @@ def test_defaults_yaml_overrides(yaml):
     (["model.preset=huge"], "choose one of tiny, base, xlsr-300m, large"),
 ])
 def test_mistakes_say_what_to_change(yaml, overrides, message):
+    """As a run reads its config (load_run_config: load_config, then the model family's checks)."""
+    from asr_dist.plan import load_run_config
+
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(yaml, overrides)
+        load_run_config(yaml, overrides)
 
 
 def test_a_single_path_is_a_list_of_one(yaml):
@@ -56,7 +59,7 @@ def test_a_single_path_is_a_list_of_one(yaml):
 
 
 def test_large_is_xlsr_300m(yaml):
-    from asr_dist.config import PRESETS
+    from asr_dist.models.presets import PRESETS
 
     assert load_config(yaml, ["model.preset=large"]).model.preset == "large"
     assert PRESETS["large"] == PRESETS["xlsr-300m"] and PRESETS["large"]["num_hidden_layers"] == 24
@@ -200,16 +203,17 @@ def test_train_dry_run_prints_the_plan(tmp_path, corpus_cache):
 
     build(BuildOptions(inputs=[corpus_cache("commonvoice", num=40)], output=str(tmp_path / "s"), progress=False))
     out = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
-                          f"data.train_shards=[{tmp_path / 's'}]", "--dry-run", "--world-size", "2"],
+                          f"data.train_shards=[{tmp_path / 's'}]", "data.eval_shards={}", "--dry-run", "--world-size", "2"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert '"gradient_accumulation_steps": 1' in out.stdout and "2 steps per epoch" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
-                          f"data.train_shards=[{tmp_path / 's'}]", "data.micro_batch_size=3", "--dry-run"],
+                          f"data.train_shards=[{tmp_path / 's'}]", "data.eval_shards={}", "data.micro_batch_size=3", "--dry-run"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "micro batch sizes that divide it" in bad.stderr and "Traceback" not in bad.stderr
     layerdrop = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
-                                f"data.train_shards=[{tmp_path / 's'}]", "model.layerdrop=0.1", "model.sync_free_forward=false",
+                                f"data.train_shards=[{tmp_path / 's'}]", "data.eval_shards={}", "model.layerdrop=0.1",
+                                "model.sync_free_forward=false",
                                 "--dry-run", "--world-size", "2"], capture_output=True, text=True)
     assert layerdrop.returncode == 2 and "each rank would skip different layers" in layerdrop.stderr
     groups = subprocess.run([sys.executable, "-m", "asr_dist.cli", "train", "--config", str(REPO / "configs" / "test.yaml"),
@@ -372,7 +376,8 @@ def test_train_dry_run_counts_the_utterances_the_model_cannot_align(tmp_path, co
     build(BuildOptions(inputs=[corpus_cache("commonvoice", num=40)], output=str(tmp_path / "s"), progress=False))
     strided = tmp_path / "strided"
     transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=1, adapter_stride=3).save_pretrained(str(strided))
-    base = [str(REPO / "configs" / "test.yaml"), f"data.train_shards=[{tmp_path / 's'}]", "data.global_batch_size=8"]
+    base = [str(REPO / "configs" / "test.yaml"), f"data.train_shards=[{tmp_path / 's'}]", "data.global_batch_size=8",
+            "data.eval_shards={}"]
     assert main(["train", "--config", *base, f"model.pretrained={strided}", "model.preset=null", "--dry-run"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     n = int(line.split(" of 40 training utterances cannot be aligned by ")[0])

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from trainkit import TAGS, WORKERS, launch, losses, overrides
 
@@ -113,10 +114,15 @@ def test_single_process_skips_an_incomplete_checkpoint(train_shards, tmp_path):
     (last / "COMPLETE").unlink()
     for f in last.glob("*.pt"):
         f.write_bytes(f.read_bytes()[:100])
-    r = launch("python", overrides(train_shards, out, *args))
+    # the run's resolved config is in the run directory; a resume with a key changed names it
+    assert OmegaConf.load(out / "config.yaml").train.keep_checkpoints == 2
+    r = launch("python", overrides(train_shards, out, *args, "train.keep_checkpoints=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ignoring incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
     assert "step-00000003 at step 3" in r.stderr
+    assert "1 config key(s) changed from the run's: train.keep_checkpoints: 2 -> 3" in r.stderr
+    assert OmegaConf.load(out / "config.until-step-00000003.yaml").train.keep_checkpoints == 2
+    assert OmegaConf.load(out / "config.yaml").train.keep_checkpoints == 3
     assert len(list((out / "profile").iterdir())) == 2  # resumed after the profiled steps: no second profile
 
 
@@ -166,7 +172,7 @@ def test_large_batch_mode_weighs_every_utterance_alike():
     """With micro-batches of varying utterance counts, a step's gradient does not depend on how its
     utterances were cut into micro-batches (padding is neutral for layer-norm wav2vec2s)."""
     from asr_dist.config import ModelArgs
-    from asr_dist.engine import utterance_weighted
+    from asr_dist.step import utterance_weighted
     from asr_dist.models import build_model
 
     torch.manual_seed(0)
@@ -221,7 +227,7 @@ def test_resume_on_another_world_size_keeps_the_skipped_sample_count(train_shard
     """Damaged samples skipped by two ranks, resumed on one: train/skipped_samples (the sum over ranks)
     neither restarts from 0 nor counts rank 0's share for every rank."""
     from asr_dist.data.loader import TrainLoader
-    from asr_dist.checkpoint import loader_state_for
+    from asr_dist.state import loader_state_for
 
     d = tmp_path / "s"
     shutil.copytree(train_shards / "s-train", d)

@@ -4,7 +4,7 @@ second (forward and backward with a frozen feature encoder); the count scales wi
 import transformers
 
 from asr_dist.flops import peak_flops, train_flops_per_audio_second
-from asr_dist.config import PRESETS
+from asr_dist.models.presets import PRESETS
 
 
 def test_xlsr_300m_costs_about_123_gflop_per_audio_second():

@@ -90,7 +90,7 @@ def test_bad_lm_paths_say_what_is_wrong(tmp_path):
 def test_cli_builds_an_lm_from_shards_and_evaluates_with_it(tmp_path, capsys):
     from asr_dist.data.writer import BuildOptions, build
     from asr_dist.export import make_processor
-    from asr_dist.config import PRESETS
+    from asr_dist.models.presets import PRESETS
     from asr_dist.synth import write_corpus
     import transformers
 
@@ -125,7 +125,7 @@ def test_two_minute_recording_chunks_like_the_pipeline_and_decodes_with_an_lm(tm
     from asr_dist.audio import decode, to_16k
     from asr_dist.decode import chunked_logits
     from asr_dist.export import make_processor
-    from asr_dist.config import PRESETS
+    from asr_dist.models.presets import PRESETS
     from asr_dist.synth import write_corpus
 
     manifest = write_corpus(tmp_path / "corpus", "nemo", 40, seed=41, sample_rate=16000)
@@ -161,7 +161,7 @@ def test_attached_lm_is_used_by_default_and_readable_as_pyctcdecode_expects(tmp_
 
     from asr_dist.export import make_processor
     from asr_dist.lm import attached
-    from asr_dist.config import PRESETS
+    from asr_dist.models.presets import PRESETS
 
     (tmp_path / "text.txt").write_text("hun bad et hus\nhun bad et bad\n", encoding="utf-8")
     (tmp_path / "vocab.json").write_text(json.dumps(VOCAB))

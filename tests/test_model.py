@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from asr_dist.config import PRESETS, ModelArgs
+from asr_dist.config import ModelArgs
+from asr_dist.models.presets import PRESETS
 from asr_dist.models import FAMILIES, build_model
 from asr_dist.models.ctc import ctc_loss, layerdrop_draw
 

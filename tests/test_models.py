@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 
-from asr_dist.config import ConfigError, ModelArgs, load_config
+from asr_dist.config import ConfigError, ModelArgs
 from asr_dist.data.samples import collate
 from asr_dist.flops import train_flops_per_audio_second
 from asr_dist.models import FAMILIES, ModelError, build_model, family_for
+from asr_dist.plan import load_run_config
 from trainkit import save_base_model
 
 VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
@@ -36,7 +37,7 @@ def loss_and_grads(model, x, labels, **inputs):
 def test_base_checkpoint_gets_a_ctc_head_and_keeps_every_encoder_weight(name, tmp_path):
     d = save_base_model(name, tmp_path / "base", seed=3)
     base = transformers.AutoModel.from_pretrained(str(d))
-    cfg = load_config(None, BASE + [f"model.pretrained={d}"])  # the family is read from config.json
+    cfg = load_run_config(None, BASE + [f"model.pretrained={d}"])  # the family is read from config.json
     model, family = build_model(cfg.model, VOCAB)
     assert family.name == name and type(model) is family.ctc_class and model.config.model_type == base.config.model_type
     assert model.lm_head.out_features == len(VOCAB) and model.config.pad_token_id == 0
@@ -74,7 +75,7 @@ def test_a_checkpoint_of_another_kind_is_refused_by_name(model_type, tmp_path):
     transformers.AutoConfig.for_model(model_type).save_pretrained(str(d))
     with pytest.raises(ModelError, match=rf"model_type '{model_type}' is not a CTC encoder family.*supported: "
                                          r"wav2vec2, hubert, wavlm, data2vec-audio, wav2vec2-conformer"):
-        load_config(None, BASE + [f"model.pretrained={d}"])
+        load_run_config(None, BASE + [f"model.pretrained={d}"])
     (d / "vocab.json").write_text(json.dumps(VOCAB))
     with pytest.raises(ModelDirError, match=f"model_type '{model_type}'"):
         load_model_dir(str(d), torch.device("cpu"))
@@ -103,13 +104,13 @@ def test_model_settings_a_family_cannot_honour_are_refused_when_read(tmp_path):
     ]
     for overrides, message in cases:
         with pytest.raises(ModelError, match=message):
-            load_config(None, BASE + overrides)
+            load_run_config(None, BASE + overrides)
     # what works: WavLM's attention defaults to its one kernel; the presets name their family
-    cfg = load_config(None, BASE + ["model.preset=tiny", "model.family=wavlm"])
+    cfg = load_run_config(None, BASE + ["model.preset=tiny", "model.family=wavlm"])
     model, family = build_model(cfg.model, VOCAB)
     assert model.config._attn_implementation == "eager" and type(model) is transformers.WavLMForCTC
-    assert load_config(None, BASE + [f"model.pretrained={hubert}", "model.family=hubert"]).model.family == "hubert"
-    assert load_config(None, BASE + [f"model.pretrained={hubert}", "model.compile=true"]).model.compile
+    assert load_run_config(None, BASE + [f"model.pretrained={hubert}", "model.family=hubert"]).model.family == "hubert"
+    assert load_run_config(None, BASE + [f"model.pretrained={hubert}", "model.compile=true"]).model.compile
 
 
 def test_no_family_without_a_front_end_is_asked_to_freeze_one():
@@ -179,12 +180,12 @@ def test_each_family_s_starting_config_loads_and_refuses_another_family(name, tm
 
     config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     d = save_base_model(name, tmp_path / name)
-    cfg = load_config(str(config), [f"model.pretrained={d}"])
+    cfg = load_run_config(str(config), [f"model.pretrained={d}"])
     assert bool(cfg.model.freeze_feature_encoder) == FAMILIES[name].has_front_end
     assert cfg.distributed.precision == "fp16"
     other = save_base_model("wav2vec2", tmp_path / "w2v")
     with pytest.raises(ModelError, match="is a wav2vec2 checkpoint"):
-        load_config(str(config), [f"model.pretrained={other}", f"model.family={name}"])
+        load_run_config(str(config), [f"model.pretrained={other}", f"model.family={name}"])
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -233,7 +234,7 @@ def test_adapter_only_training_trains_the_adapters_and_head_alone(tmp_path, capl
     base = save_base_model("wav2vec2", tmp_path / "base")
     saved = transformers.Wav2Vec2ForCTC.from_pretrained(str(mms)).state_dict()
     for source, width in ((f"model.pretrained={mms}", 8), (f"model.pretrained={base}", 16), ("model.preset=tiny", 16)):
-        cfg = load_config(None, BASE + [source, *ADAPTERS])
+        cfg = load_run_config(None, BASE + [source, *ADAPTERS])
         with caplog.at_level("INFO", logger="asr_dist.models"):
             model, family = build_model(cfg.model, VOCAB)
         assert model.config.adapter_attn_dim == width
@@ -255,7 +256,7 @@ def test_adapter_only_training_trains_the_adapters_and_head_alone(tmp_path, capl
                 else:
                     torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
     # model.adapter_attn_dim overrides the checkpoint's width
-    cfg = load_config(None, BASE + [f"model.pretrained={mms}", *ADAPTERS, "model.adapter_attn_dim=4"])
+    cfg = load_run_config(None, BASE + [f"model.pretrained={mms}", *ADAPTERS, "model.adapter_attn_dim=4"])
     assert build_model(cfg.model, VOCAB)[0].config.adapter_attn_dim == 4
 
 
@@ -274,7 +275,7 @@ def test_adapter_only_settings_that_cannot_work_are_refused_when_read(tmp_path):
     ]
     for overrides, message in cases:
         with pytest.raises(ModelError, match=message):
-            load_config(None, BASE + overrides)
+            load_run_config(None, BASE + overrides)
 
 
 def test_sync_free_forward_with_adapters_trains_like_transformers():

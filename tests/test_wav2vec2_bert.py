@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from asr_dist.config import ModelArgs, load_config
+from asr_dist.config import ModelArgs
 from asr_dist.data import index as fmt
 from asr_dist.data.loader import TrainLoader
 from asr_dist.data.samples import collate, input_padding
@@ -21,6 +21,7 @@ from asr_dist.flops import train_flops_per_audio_second
 from asr_dist.models import FAMILIES, ModelError, build_model
 from asr_dist.models.ctc import ctc_loss
 from asr_dist.models.wav2vec2_bert import FeatureError, fbank_frames, stacked_fbank
+from asr_dist.plan import load_run_config
 from trainkit import save_base_model
 
 VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
@@ -87,7 +88,7 @@ def test_frames_are_transformers_own_with_and_without_the_adapter(adapter):
 
 def test_a_base_checkpoint_with_an_adapter_keeps_it_and_one_without_gets_a_new_one(tmp_path):
     with_adapter = save_base_model("wav2vec2-bert", tmp_path / "with", seed=3, add_adapter=True)
-    model, family = build_model(load_config(None, BASE + [f"model.pretrained={with_adapter}"]).model, VOCAB)
+    model, family = build_model(load_run_config(None, BASE + [f"model.pretrained={with_adapter}"]).model, VOCAB)
     base = transformers.AutoModel.from_pretrained(str(with_adapter))
     state = model.state_dict()
     assert model.config.add_adapter and any(".adapter." in k for k in state)
@@ -96,7 +97,7 @@ def test_a_base_checkpoint_with_an_adapter_keeps_it_and_one_without_gets_a_new_o
     assert family.front_end(model) is None and all(p.requires_grad for p in model.parameters())
     # model.add_adapter=true on a checkpoint without one: a new adapter, as the head; the rest is kept
     plain = save_base_model("wav2vec2-bert", tmp_path / "plain", seed=3)
-    model, _ = build_model(load_config(None, BASE + [f"model.pretrained={plain}", "model.add_adapter=true"]).model,
+    model, _ = build_model(load_run_config(None, BASE + [f"model.pretrained={plain}", "model.add_adapter=true"]).model,
                            VOCAB)
     assert model.config.add_adapter and model.lm_head.in_features == model.config.output_hidden_size
     # a checkpoint that says it has an adapter but holds none is not a complete checkpoint
@@ -104,7 +105,7 @@ def test_a_base_checkpoint_with_an_adapter_keeps_it_and_one_without_gets_a_new_o
     (plain / "config.json").write_text(json.dumps({**cfg, "add_adapter": True}))
     with pytest.raises(ModelError, match=r"weights of the wav2vec2-bert encoder are not in the checkpoint \(e.g. "
                                          r"wav2vec2_bert.adapter"):
-        build_model(load_config(None, BASE + [f"model.pretrained={plain}"]).model, VOCAB)
+        build_model(load_run_config(None, BASE + [f"model.pretrained={plain}"]).model, VOCAB)
 
 
 def test_what_it_cannot_do_is_refused_when_read(tmp_path):
@@ -124,10 +125,10 @@ def test_what_it_cannot_do_is_refused_when_read(tmp_path):
     ]
     for overrides, message in cases:
         with pytest.raises(ModelError, match=message):
-            load_config(None, BASE + overrides)
+            load_run_config(None, BASE + overrides)
     # what works: LayerDrop without the adapter, and the adapter without LayerDrop; no front end to freeze by default
-    load_config(None, BASE + tiny + ["model.layerdrop=0.1"])
-    cfg = load_config(None, BASE + [f"model.pretrained={adapter}", "model.add_adapter=false", "model.layerdrop=0.1"])
+    load_run_config(None, BASE + tiny + ["model.layerdrop=0.1"])
+    cfg = load_run_config(None, BASE + [f"model.pretrained={adapter}", "model.add_adapter=false", "model.layerdrop=0.1"])
     model, _ = build_model(cfg.model, VOCAB)
     assert not model.config.add_adapter and model.config.layerdrop == 0.1
 

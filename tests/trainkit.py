@@ -85,7 +85,7 @@ def save_random_model(shards: Path, out: Path) -> Path:
     import torch
     import transformers
 
-    from asr_dist.config import PRESETS
+    from asr_dist.models.presets import PRESETS
     from asr_dist.export import make_processor
 
     vocab = json.loads((shards / "vocab.json").read_text())

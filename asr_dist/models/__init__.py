@@ -17,6 +17,7 @@ Models know nothing of ranks or DeepSpeed (the engine wraps them).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -89,11 +90,14 @@ class ModelFamily:
             return self.config_class.from_pretrained(args.pretrained, local_files_only=True, **overrides)
         return self.preset_config(args.preset, **overrides)
 
-    def build(self, args: ModelArgs, vocab: dict[str, int]):
-        """The *ForCTC model of ``args`` (a local checkpoint, or a preset with random weights)."""
-        overrides = self.overrides(args, vocab)
+    def build(self, args: ModelArgs, vocab: dict[str, int], config=None):
+        """The *ForCTC model of ``args`` (a local checkpoint, or a preset with random weights); ``config``: its
+        ``run_config`` when the caller has it already (asr_dist.plan), so config.json is not read again."""
+        overrides = {} if config is not None else self.overrides(args, vocab)
+        if config is not None:
+            config = copy.deepcopy(config)
         if args.pretrained:
-            model, info = self.ctc_class.from_pretrained(args.pretrained, local_files_only=True,
+            model, info = self.ctc_class.from_pretrained(args.pretrained, local_files_only=True, config=config,
                                                          ignore_mismatched_sizes=True, output_loading_info=True,
                                                          attn_implementation=self.attention(args), **overrides)
             # a base checkpoint (no CTC head) gets a new head; anything else left random means a wrong checkpoint
@@ -103,7 +107,8 @@ class ModelFamily:
                                  f"encoder are not in the checkpoint (e.g. {', '.join(missing[:3])}); it is not a complete "
                                  f"{self.name} checkpoint")
             return model
-        config = self.preset_config(args.preset, **overrides)
+        if config is None:
+            config = self.preset_config(args.preset, **overrides)
         config._attn_implementation = self.attention(args)
         return self.ctc_class(config)
 
@@ -404,13 +409,6 @@ def family_of(args: ModelArgs) -> ModelFamily:
     return FAMILIES[name]
 
 
-def check_model_config(args: ModelArgs, zero_stage: int) -> ModelFamily:
-    """What the model section asks of its family, checked when the config is read."""
-    family = family_of(args)
-    family.check(args, zero_stage)
-    return family
-
-
 def set_kernels(args: ModelArgs) -> None:
     """The process-wide kernel choices of a training run: attention (below) and cuDNN's autotuning."""
     set_attention_kernels(args.cudnn_attention)
@@ -428,12 +426,14 @@ def set_attention_kernels(cudnn_attention: bool = False) -> None:
     torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
-def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0):
-    """``(model, family)``: the family's CTC model with its front end frozen (when asked), ready for DeepSpeed."""
-    family = family_of(args)
+def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0, family: ModelFamily | None = None,
+                config=None):
+    """``(model, family)``: the family's CTC model with its front end frozen (when asked), ready for DeepSpeed.
+    ``family`` and ``config`` (its ``run_config``) where the caller resolved them already (asr_dist.plan)."""
+    family = family or family_of(args)
     torch.manual_seed(seed)
     set_kernels(args)
-    model = family.build(args, vocab)
+    model = family.build(args, vocab, config)
     freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
     if freeze and family.has_front_end:  # a pretrained front end is kept; a random one (a preset) has to learn
         family.freeze_front_end(model)

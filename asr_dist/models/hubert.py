@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import transformers
 
-from ..config import PRESETS
+from .presets import PRESETS
 from . import register
 from .wav2vec2 import Wav2Vec2Family
 

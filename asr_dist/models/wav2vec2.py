@@ -18,7 +18,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2LayerNormConvLayer, _compute_mask_indices
 
-from ..config import PRESETS
+from .presets import PRESETS
 from . import ModelError, ModelFamily, register
 from .ctc import ctc_loss, to_device
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import transformers
 
-from ..config import PRESETS
+from .presets import PRESETS
 from . import ModelFamily, register
 
 

@@ -1,0 +1,165 @@
+"""One plan of a training run: everything that can be checked without a model or a GPU, computed once.
+
+  Config, world size ──plan_run──> RunPlan
+      model.*            ──family_of──> family (resolved once; what it cannot honour is refused)
+                         ──run_config──> model_config: the checkpoint's or preset's transformers config with
+                                         the run's overrides (vocabulary, SpecAugment, dropout, adapters)
+                         ──> featurize (the loader workers' input) and alignable (CTC frames >= labels)
+      data.train_shards  ──ShardSet.open──> shards (a set, several, or a weighted mix; builds checked)
+      data.eval_shards   ──> eval_sets (vocabulary equal to the training set's, eval.group_by fields present)
+      batch sizes, world ──> accumulation, steps per epoch, total steps ──deepspeed_config──> ds_config
+  RunPlan ──> engine.Trainer: the loader of each rank (RunPlan.loader), the model, DeepSpeed
+          ──> `asr-dist train --dry-run`: RunPlan.describe, without building a model
+
+Checks that cross the config and the models live here: asr_dist.config is data and merging, and reads no
+checkpoint. A config file is read by ``load_run_config`` (``load_config`` and the model's checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+from .config import Config, ConfigError, length_plan, load_config, shard_dirs
+from .data.index import build_failure, read_index
+from .data.loader import TrainLoader, unalignable
+from .data.shardset import ShardSet
+from .deepspeed_config import check_layerdrop, deepspeed_config
+from .evaluation import check_group_fields
+from .models import ModelFamily, family_of
+
+
+def check_model(cfg: Config) -> ModelFamily:
+    """The family of the model section, resolved once (model.pretrained's config.json or model.family),
+    with what it cannot honour refused (a ModelError naming the key)."""
+    family = family_of(cfg.model)
+    family.check(cfg.model, cfg.distributed.zero_stage)
+    return family
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of a training run: defaults < YAML < overrides, validated, and its model section checked
+    against its family (the checks that need no shard set)."""
+    cfg = load_config(path, overrides)
+    check_model(cfg)
+    return cfg
+
+
+def check_shard_builds(cfg: Config) -> None:
+    """A shard set whose build rejected more than its --max-reject-fraction is refused unless
+    data.allow_failed_shards says to use it anyway."""
+    if cfg.data.allow_failed_shards:
+        return
+    sets = [("data.train_shards", d) for d in shard_dirs(cfg.data.train_shards)]
+    sets += [(f"data.eval_shards.{name}", d) for name, d in cfg.data.eval_shards.items()]
+    for key, d in sets:
+        try:
+            why = build_failure(read_index(d))
+        except FileNotFoundError:
+            continue  # not a shard set at all: opening it says so
+        if why:
+            raise ConfigError(f"{key}: {d}: {why}. Fix the inputs and build it again (or with a higher "
+                              f"--max-reject-fraction), or set data.allow_failed_shards=true to use it as it is")
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What a run will do, resolved from its config and world size before any model or GPU work."""
+
+    cfg: Config
+    world_size: int
+    cuda: bool  # the accelerator is a GPU (the DeepSpeed JSON's optimizer, pinned loader memory)
+    family: ModelFamily
+    model_config: Any  # the transformers config the model will have (the run's overrides applied)
+    shards: ShardSet  # the training data (one set, several read as one, or a weighted mix)
+    eval_sets: dict[str, ShardSet]  # data.eval_shards, opened and checked
+    featurize: Callable  # 1-D float32 16 kHz audio -> the model's input, in the loader's workers
+    alignable: Any  # the model's picklable check that CTC can align an utterance (frames >= labels)
+    steps_per_epoch: int  # optimizer steps
+    accumulation: int  # micro-batches per optimizer step on each rank
+    total_steps: int  # optimizer steps of the whole run
+    ds_config: dict  # the DeepSpeed JSON, as every rank gets it
+    _loaders: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.shards.vocab
+
+    @property
+    def utterances_per_micro(self) -> float | None:
+        """The large-batch mode's mean utterances per micro-batch (its micro-batches hold different numbers of
+        utterances, so each micro-batch's loss is weighted by its count over this); None with a fixed count."""
+        if self.cfg.data.micro_batch_seconds is None:
+            return None
+        return self.shards.num_samples / (self.steps_per_epoch * self.accumulation * self.world_size)
+
+    def loader(self, rank: int) -> TrainLoader:
+        """The training loader of ``rank``: every rank's is made from the same settings (equal micro-batch
+        counts, one length plan)."""
+        if rank not in self._loaders:
+            d = self.cfg.data
+            self._loaders[rank] = TrainLoader(
+                self.shards, rank=rank, world_size=self.world_size, micro_batch_size=d.micro_batch_size,
+                global_batch_size=d.global_batch_size, num_workers=d.num_workers, seed=self.cfg.seed,
+                bucket_batches=d.bucket_batches, on_corrupt=d.on_corrupt, pin_memory=self.cuda,
+                pad_to_multiple_of=d.pad_to_multiple_of, micro_batch_seconds=d.micro_batch_seconds,
+                global_batch_seconds=d.global_batch_seconds, sync_buckets=d.sync_buckets, featurize=self.featurize,
+                alignable=self.alignable, length_plan=length_plan(d))
+        return self._loaders[rank]
+
+    def model_name(self) -> str:
+        return self.cfg.model.pretrained or f"{self.family.name} {self.cfg.model.preset}"
+
+    def describe(self, check_alignment: bool = True) -> str:
+        """What `asr-dist train --dry-run` prints: the DeepSpeed JSON, the batch arithmetic, and (listing every
+        training shard, without audio) how many utterances the model cannot align."""
+        d = self.cfg.data
+        batch = (f"{d.global_batch_size} = micro {d.micro_batch_size}" if d.micro_batch_seconds is None else
+                 f"{d.global_batch_seconds:g} s = micro {d.micro_batch_seconds:g} s")
+        lines = [json.dumps(self.ds_config, indent=1),
+                 f"world size {self.world_size}: {self.shards.num_samples} utterances, "
+                 f"{self.shards.audio_seconds / 3600:.2f} h of audio; {self.steps_per_epoch} steps per epoch (global "
+                 f"batch {batch} x accumulation {self.accumulation} x {self.world_size} ranks); "
+                 f"{self.total_steps} steps in all"]
+        if self.eval_sets:
+            by = f", WER by {', '.join(self.cfg.eval.group_by)}" if self.cfg.eval.group_by else ""
+            lines.append("evaluation sets: " + "; ".join(f"{name} {s.num_samples} utterances ({s.audio_seconds / 3600:.2f} h)"
+                                                         for name, s in self.eval_sets.items()) + by)
+        if check_alignment:
+            refused = unalignable(self.shards, self.alignable)
+            if refused:
+                key, frames, need = refused[0]
+                lines.append(f"{len(refused)} of {self.shards.num_samples} training utterances cannot be aligned by "
+                             f"{self.model_name()}: more CTC labels than its frames (e.g. {key}: {need} frames needed, "
+                             f"{frames} made); training skips them (train/skipped_samples)")
+            else:
+                lines.append(f"every training utterance can be aligned by {self.model_name()} "
+                             f"(no more CTC labels than frames)")
+        return "\n".join(lines)
+
+
+def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
+    """The plan of ``cfg`` on ``world_size`` ranks; anything that cannot work raises here, with what to change
+    (ConfigError, LoaderError, ModelError), before a process group, a model or a GPU is touched."""
+    family = check_model(cfg)
+    # LayerDrop on several ranks needs the sync-free forward's shared draws; the Trainer checks again once the
+    # model tells whether that forward serves it
+    check_layerdrop(cfg, world_size, shared_draws=cfg.model.sync_free_forward and family.sync_free)
+    check_shard_builds(cfg)
+    shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
+    eval_sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
+    for name, s in eval_sets.items():
+        if s.vocab != shards.vocab:
+            raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
+    check_group_fields(list(cfg.eval.group_by), eval_sets)
+    model_config = family.run_config(cfg.model, shards.vocab)
+    plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
+                   shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),
+                   alignable=family.alignment_check(model_config), steps_per_epoch=0, accumulation=0, total_steps=0,
+                   ds_config={})
+    first = plan.loader(0)  # the batch arithmetic, checked (every rank's loader agrees)
+    plan.steps_per_epoch, plan.accumulation = first.steps_per_epoch, first.accumulation
+    plan.total_steps = cfg.train.max_steps or cfg.train.num_epochs * plan.steps_per_epoch
+    plan.ds_config = deepspeed_config(cfg, world_size, plan.total_steps, cuda=cuda)
+    return plan

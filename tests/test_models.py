@@ -331,7 +331,7 @@ def test_the_adapter_file_holds_what_load_adapter_reads(tmp_path):
 # ── CTC frames: can the model align an utterance? ──
 
 def test_ctc_frames_match_wav2vec2():
-    from asr_dist.models.frames import num_ctc_frames
+    from asr_dist.frames import num_ctc_frames
 
     model = transformers.Wav2Vec2Config()
     for n in (400, 16000, 16000 * 7 + 123):
@@ -369,7 +369,7 @@ def test_the_alignment_check_agrees_with_the_ctc_loss():
     assert check(100, [3])[0] == 0  # shorter than one frame
     # plain Python for the loader's workers (no model to build there); a family whose frames are
     # not convolution steps is asked itself
-    from asr_dist.models.frames import num_ctc_frames
+    from asr_dist.frames import num_ctc_frames
 
     assert check.frames.func is num_ctc_frames
 
@@ -393,7 +393,7 @@ def test_the_frames_follow_the_model_layout():
     for n in (16000, 40000):
         assert family.audio_frames(config, n) == int(model._get_feat_extract_output_lengths(n))
     assert family.audio_frames(config, 16000) == 7
-    from asr_dist.models.frames import WAV2VEC2_CONV  # the layout tests/data/test_loader.py skips utterances with
+    from asr_dist.frames import WAV2VEC2_CONV  # the layout tests/data/test_loader.py skips utterances with
 
     stride3 = transformers.Wav2Vec2Config(add_adapter=True, num_adapter_layers=1, adapter_stride=3)
     assert family.alignment_check(stride3).frames.keywords["conv"] == WAV2VEC2_CONV + ((1, 3),)

@@ -56,7 +56,7 @@ class TrainLoader:
                  alignable=None, length_plan: bool = False):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         self.featurize = featurize  # audio (T,) -> the model's input, in the workers: the model family's featurizer()
-        # alignable: the model's picklable check (asr_dist.models.frames.AlignmentCheck); utterances it refuses are skipped
+        # alignable: the model's picklable check (asr_dist.frames.AlignmentCheck); utterances it refuses are skipped
         self.alignable = alignable
         if on_corrupt not in ("stop", "skip"):
             raise LoaderError(f"data.on_corrupt={on_corrupt!r}: choose stop or skip")

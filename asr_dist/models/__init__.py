@@ -31,7 +31,7 @@ import torch
 from ..config import ConfigError, ModelArgs
 from ..audio import normalize
 from ..text import PAD_TOKEN
-from .frames import AlignmentCheck, num_ctc_frames
+from ..frames import AlignmentCheck, num_ctc_frames
 
 log = logging.getLogger(__name__)
 

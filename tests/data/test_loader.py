@@ -746,7 +746,7 @@ def _coarse_check():
     """The alignment check of a wav2vec2 layout with one strided adapter layer of stride 3 (about 16 frames a
     second; test_models checks that the family gives this one): about two thirds of the synthesised utterances
     have more CTC labels than its frames."""
-    from asr_dist.models.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
+    from asr_dist.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
 
     return AlignmentCheck(functools.partial(num_ctc_frames, conv=WAV2VEC2_CONV + ((1, 3),)))
 
@@ -794,7 +794,7 @@ def test_utterances_the_model_cannot_align_are_skipped_with_equal_counts_on_two_
 
 
 def test_a_shard_set_the_model_cannot_align_at_all_stops_with_the_reason(train_set):
-    from asr_dist.models.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
+    from asr_dist.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
 
     six_hertz = AlignmentCheck(functools.partial(num_ctc_frames, conv=WAV2VEC2_CONV + ((1, 2),) * 3))
     loader = TrainLoader(train_set, rank=0, world_size=1, micro_batch_size=2, global_batch_size=8, num_workers=0,

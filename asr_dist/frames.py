@@ -6,7 +6,9 @@ audio, and whether CTC can align an utterance's labels with them.
   alignable when F >= frames needed
 
 The model families give the steps of their layout (``ModelFamily.alignment_check``); the data layer only
-calls the check it is handed.
+calls the check it is handed. It lives outside asr_dist.models because the loader's workers unpickle the
+check: importing anything under asr_dist.models imports transformers (about 7 s and 130 MB in each worker
+as an epoch starts), and this module imports nothing.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ class AlignmentCheck:
     loss, which ``ctc_zero_infinity`` turns into a zero loss and no gradient: it would train on nothing,
     silently. ``frames`` maps 16 kHz samples to the model's CTC frames; the model families give
     ``functools.partial(num_ctc_frames, conv=steps)``, which the loader's workers call without building a
-    model. Pure Python, picklable; unpickling it imports asr_dist.models, and with it transformers (a few
-    seconds in each loader worker as an epoch starts)."""
+    model. Pure Python and picklable."""
 
     def __init__(self, frames):
         self.frames = frames

@@ -15,7 +15,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from . import __version__

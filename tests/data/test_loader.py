@@ -744,7 +744,8 @@ def test_a_mix_that_cannot_work_says_why(mix_sets):
 
 def _coarse_check():
     """The alignment check of a wav2vec2 layout with one strided adapter layer of stride 3 (about 16 frames a
-    second; test_models checks that the family gives this one): about two thirds of the synthesised utterances
+    second; tests/models/test_frames.py checks that the family gives this one): about two thirds of the
+    synthesised utterances
     have more CTC labels than its frames."""
     from asr_dist.frames import WAV2VEC2_CONV, AlignmentCheck, num_ctc_frames
 

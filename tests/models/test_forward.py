@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from asr_dist.config import ModelArgs
+from asr_dist.data.samples import collate
 from asr_dist.models.presets import PRESETS
 from asr_dist.models import FAMILIES, build_model
 from asr_dist.models.ctc import ctc_loss, layerdrop_draw
@@ -191,3 +192,102 @@ def test_compiled_layers_run_under_the_sync_free_forward():
         got = compiled(x, lengths=mask.sum(-1), labels=labels).loss
         assert got.item() == pytest.approx(want.item(), rel=1e-4)
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+
+
+# ── every family: the sync-free forward, gradient checkpointing, adapters ──
+
+# SpecAugment (time and channels), every dropout and LayerDrop on
+RANDOMNESS = dict(mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2, mask_feature_length=8, hidden_dropout=0.1,
+                  attention_dropout=0.1, activation_dropout=0.1, feat_proj_dropout=0.1, final_dropout=0.1, layerdrop=0.3)
+
+
+def loss_and_grads(model, x, labels, **inputs):
+    """One forward and backward from the same random state (SpecAugment's and LayerDrop's draws): the
+    output and every parameter's gradient."""
+    torch.manual_seed(5)
+    np.random.seed(5)
+    model.zero_grad()
+    out = model(x, labels=labels, **inputs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if f.sync_free])
+def test_sync_free_forward_trains_like_transformers_in_every_family_that_has_it(name):
+    """The same loss, logits and gradients as the family's own transformers forward, with SpecAugment,
+    every dropout and LayerDrop drawing from the same generators, on a padded batch."""
+    torch.manual_seed(0)
+    hf, family = build_model(ModelArgs(preset="tiny", family=name, **RANDOMNESS), VOCAB)
+    hf.train()
+    ours = copy.deepcopy(hf)
+    assert family.use_sync_free_forward(ours)
+    lengths = torch.tensor([16000, 12000, 9000])
+    mask = torch.arange(16000)[None] < lengths[:, None]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16000, generator=g) * mask
+    labels = torch.full((3, 8), -100)
+    for i in range(3):
+        labels[i, : 3 + i] = torch.randint(3, len(VOCAB), (3 + i,), generator=g)
+
+    a, grads_a = loss_and_grads(hf, x, labels, attention_mask=mask)
+    b, grads_b = loss_and_grads(ours, x, labels, lengths=lengths)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and f"{family.base_attr}.masked_spec_embed" in grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FAMILIES.items() if not f.sync_free])
+def test_families_without_the_sync_free_forward_keep_transformers_forward(name):
+    model, family = build_model(ModelArgs(preset="tiny", family=name), VOCAB)
+    forward = model.forward
+    assert not family.use_sync_free_forward(model) and model.forward == forward
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gradient_checkpointing_trains_alike_in_every_family(name):
+    """model.gradient_checkpointing: the same loss and gradients, with the layers' activations recomputed."""
+    torch.manual_seed(0)
+    plain, family = build_model(ModelArgs(preset="tiny", family=name, mask_time_prob=0.0), VOCAB)
+    checkpointed = copy.deepcopy(plain)
+    getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
+    assert checkpointed.is_gradient_checkpointing
+    audio = torch.randn(2, 12000, generator=torch.Generator().manual_seed(0)).numpy()
+    batch = collate([("a", family.featurizer()(audio[0]), [3, 4, 5, 6], ""),
+                     ("b", family.featurizer()(audio[1, :8000]), [7, 8], "")], seconds=[0.75, 0.5])
+    x, mask, labels = batch["input_values"], batch["attention_mask"], batch["labels"]
+    grads = []
+    for model in (plain.train(), checkpointed.train()):
+        torch.manual_seed(1)  # the conformer's convolution module keeps its checkpoint's dropout (0.1)
+        out = model(x, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append((out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6) and grads[0][1].keys() == grads[1][1].keys()
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_sync_free_forward_with_adapters_trains_like_transformers():
+    """The adapter inside each encoder layer: the same loss, logits and adapter gradients either way."""
+    torch.manual_seed(0)
+    hf, family = build_model(ModelArgs(preset="tiny", train_adapters_only=True, adapter_language="dan", **RANDOMNESS), VOCAB)
+    with torch.no_grad():  # adapters that change the hidden states (their fresh init is near zero)
+        for name, p in family.adapter_weights(hf).items():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+    hf.train()
+    ours = copy.deepcopy(hf)
+    assert family.use_sync_free_forward(ours)
+    lengths = torch.tensor([16000, 11000])
+    mask = torch.arange(16000)[None] < lengths[:, None]
+    x = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * mask
+    labels = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 3, -100, -100]])
+
+    a, grads_a = loss_and_grads(hf, x, labels, attention_mask=mask)
+    b, grads_b = loss_and_grads(ours, x, labels, lengths=lengths)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+    assert set(grads_a) == set(grads_b) and "lm_head.weight" in grads_a  # (LayerDrop skips some layers' adapters)
+    assert set(grads_a) <= set(family.adapter_weights(hf)) and any(".adapter_layer." in n for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -152,7 +152,7 @@ def test_collate_pads_feature_frames_with_a_mask_over_frames():
 def test_a_train_step_through_transformers_forward(adapter):
     """The tiny model trains on a padded batch (SpecAugment on): a finite loss equal to the CTC loss of
     evaluation's frame count, finite gradients everywhere, in fp32 and bf16 (gradient checkpointing: in
-    test_models, for every family)."""
+    test_forward.py, for every family)."""
     torch.manual_seed(0)
     args = ModelArgs(preset="tiny", family="wav2vec2-bert", add_adapter=adapter, mask_time_prob=0.1,
                      mask_time_length=2)

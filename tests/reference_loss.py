@@ -39,10 +39,13 @@ ARGS = (f"data.global_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size={MICRO
 # the largest relative difference |loss - reference| / reference allowed at any step. Measured on the 50
 # steps: the same run twice agrees to the last bit; changes that must not matter move the curve by at most
 # 2e-7 (two threads instead of one, ZeRO stage 0 instead of 2, batches padded to 160 samples, 2 ranks
-# instead of 1 without SpecAugment: other summation orders, as another CPU's kernels take). Changes that
-# matter move it by far more than the tolerance: SpecAugment's masks one frame longer by up to 2.8e-3
-# (40 steps beyond 1e-4), lr x 1.1 by 3.2e-2, lr x 2 by 0.19, SpecAugment off by 6.6e-2, seed 1 by 8.7e-2.
-TOLERANCE = 1e-4
+# instead of 1 without SpecAugment: other summation orders, as another CPU's kernels take). The shards
+# themselves move it by up to 2.7e-4 (4 builds): eSpeak NG does not synthesise every utterance to the same
+# samples in every process (21 of 106 differed between two builds), so the suite's shards vary a little.
+# Changes that matter move it further than the tolerance: SpecAugment's masks one frame longer by up to
+# 2.8e-3 (5 steps beyond 1e-3), lr x 1.1 by 3.2e-2 (18 steps), lr x 2 by 0.19, SpecAugment off by 6.6e-2,
+# seed 1 by 8.7e-2.
+TOLERANCE = 1e-3
 
 
 def run_args(shards: Path, out: Path, *extra: str) -> list[str]:

@@ -57,6 +57,22 @@ def launch(launcher: str, args: list[str], timeout: int = 400, **kw) -> subproce
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def dev_audio(shards: Path) -> dict:
+    """The held-out set's audio (16 kHz float32) by key, read from its tar shards."""
+    import io
+    import tarfile
+
+    import soundfile as sf
+
+    audio = {}
+    for tar in sorted((shards / "s-dev").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".flac"):
+                    audio[m.name[: -len(".flac")]] = sf.read(io.BytesIO(t.extractfile(m).read()), dtype="float32")[0]
+    return audio
+
+
 def losses(out: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -99,3 +115,33 @@ def save_random_model(shards: Path, out: Path) -> Path:
     make_processor(shards / "vocab.json").save_pretrained(str(out))
     (out / "asr_dist.json").write_text(json.dumps({"text_normalizer": {"name": "danish", "settings": {}}}))
     return out
+
+
+def save_initial_model(args: list[str], out: Path) -> Path:
+    """The model that a run with these overrides (of configs/test.yaml) starts from, saved as an export is:
+    built from the run's seed (a pretrained encoder keeps its weights), with its family's processor over
+    the shards' vocabulary. What a trained model is measured against."""
+    from asr_dist.config import load_config
+    from asr_dist.export import make_processor
+    from asr_dist.models import build_model
+
+    cfg = load_config(str(REPO / "configs" / "test.yaml"), args)
+    vocab_path = Path(cfg.data.train_shards[0]) / "vocab.json"
+    model, family = build_model(cfg.model, json.loads(vocab_path.read_text()), seed=cfg.seed)
+    model.save_pretrained(str(out))
+    make_processor(vocab_path, family).save_pretrained(str(out))
+    return out
+
+
+def greedy_transcript(model_dir: Path, audio) -> str:
+    """A model directory's own greedy CTC decode of one utterance (16 kHz): its processor's features, the
+    model's logits, the most likely id at each frame, decoded by its tokenizer (repeats merged, blanks
+    dropped). What transformers' pipeline must transcribe."""
+    import torch
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(str(model_dir))
+    model = transformers.AutoModelForCTC.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        logits = model(**processor(audio=audio, sampling_rate=16000, return_tensors="pt")).logits
+    return processor.decode(logits.argmax(-1)[0])

@@ -1,40 +1,28 @@
 """Every family fine-tuned for real, the normal way: model.pretrained=DIR, where DIR holds a random tiny
 base model of the family (no CTC head) and its feature extractor; two ranks, ZeRO-1, DeepSpeed on CPU.
-The loss falls, and the export transcribes in transformers' pipeline what `asr-dist evaluate` transcribes."""
+The held-out loss ends below the untrained model's, and the export transcribes in transformers' pipeline
+what `asr-dist evaluate` transcribes."""
 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import psutil
 import pytest
-import soundfile as sf
 import torch
 
 from asr_dist.models import FAMILIES
-from trainkit import REPO, WORKERS, env, launch, losses, overrides, save_base_model
+from trainkit import (REPO, WORKERS, dev_audio, env, greedy_transcript, launch, losses, overrides, save_base_model,
+                      save_initial_model)
 
 RUN = ["model.preset=null", "distributed.zero_stage=1", "eval.every_steps=0", "train.checkpoint_every=0",
        "data.eval_shards={}", "model.mask_time_prob=0.05", "model.mask_time_length=2"]
-
-
-def _dev_audio(shards) -> dict:
-    """The held-out set's audio by key, read from its tar shards."""
-    audio = {}
-    for tar in sorted((shards / "s-dev").glob("*.tar")):
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                if m.name.endswith(".flac"):
-                    audio[m.name[: -len(".flac")]] = sf.read(io.BytesIO(t.extractfile(m).read()), dtype="float32")[0]
-    return audio
 
 
 @pytest.mark.slow
@@ -48,8 +36,7 @@ def test_family_fine_tunes_from_a_base_checkpoint_and_exports_for_the_pipeline(n
     out = tmp_path / "run"
     r = launch("torchrun", overrides(train_shards, out, f"model.pretrained={base}", "train.max_steps=20", *RUN))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    curve = list(losses(out).values())
-    assert len(curve) == 20 and sum(curve[-4:]) < sum(curve[:4]), curve  # the loss falls
+    assert len(losses(out)) == 20
     model_dir = out / "model"
     config = transformers.AutoConfig.from_pretrained(str(model_dir))
     family = FAMILIES[name]
@@ -59,9 +46,17 @@ def test_family_fine_tunes_from_a_base_checkpoint_and_exports_for_the_pipeline(n
               for d in (model_dir, out / "checkpoints" / "step-00000020")]
     assert scores[0]["num_utterances"] == 10 and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
     assert scores[0]["char_edits"] == scores[1]["char_edits"]
+    # it trained: the held-out loss is below that of the model the run started from (the base checkpoint
+    # with a head drawn from the run's seed)
+    initial = save_initial_model(overrides(train_shards, out, f"model.pretrained={base}", *RUN), tmp_path / "initial")
+    untrained = evaluate_model(str(initial), str(train_shards / "s-dev"), micro_batch_size=4, num_workers=0,
+                               progress=False)
+    assert scores[0]["loss"] < untrained["loss"], (scores[0]["loss"], untrained["loss"])
+    # the pipeline transcribes an utterance (one it does not pad) as the export's own greedy decode does
+    audio = dev_audio(train_shards)
     asr = transformers.pipeline("automatic-speech-recognition", model=str(model_dir), device="cpu")
-    audio = _dev_audio(train_shards)
-    assert isinstance(asr({"raw": next(iter(audio.values())), "sampling_rate": 16000})["text"], str)
+    key = next(k for k, x in audio.items() if not _pipeline_pads(asr.feature_extractor, x))
+    assert asr({"raw": audio[key], "sampling_rate": 16000})["text"] == greedy_transcript(model_dir, audio[key])
     # after 20 steps the model says nothing yet (blanks everywhere; some families' encoders then give
     # nearly the same state at every frame): a copy of the export with the base checkpoint's encoder and
     # a random head says a lot, and tells whether the pipeline transcribes each utterance as evaluate
@@ -121,8 +116,10 @@ def test_w2v_bert_with_a_new_adapter_trains_and_exports(train_shards, tmp_path):
     scores = [evaluate_model(str(d), str(train_shards / "s-dev"), micro_batch_size=4, num_workers=0, progress=False)
               for d in (out / "model", out / "checkpoints" / "step-00000004")]
     assert scores[0]["num_utterances"] == 10 and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
+    audio = dev_audio(train_shards)
     asr = transformers.pipeline("automatic-speech-recognition", model=str(out / "model"), device="cpu")
-    assert isinstance(asr({"raw": next(iter(_dev_audio(train_shards).values())), "sampling_rate": 16000})["text"], str)
+    key = next(k for k, x in audio.items() if not _pipeline_pads(asr.feature_extractor, x))
+    assert asr({"raw": audio[key], "sampling_rate": 16000})["text"] == greedy_transcript(out / "model", audio[key])
 
 
 @pytest.mark.slow

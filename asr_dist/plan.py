@@ -87,6 +87,11 @@ class RunPlan:
         return self.shards.vocab
 
     @property
+    def pack_align(self) -> int | None:
+        """data.pack: the samples every packed utterance starts on a multiple of (the model's frame stride)."""
+        return self.family.frame_stride(self.model_config) if self.cfg.data.pack else None
+
+    @property
     def utterances_per_micro(self) -> float | None:
         """The large-batch mode's mean utterances per micro-batch (its micro-batches hold different numbers of
         utterances, so each micro-batch's loss is weighted by its count over this); None with a fixed count."""
@@ -154,6 +159,13 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
             raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
     check_group_fields(list(cfg.eval.group_by), eval_sets)
     model_config = family.run_config(cfg.model, shards.vocab)
+    if cfg.data.pack:
+        why = family.packing_refusal(model_config)
+        if why is None and not cfg.model.sync_free_forward:
+            why = "packing runs through the sync-free forward, and model.sync_free_forward is false"
+        if why:
+            raise ConfigError(f"data.pack=true with {cfg.model.pretrained or f'{family.name} {cfg.model.preset}'}: "
+                              f"{why}. Set data.pack=false")
     plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
                    shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),
                    alignable=family.alignment_check(model_config), steps_per_epoch=0, accumulation=0, total_steps=0,

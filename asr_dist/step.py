@@ -18,6 +18,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from .data.packing import pack
 from .errors import TrainingError
 from .models.ctc import layerdrop_draw
 
@@ -37,6 +38,7 @@ class StepSpec:
     check_finite: bool = False  # ZeRO-0 without fp16: nobody else stops inf/NaN gradients reaching the weights
     samples_per_input: int = 1  # audio samples per model input step (160 for 100 Hz feature frames)
     micro_batch_key: str = "data.micro_batch_size"  # what to lower when a micro-batch does not fit
+    pack_align: int | None = None  # data.pack: micro-batches packed, each utterance starting on a multiple of this
     rank: int = 0
     world_size: int = 1
 
@@ -74,9 +76,14 @@ def keys_text(keys: list[str], limit: int = 16) -> str:
 
 def micro_step(engine, batch: dict, spec: StepSpec, skips: list[bool] | None) -> torch.Tensor:
     """Forward and backward of one micro-batch; its loss (the mean over its utterances)."""
+    if spec.pack_align is not None:  # host: the padded batch laid end to end (asr_dist.data.packing)
+        batch = pack(batch, spec.pack_align)
     inputs = batch["input_values"].to(spec.device, spec.input_dtype, non_blocking=True)
     try:
-        if spec.sync_free:  # masks and lengths made on the host, from these
+        if spec.pack_align is not None:
+            out = engine(**{spec.input_name: inputs}, starts=batch["starts"], lengths=batch["lengths"],
+                         labels=batch["labels"], skip_layers=skips)
+        elif spec.sync_free:  # masks and lengths made on the host, from these
             out = engine(**{spec.input_name: inputs}, lengths=batch["attention_mask"].sum(-1),
                          labels=batch["labels"], skip_layers=skips)
         else:

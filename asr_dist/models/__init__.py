@@ -293,6 +293,15 @@ class ModelFamily:
 
     # ── the training forward and kernels ──
 
+    def packing_refusal(self, config) -> str | None:
+        """Why a model of ``config`` cannot train on packed micro-batches (data.pack), or None."""
+        return (f"{self.name} has no packed forward: layers that look at neighbouring frames (a convolution "
+                f"module, relative positions) would mix the packed utterances")
+
+    def frame_stride(self, config) -> int:
+        """Input samples per CTC frame: packed utterances start on multiples of it."""
+        raise ModelError(f"{self.name}: no packed forward")
+
     def use_sync_free_forward(self, model) -> bool:
         """Install the sync-free training forward; False where it does not implement this model."""
         log.info("model.sync_free_forward: not implemented for %s; transformers' forward is used", self.name)

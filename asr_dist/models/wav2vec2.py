@@ -20,6 +20,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2LayerNormConv
 
 from .presets import PRESETS
 from . import ModelError, ModelFamily, register
+from . import packed
 from .ctc import ctc_loss, to_device
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ class Wav2Vec2Family(ModelFamily):
         model.forward = functools.partial(sync_free_forward, model, self.base(model), model.forward,
                                           time_masks_over_padding=self.time_masks_over_padding)
         return True
+
+    def packing_refusal(self, config) -> str | None:
+        return packed.packing_refusal(config)
+
+    def frame_stride(self, config) -> int:
+        return packed.frame_stride(config)
 
     def use_fft_positional_conv(self, model) -> None:
         use_fft_positional_conv(self.base(model).encoder.pos_conv_embed.conv)
@@ -156,8 +163,8 @@ def compile_regions(encoder_model) -> None:
 
 def sync_free_forward(model, w2v, hf_forward, input_values: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                      lengths: torch.Tensor | None = None, skip_layers: list[bool] | None = None, *,
-                      time_masks_over_padding: bool = False, **kwargs):
+                      lengths: torch.Tensor | None = None, skip_layers: list[bool] | None = None,
+                      starts: torch.Tensor | None = None, *, time_masks_over_padding: bool = False, **kwargs):
     """The *ForCTC forward and CTC loss of the wav2vec2 layout (``w2v``: its encoder model), with every
     mask and length made on the host.
 
@@ -177,9 +184,15 @@ def sync_free_forward(model, w2v, hf_forward, input_values: torch.Tensor,
     forward draws them (it does not pass the padding mask to its mask draw).
 
     LayerDrop: ``skip_layers`` (from ``layerdrop_draw``: the same on every rank) says which layers to
-    skip; without it each layer is drawn from torch's generator, as transformers draws it."""
+    skip; without it each layer is drawn from torch's generator, as transformers draws it.
+
+    ``starts``: the micro-batch is packed (``input_values`` (1, S), utterance i at sample starts[i]), and
+    asr_dist.models.packed runs it."""
     if lengths is None or kwargs:
         return hf_forward(input_values, attention_mask=attention_mask, labels=labels, **kwargs)
+    if starts is not None:  # a packed micro-batch (asr_dist.data.packing): asr_dist.models.packed
+        return packed.packed_forward(model, w2v, input_values, starts, lengths, labels, skip_layers,
+                                     time_masks_over_padding=time_masks_over_padding)
     cfg = model.config
     enc, device = w2v.encoder, input_values.device
     stable = getattr(cfg, "do_stable_layer_norm", False)  # data2vec-audio has only the post-norm layout

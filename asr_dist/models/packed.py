@@ -1,0 +1,131 @@
+"""The packed training forward of the wav2vec2 layout: a micro-batch's utterances end to end in one sequence,
+each attending only to its own frames; each utterance's logits and CTC loss are those of the same micro-batch
+padded (and so of the utterance alone), within floating-point tolerance.
+
+  input_values (1, S) packed (asr_dist.data.packing: utterance i at starts[i], a multiple of the stride 320)
+  ──feature encoder──> (1, P, C) frames; utterance i owns frames starts[i] / 320 + [0, F_i), where F_i is
+                       its frames alone: the convolutions have no padding and every start is on the frame
+                       grid, so these frames see exactly its samples; a frame straddling two utterances
+                       belongs to none ("gap": segment -1)
+  ──feature projection (per frame)──> (1, P, H)
+  ──SpecAugment──> masks drawn for (B, F_max) as the padded forward draws them (same generator, same order),
+                   placed on each utterance's frames
+  ──positional convolution (kernel 128: it would reach into a neighbour)──> run per utterance on the padded
+                   layout (B, F_max, H), gathered from and added back to the packed frames
+  ──transformer layers──> attention within a segment only: transformers' mask for the model's attention
+                   kernel (sdpa, eager, flex) with a document mask (segment[q] == segment[kv])
+  ──CTC head (per frame)──> logits gathered per utterance (B, F_max, V) ──> the CTC loss of the padded forward
+
+Group-norm feature encoders (wav2vec2-base, HuBERT-base) normalise each channel over the whole sequence,
+neighbours included: they are refused (``packing_refusal``), as is a strided adapter after the encoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
+from transformers.modeling_outputs import CausalLMOutput
+from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+from .ctc import ctc_loss, to_device
+
+
+def frame_stride(config) -> int:
+    """Input samples per CTC frame of the wav2vec2 layout: the product of its convolutions' strides."""
+    return math.prod(int(s) for s in config.conv_stride)
+
+
+def packing_refusal(config) -> str | None:
+    """Why a model of ``config`` cannot run packed, or None."""
+    if getattr(config, "feat_extract_norm", "layer") != "layer":
+        return ("its feature encoder normalises with a group norm over the whole sequence "
+                "(feat_extract_norm=group, as wav2vec2-base and HuBERT-base), which would mix the packed "
+                "utterances")
+    if getattr(config, "add_adapter", False):
+        return "its adapter after the encoder (add_adapter) strides over neighbouring frames"
+    return None
+
+
+def segments(frame_offsets: torch.Tensor, frame_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(num_frames,) int64: the utterance each packed frame belongs to, -1 for a frame of none."""
+    seg = torch.full((num_frames,), -1, dtype=torch.int64)
+    for i, (o, n) in enumerate(zip(frame_offsets.tolist(), frame_lengths.tolist())):
+        seg[o:o + n] = i
+    return seg
+
+
+def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                   labels: torch.Tensor | None = None, skip_layers: list[bool] | None = None, *,
+                   time_masks_over_padding: bool = False, frames: int | None = None) -> CausalLMOutput:
+    """The *ForCTC forward and CTC loss of a packed micro-batch (see the module's docstring). ``starts`` and
+    ``lengths`` (samples, on the host) place each utterance; ``frames``: the padded batch's frame count that
+    SpecAugment's masks are drawn over (default: the longest utterance's). Returns the loss and the logits
+    per utterance, (B, F_max, V), as the padded forward's (its padded frames are not defined here)."""
+    cfg = model.config
+    enc, device = w2v.encoder, input_values.device
+    stable = getattr(cfg, "do_stable_layer_norm", False)
+    stride = frame_stride(cfg)
+    batch = len(lengths)
+    frame_lengths = model._get_feat_extract_output_lengths(lengths.cpu()).long()
+    frame_offsets = starts.cpu() // stride
+    num_frames = int(model._get_feat_extract_output_lengths(input_values.shape[1]))
+    longest = int(frame_lengths.max())
+    frames = longest if frames is None else frames
+    seg = segments(frame_offsets, frame_lengths, num_frames)  # host
+    frame_mask = torch.arange(longest) < frame_lengths[:, None]  # (B, F_max), host
+    index = (frame_offsets[:, None] + torch.arange(longest)).masked_fill(~frame_mask, 0)  # packed frame of (i, j)
+    if labels is not None and labels.max() >= cfg.vocab_size:
+        raise ValueError(f"label id {int(labels.max())} is outside the model's vocabulary of {cfg.vocab_size}: "
+                         f"the shards' vocab.json is not the one the CTC head was sized for")
+
+    hidden = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
+    if isinstance(hidden, tuple):
+        hidden = hidden[0]
+    hidden = hidden[0]  # (P, H)
+    time_mask = feature_mask = None
+    if model.training and getattr(cfg, "apply_spec_augment", True):
+        if cfg.mask_time_prob > 0:
+            drawn = torch.from_numpy(_compute_mask_indices(
+                (batch, frames), mask_prob=cfg.mask_time_prob, mask_length=cfg.mask_time_length,
+                attention_mask=None if time_masks_over_padding else torch.arange(frames) < frame_lengths[:, None],
+                min_masks=cfg.mask_time_min_masks))[:, :longest] & frame_mask
+            time_mask = torch.zeros(num_frames, dtype=torch.bool)
+            time_mask[index[drawn]] = True
+        if cfg.mask_feature_prob > 0:
+            per_utterance = torch.from_numpy(_compute_mask_indices(
+                (batch, cfg.hidden_size), mask_prob=cfg.mask_feature_prob, mask_length=cfg.mask_feature_length,
+                min_masks=cfg.mask_feature_min_masks))
+            feature_mask = per_utterance[seg.clamp(min=0)] & (seg >= 0)[:, None]  # (P, H)
+    valid = to_device(seg >= 0, device)
+    if time_mask is not None:
+        hidden = torch.where(to_device(time_mask, device)[:, None], w2v.masked_spec_embed.to(hidden.dtype), hidden)
+    if feature_mask is not None:
+        hidden = hidden.masked_fill(to_device(feature_mask, device), 0)
+    hidden = hidden.masked_fill(~valid[:, None], 0)
+    # the positional convolution per utterance, on the padded layout (zeros beyond each one's frames)
+    index_d, mask_d = to_device(index, device), to_device(frame_mask, device)
+    padded = hidden[index_d].masked_fill(~mask_d[..., None], 0)  # (B, F_max, H)
+    positional = enc.pos_conv_embed(padded)
+    hidden = hidden.index_add(0, index_d[mask_d], positional[mask_d])[None]  # (1, P, H)
+    hidden = enc.dropout(hidden if stable else enc.layer_norm(hidden))
+    attention = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=None,
+                                          and_mask_function=packed_sequence_mask_function(to_device(seg[None], device)),
+                                          allow_is_bidirectional_skip=False)
+    for i, layer in enumerate(enc.layers):
+        if skip_layers is not None:
+            skip = model.training and skip_layers[i]
+        else:
+            skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
+        if not skip:
+            hidden = layer(hidden, attention_mask=attention)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    if stable:
+        hidden = enc.layer_norm(hidden)
+    logits = model.lm_head(model.dropout(hidden))[0][index_d]  # (B, F_max, V)
+    loss = None
+    if labels is not None:
+        loss = ctc_loss(logits, labels.cpu(), frame_lengths, cfg.pad_token_id, cfg.ctc_loss_reduction,
+                        cfg.ctc_zero_infinity)
+    return CausalLMOutput(loss=loss, logits=logits)

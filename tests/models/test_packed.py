@@ -1,0 +1,127 @@
+"""data.pack: packed micro-batches (asr_dist.data.packing, asr_dist.models.packed) against the padded sync-free
+forward of the same utterances, and against each utterance alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asr_dist.config import ConfigError, ModelArgs
+from asr_dist.data.packing import PackingError, pack, packed_length
+from asr_dist.data.samples import collate
+from asr_dist.models import FAMILIES, build_model
+from asr_dist.models.presets import PRESETS
+
+VOCAB = {c: i for i, c in enumerate(["[PAD]", "[UNK]", "|", *"abcdefghij"])}
+LENGTHS = [16000, 9000, 23456, 4321]  # samples: starts off the frame grid, and a short one
+
+
+def _batch(lengths=LENGTHS, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return collate([(f"u{i}", rng.standard_normal(n).astype(np.float32), list(rng.integers(3, 13, 4 + 3 * i)), "")
+                    for i, n in enumerate(lengths)])
+
+
+def _model(family: str, stable: bool = True, **args):
+    """The family's tiny preset; ``stable=False``: wav2vec2 in the post-norm layout (wav2vec2-base's, and
+    data2vec-audio's only one) with a layer-norm feature encoder."""
+    torch.manual_seed(0)
+    if stable:
+        model, fam = build_model(ModelArgs(preset="tiny", family=family, **args), VOCAB)
+    else:
+        fam = FAMILIES[family]
+        config = fam.config_class(**{**PRESETS["tiny"], "do_stable_layer_norm": False},
+                                  **fam.overrides(ModelArgs(preset="tiny", **args), VOCAB))
+        model = fam.ctc_class(config)
+    assert fam.use_sync_free_forward(model)
+    return model.train(), fam
+
+
+def _run(model, call) -> tuple:
+    """Loss, logits and gradients of one forward/backward, with numpy's generator (SpecAugment) seeded alike."""
+    model.zero_grad()
+    np.random.seed(3)
+    out = call()
+    out.loss.backward()
+    return out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}
+
+
+def test_pack_lays_utterances_on_the_frame_grid():
+    b = _batch()
+    p = pack(b, align=320)
+    assert p["starts"].tolist() == [0, 16000, 25280, 48960] and p["lengths"].tolist() == LENGTHS
+    assert p["input_values"].shape == (1, packed_length(LENGTHS, 320)) == (1, 48960 + 4480)
+    for i, (s, n) in enumerate(zip(p["starts"].tolist(), LENGTHS)):
+        assert torch.equal(p["input_values"][0, s:s + n], b["input_values"][i, :n])
+    assert float(p["input_values"][0, 9000 + 16000:25280].abs().sum()) == 0  # the gap is silence
+    assert p["keys"] == b["keys"] and torch.equal(p["labels"], b["labels"])
+    assert pack(b, 320, capacity=64000)["input_values"].shape == (1, 64000)
+    with pytest.raises(PackingError, match="need 53440 samples"):
+        pack(b, 320, capacity=48000)
+
+
+@pytest.mark.parametrize("family, stable", [("wav2vec2", True), ("wav2vec2", False), ("hubert", True),
+                                             ("data2vec-audio", True)])
+def test_packed_equals_padded_with_specaugment_and_layerdrop(family, stable):
+    """Each utterance's logits, the loss and every gradient: packed as padded, with SpecAugment's time and channel
+    masks drawn from the same seed and the same layers dropped."""
+    model, fam = _model(family, stable, mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2,
+                        mask_feature_length=8)
+    b = _batch()
+    p = pack(b, fam.frame_stride(model.config))
+    skips = [False, True, False, False]
+    lengths = b["attention_mask"].sum(-1)
+    loss_a, logits_a, grads_a = _run(model, lambda: model(input_values=b["input_values"], lengths=lengths,
+                                                          labels=b["labels"], skip_layers=skips))
+    loss_p, logits_p, grads_p = _run(model, lambda: model(input_values=p["input_values"], starts=p["starts"],
+                                                          lengths=p["lengths"], labels=p["labels"], skip_layers=skips))
+    frames = model._get_feat_extract_output_lengths(lengths).tolist()
+    for i, f in enumerate(frames):
+        assert torch.allclose(logits_p[i, :f], logits_a[i, :f], atol=1e-5), (i, float((logits_p[i, :f] - logits_a[i, :f]).abs().max()))
+    assert torch.allclose(loss_p, loss_a, rtol=1e-6), (float(loss_p), float(loss_a))
+    assert grads_p.keys() == grads_a.keys()
+    for name, g in grads_a.items():
+        assert float((grads_p[name] - g).norm()) <= 1e-4 * float(g.norm()) + 1e-7, name
+    # the masks mattered: without them the loss is another
+    model.config.mask_time_prob = model.config.mask_feature_prob = 0.0
+    loss_plain, _, _ = _run(model, lambda: model(input_values=p["input_values"], starts=p["starts"],
+                                                 lengths=p["lengths"], labels=p["labels"], skip_layers=skips))
+    assert not torch.allclose(loss_plain, loss_p, rtol=1e-4)
+
+
+def test_packed_utterances_are_as_each_alone():
+    """No neighbour reaches an utterance: the feature encoder, the positional convolution (kernel 64 in the tiny
+    preset, 128 in XLS-R's) and attention see only its own samples and frames."""
+    model, fam = _model("wav2vec2")
+    model.eval()  # no SpecAugment: each run alone would draw its own masks
+    b = _batch()
+    p = pack(b, fam.frame_stride(model.config))
+    with torch.no_grad():
+        packed = model(input_values=p["input_values"], starts=p["starts"], lengths=p["lengths"],
+                       labels=p["labels"]).logits
+        for i, n in enumerate(LENGTHS):
+            alone = model(input_values=b["input_values"][i:i + 1, :n], lengths=torch.tensor([n]),
+                          labels=b["labels"][i:i + 1]).logits[0]
+            assert torch.allclose(packed[i, :len(alone)], alone, atol=1e-5), (i, float((packed[i, :len(alone)] - alone).abs().max()))
+
+
+def test_what_cannot_pack_is_refused_before_any_model_work(train_shards, tmp_path):
+    from pathlib import Path
+
+    from asr_dist.config import load_config
+    from asr_dist.plan import plan_run
+
+    repo = Path(__file__).resolve().parents[2]
+    base = [f"output_dir={tmp_path}", f"data.train_shards=[{train_shards / 's-train'}]", "data.eval_shards={}",
+            "data.global_batch_size=8", "data.micro_batch_size=2", "data.pack=true"]
+    plan = plan_run(load_config(str(repo / "configs" / "test.yaml"), base), 1)
+    assert plan.pack_align == 320
+    for extra, why in ((["model.preset=base"], "group norm over the whole sequence"),
+                       (["model.family=wav2vec2-conformer"], "has no packed forward"),
+                       (["model.family=wav2vec2-bert"], "has no packed forward"),
+                       (["model.sync_free_forward=false"], "sync-free forward")):
+        with pytest.raises(ConfigError, match=f"data.pack=true with .*{why}.*Set data.pack=false"):
+            plan_run(load_config(str(repo / "configs" / "test.yaml"), base + extra), 1)
+    assert FAMILIES["wavlm"].packing_refusal(None) is not None

@@ -176,13 +176,14 @@ class Trainer:
             check_finite=cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16",
             samples_per_input=getattr(plan.featurize, "samples_per_frame", 1),
             micro_batch_key="data.micro_batch_" + ("size" if cfg.data.micro_batch_seconds is None else "seconds"),
-            rank=self.rank, world_size=self.world, pack_align=plan.pack_align)
+            rank=self.rank, world_size=self.world)
         if plan.pack_align is not None and not sync_free:
             raise ConfigError("data.pack=true: this model has no sync-free forward, which runs packed micro-batches; "
                               "set data.pack=false")
         if plan.pack_align is not None and denv.is_main:
             log.info("packed micro-batches: utterances start on multiples of %d samples; attention %s with a "
-                     "document mask", plan.pack_align, model.config._attn_implementation)
+                     "document mask; capacities %s samples", plan.pack_align, model.config._attn_implementation,
+                     ", ".join(map(str, self.loader.capacities)))
         self.state = TrainState(self.loader)
         self.checkpoints = ckpt.Checkpointer(self.engine, self.state, denv, cfg)
         self.preemption = preemption or Preemption()

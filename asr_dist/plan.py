@@ -110,7 +110,7 @@ class RunPlan:
                 bucket_batches=d.bucket_batches, on_corrupt=d.on_corrupt, pin_memory=self.cuda,
                 pad_to_multiple_of=d.pad_to_multiple_of, micro_batch_seconds=d.micro_batch_seconds,
                 global_batch_seconds=d.global_batch_seconds, sync_buckets=d.sync_buckets, featurize=self.featurize,
-                alignable=self.alignable, length_plan=length_plan(d))
+                alignable=self.alignable, length_plan=length_plan(d), pack_align=self.pack_align)
         return self._loaders[rank]
 
     def model_name(self) -> str:

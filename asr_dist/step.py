@@ -18,7 +18,6 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .data.packing import pack
 from .errors import TrainingError
 from .models.ctc import layerdrop_draw
 
@@ -38,7 +37,6 @@ class StepSpec:
     check_finite: bool = False  # ZeRO-0 without fp16: nobody else stops inf/NaN gradients reaching the weights
     samples_per_input: int = 1  # audio samples per model input step (160 for 100 Hz feature frames)
     micro_batch_key: str = "data.micro_batch_size"  # what to lower when a micro-batch does not fit
-    pack_align: int | None = None  # data.pack: micro-batches packed, each utterance starting on a multiple of this
     rank: int = 0
     world_size: int = 1
 
@@ -76,11 +74,9 @@ def keys_text(keys: list[str], limit: int = 16) -> str:
 
 def micro_step(engine, batch: dict, spec: StepSpec, skips: list[bool] | None) -> torch.Tensor:
     """Forward and backward of one micro-batch; its loss (the mean over its utterances)."""
-    if spec.pack_align is not None:  # host: the padded batch laid end to end (asr_dist.data.packing)
-        batch = pack(batch, spec.pack_align)
     inputs = batch["input_values"].to(spec.device, spec.input_dtype, non_blocking=True)
     try:
-        if spec.pack_align is not None:
+        if "starts" in batch:  # packed by the loader (asr_dist.data.packing): each utterance's place
             out = engine(**{spec.input_name: inputs}, starts=batch["starts"], lengths=batch["lengths"],
                          labels=batch["labels"], skip_layers=skips)
         elif spec.sync_free:  # masks and lengths made on the host, from these
@@ -96,7 +92,7 @@ def micro_step(engine, batch: dict, spec: StepSpec, skips: list[bool] | None) ->
         raise TrainingError(
             f"out of memory on rank {spec.rank} in a micro-batch of {len(batch['keys'])} utterances, "
             f"{float(batch['durations'].max()):.1f} s the longest, "
-            f"{inputs.shape[1] * spec.samples_per_input / 16000:.1f} s padded ({keys_text(batch['keys'])}). Lower "
+            f"{inputs.shape[1] * spec.samples_per_input / 16000:.1f} s {'packed' if 'starts' in batch else 'padded'} ({keys_text(batch['keys'])}). Lower "
             f"{spec.micro_batch_key} (accumulation makes up the global batch), set "
             f"model.gradient_checkpointing=true, or rebuild the shards with a lower --max-duration") from None
     return out.loss

@@ -25,13 +25,15 @@ import logging
 import os
 from typing import Iterator
 
+import numpy as np
 import torch
 
-from ..audio import normalize
+from ..audio import SAMPLE_RATE, normalize
 from . import index as fmt
 from .batching import accumulation_steps, default_bucket_batches
 from .length_plan import Catalogue, PlannedStream
 from .order import StreamLayout
+from .packing import choose_capacities, largest_need, micro_batch_needs
 from .samples import LabelEncoder
 from .shardset import LoaderError, ShardSet
 from .streams import StreamState, TrainStream
@@ -53,7 +55,7 @@ class TrainLoader:
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
                  global_batch_seconds: float | None = None, sync_buckets: bool = True, featurize=normalize,
-                 alignable=None, length_plan: bool = False):
+                 alignable=None, length_plan: bool = False, pack_align: int | None = None):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         self.featurize = featurize  # audio (T,) -> the model's input, in the workers: the model family's featurizer()
         # alignable: the model's picklable check (asr_dist.frames.AlignmentCheck); utterances it refuses are skipped
@@ -95,6 +97,10 @@ class TrainLoader:
                               "leave data.micro_batch_seconds out, or set data.length_plan=false")
         self.length_plan = length_plan
         self._catalogue = None  # length plan: every shard's samples, listed once (asr_dist.data.length_plan)
+        # packed micro-batches (data.pack): utterances start on multiples of pack_align samples, and each
+        # micro-batch takes the smallest of a handful of capacities, chosen from every utterance's length
+        self.pack_align = pack_align
+        self._capacities: tuple[int, ...] | None = None
         self.on_corrupt, self.pin_memory, self.pad_to_multiple_of = on_corrupt, pin_memory, pad_to_multiple_of
         self.prefetch_factor = prefetch_factor
         streams = max(1, num_workers) * world_size
@@ -151,14 +157,36 @@ class TrainLoader:
                           if s else StreamState())
         return layouts, states
 
-    def _stream(self, layouts: list[StreamLayout], states: list[StreamState], decode: bool) -> TrainStream:
-        args = (layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt, self.pad_to_multiple_of)
-        kwargs = dict(decode=decode, featurize=self.featurize, alignable=self.alignable)
-        if not self.length_plan:
-            return TrainStream(*args, **kwargs)
+    def catalogue(self) -> Catalogue:
+        """Every shard's samples and lengths, listed once (from samples.tsv where the set has it)."""
         if self._catalogue is None:
             self._catalogue = Catalogue.list(self.shards, self.on_corrupt)
-        return PlannedStream(self._catalogue, *args, **kwargs)
+        return self._catalogue
+
+    @property
+    def capacities(self) -> tuple[int, ...] | None:
+        """data.pack: the packed micro-batches' sizes in samples (at most MAX_SHAPES, the same on every rank and
+        in every epoch: chosen from every utterance's length); None when not packing."""
+        if self.pack_align is None:
+            return None
+        if self._capacities is None:
+            lengths = np.concatenate(self.catalogue().lengths)
+            lengths = lengths[lengths > 0]  # a damaged sample's length is unknown (0): it is skipped when read
+            args = dict(micro_batch_size=self.micro_batch_size, micro_batch_seconds=self.micro_batch_seconds)
+            self._capacities = choose_capacities(micro_batch_needs(lengths, self.pack_align, **args),
+                                                 largest_need(lengths, self.pack_align, **args), self.pack_align)
+            if self.rank == 0:
+                log.info("packed micro-batches: capacities %s s of audio", ", ".join(
+                    f"{c / SAMPLE_RATE:.1f}" for c in self._capacities))
+        return self._capacities
+
+    def _stream(self, layouts: list[StreamLayout], states: list[StreamState], decode: bool) -> TrainStream:
+        args = (layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt, self.pad_to_multiple_of)
+        kwargs = dict(decode=decode, featurize=self.featurize, alignable=self.alignable,
+                      packing=None if self.pack_align is None else (self.pack_align, self.capacities))
+        if not self.length_plan:
+            return TrainStream(*args, **kwargs)
+        return PlannedStream(self.catalogue(), *args, **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
         layouts, states = self._layouts()

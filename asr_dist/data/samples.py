@@ -26,6 +26,7 @@ import torch
 from ..audio import SAMPLE_RATE, AudioError, decode
 from ..text import PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER
 from . import index as fmt
+from .packing import collate_packed
 from .shardset import LoaderError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class BatchMaker:
     in ``skipped``. ``take`` hands over the micro-batch formed so far and starts the next."""
 
     def __init__(self, vocab: dict[str, int], *, on_corrupt: str, pad_to_multiple_of: int, decode: bool, featurize,
-                 alignable, num_samples: int, skipped: int = 0):
+                 alignable, num_samples: int, skipped: int = 0, packing: tuple | None = None):
+        self.packing = packing  # (align, capacities): micro-batches packed (asr_dist.data.packing); None: padded
         self.encode = LabelEncoder(vocab)
         self.on_corrupt, self.decode, self.featurize, self.alignable = on_corrupt, decode, featurize, alignable
         self.padding = input_padding(featurize, pad_to_multiple_of)
@@ -153,7 +155,9 @@ class BatchMaker:
     def take(self) -> dict:
         """The micro-batch formed (at least one sample): collated, or ``keys`` and ``num_samples`` when not
         decoding, with ``shards``."""
-        if self.decode:
+        if self.decode and self.packing is not None:
+            batch = collate_packed(self.samples, *self.packing, self.seconds)
+        elif self.decode:
             batch = collate(self.samples, self.padding, self.seconds)
         else:
             batch = {"keys": [k for k, _ in self.samples], "num_samples": [n for _, n in self.samples]}

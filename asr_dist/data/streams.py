@@ -83,8 +83,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, layouts: list[StreamLayout], states: list[StreamState], vocab: dict[str, int],
                  audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1, decode: bool = True,
-                 featurize=normalize, alignable=None):
+                 featurize=normalize, alignable=None, packing: tuple | None = None):
         self.layouts, self.states = layouts, states
+        self.packing = packing  # (align, capacities): packed micro-batches (asr_dist.data.packing); None: padded
         self.alignable = alignable  # (num_samples, label ids) -> (model frames, frames needed); None: no check
         self.vocab, self.audio_format = vocab, audio_format
         self.on_corrupt, self.pad_to_multiple_of = on_corrupt, pad_to_multiple_of
@@ -100,7 +101,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         """The stream's micro-batches in the making, ``skipped`` samples skipped so far this epoch."""
         return BatchMaker(self.vocab, on_corrupt=self.on_corrupt, pad_to_multiple_of=self.pad_to_multiple_of,
                           decode=self.decode, featurize=self.featurize, alignable=self.alignable,
-                          num_samples=sum(s.num_samples for s in layout.shards), skipped=skipped)
+                          num_samples=sum(s.num_samples for s in layout.shards), skipped=skipped,
+                          packing=self.packing)
 
     @staticmethod
     def _deliver(batch: dict, w: int, state: StreamState, skipped: int, **position) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asr_dist.config import ConfigError, ModelArgs
-from asr_dist.data.packing import PackingError, pack, packed_length
+from asr_dist.data.packing import pack
 from asr_dist.data.samples import collate
 from asr_dist.models import FAMILIES, build_model
 from asr_dist.models.presets import PRESETS
@@ -46,20 +46,6 @@ def _run(model, call) -> tuple:
     out.loss.backward()
     return out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                     if p.grad is not None}
-
-
-def test_pack_lays_utterances_on_the_frame_grid():
-    b = _batch()
-    p = pack(b, align=320)
-    assert p["starts"].tolist() == [0, 16000, 25280, 48960] and p["lengths"].tolist() == LENGTHS
-    assert p["input_values"].shape == (1, packed_length(LENGTHS, 320)) == (1, 48960 + 4480)
-    for i, (s, n) in enumerate(zip(p["starts"].tolist(), LENGTHS)):
-        assert torch.equal(p["input_values"][0, s:s + n], b["input_values"][i, :n])
-    assert float(p["input_values"][0, 9000 + 16000:25280].abs().sum()) == 0  # the gap is silence
-    assert p["keys"] == b["keys"] and torch.equal(p["labels"], b["labels"])
-    assert pack(b, 320, capacity=64000)["input_values"].shape == (1, 64000)
-    with pytest.raises(PackingError, match="need 53440 samples"):
-        pack(b, 320, capacity=48000)
 
 
 @pytest.mark.parametrize("family, stable", [("wav2vec2", True), ("wav2vec2", False), ("hubert", True),

@@ -58,7 +58,7 @@ class ModelArgs:
     add_adapter: Optional[bool] = None  # wav2vec2-bert: its convolutional adapter after the encoder (stride 2: 25 CTC frames a second instead of 50); true on a checkpoint without one adds a random one, as Hugging Face's w2v-BERT 2.0 fine-tuning recipe does; default: as the checkpoint (presets: none)
     freeze_feature_encoder: Optional[bool] = None  # keep the conv front end fixed; default: yes for model.pretrained, no for a preset
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30 % more time
-    attention: Optional[str] = None  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2; default: sdpa where the family has it (wavlm: eager only)
+    attention: Optional[str] = None  # attention kernel: sdpa (PyTorch's fused, the fastest safe default), eager, flash_attention_2, flex_attention (PyTorch's compiled block-sparse kernel: with data.pack it skips the blocks between utterances, where sdpa computes them masked); default: sdpa where the family has it (wavlm: eager only)
     cudnn_attention: bool = False  # let PyTorch use cuDNN's fused attention: fast per call, but it builds a graph for every new batch shape (off: flash / memory-efficient kernels)
     cudnn_benchmark: bool = False  # let cuDNN time every convolution algorithm for each new input shape and keep the fastest: pays only with few distinct shapes (data.pad_to_multiple_of=16000)
     fft_positional_conv: bool = False  # compute the positional convolution (kernel 128, 16 groups) with FFTs in float32: the same result (within 1e-5), about 40x fewer FLOPs
@@ -93,7 +93,7 @@ class OptimArgs:
 
 @dataclass
 class DistributedArgs:
-    precision: str = "fp16"  # fp16 (dynamic loss scaling), bf16, or fp32
+    precision: str = "fp16"  # fp16 (dynamic loss scaling), bf16, fp32, or auto: bf16 on a GPU that has it (Ampere and newer), fp16 on an older GPU, fp32 on CPU (the choice is logged and written into output_dir/config.yaml)
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3; 1 reduces gradients once per optimizer step (2: at every micro-batch, for less memory; 3: parameters partitioned too)
     overlap_comm: bool = True  # overlap gradient reduction with backward
     contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced
@@ -307,15 +307,17 @@ def validate(cfg: Config) -> None:
     if cfg.model.pretrained is not None and not (Path(cfg.model.pretrained) / "config.json").exists():
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: no config.json there; point it at a local "
                           f"checkpoint directory (save_pretrained layout); nothing is downloaded")
-    if cfg.model.attention is not None and cfg.model.attention not in ("sdpa", "eager", "flash_attention_2"):
-        raise ConfigError(f"model.attention={cfg.model.attention!r}; choose one of sdpa, eager, flash_attention_2")
+    if cfg.model.attention is not None and cfg.model.attention not in ("sdpa", "eager", "flash_attention_2",
+                                                                       "flex_attention"):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}; choose one of sdpa, eager, flash_attention_2, "
+                          f"flex_attention")
     if (cfg.train.max_steps is None) == (cfg.train.num_epochs is None):
         raise ConfigError("give exactly one of train.max_steps or train.num_epochs")
     for name, value in (("train.max_steps", cfg.train.max_steps), ("train.num_epochs", cfg.train.num_epochs)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1")
     choices = {
-        "distributed.precision": (cfg.distributed.precision, ("fp16", "bf16", "fp32")),
+        "distributed.precision": (cfg.distributed.precision, ("fp16", "bf16", "fp32", "auto")),
         "optim.name": (cfg.optim.name, ("adam", "adamw")),
         "data.on_corrupt": (cfg.data.on_corrupt, ("stop", "skip")),
     }

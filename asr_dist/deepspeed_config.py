@@ -18,6 +18,9 @@ from .data.shardset import LoaderError
 
 def deepspeed_config(cfg: Config, world_size: int, total_steps: int, cuda: bool = False) -> dict:
     """The DeepSpeed JSON this config means on ``world_size`` ranks (``cuda``: the ranks train on GPUs)."""
+    if cfg.distributed.precision == "auto":
+        raise ValueError("distributed.precision=auto is resolved by the run's plan (asr_dist.plan.resolve_precision) "
+                         "before the DeepSpeed JSON is written")
     data = cfg.data
     try:
         accumulation = accumulation_steps(data.global_batch_size, data.micro_batch_size, world_size,

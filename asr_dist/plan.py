@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any, Callable
 
 from .config import Config, ConfigError, length_plan, load_config, shard_dirs
@@ -28,6 +29,8 @@ from .data.shardset import ShardSet
 from .deepspeed_config import check_layerdrop, deepspeed_config
 from .evaluation import check_group_fields
 from .models import ModelFamily, family_of
+
+log = logging.getLogger(__name__)
 
 
 def check_model(cfg: Config) -> ModelFamily:
@@ -127,6 +130,10 @@ class RunPlan:
                  f"{self.shards.audio_seconds / 3600:.2f} h of audio; {self.steps_per_epoch} steps per epoch (global "
                  f"batch {batch} x accumulation {self.accumulation} x {self.world_size} ranks); "
                  f"{self.total_steps} steps in all"]
+        if self.pack_align is not None:
+            caps = self.loader(0).capacities
+            lines.append(f"packed micro-batches: each utterance on a multiple of {self.pack_align} samples, at "
+                         f"{len(caps)} capacities of {', '.join(f'{c / 16000:.1f}' for c in caps)} s of audio")
         if self.eval_sets:
             by = f", WER by {', '.join(self.cfg.eval.group_by)}" if self.cfg.eval.group_by else ""
             lines.append("evaluation sets: " + "; ".join(f"{name} {s.num_samples} utterances ({s.audio_seconds / 3600:.2f} h)"
@@ -144,9 +151,27 @@ class RunPlan:
         return "\n".join(lines)
 
 
+def resolve_precision(cfg: Config, cuda: bool) -> None:
+    """distributed.precision=auto made concrete in ``cfg``: bf16 where the GPU computes it natively, fp16 on an
+    older GPU (dynamic loss scaling), fp32 on CPU (DeepSpeed refuses fp16 there)."""
+    if cfg.distributed.precision != "auto":
+        return
+    if cuda:
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        chosen, why = ("bf16", "the GPU computes bf16") if bf16 else ("fp16", "the GPU has no native bf16")
+    else:
+        chosen, why = "fp32", "no GPU: DeepSpeed refuses fp16 on CPU, and bf16 is slower there"
+    log.info("distributed.precision=auto: %s (%s); distributed.precision=... chooses another", chosen, why)
+    cfg.distributed.precision = chosen
+
+
 def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     """The plan of ``cfg`` on ``world_size`` ranks; anything that cannot work raises here, with what to change
-    (ConfigError, LoaderError, ModelError), before a process group, a model or a GPU is touched."""
+    (ConfigError, LoaderError, ModelError), before a process group, a model or a GPU is touched.
+    distributed.precision=auto is made concrete in ``cfg``."""
+    resolve_precision(cfg, cuda)
     family = check_model(cfg)
     # LayerDrop on several ranks needs the sync-free forward's shared draws; the Trainer checks again once the
     # model tells whether that forward serves it

@@ -298,6 +298,7 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
                              "data.micro_batch_size=16", "data.global_batch_size=32", f"data.num_workers={workers}",
                              *extra])
     train(cfg)
+    shapes = epoch_shapes(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/audio_seconds_per_second" in r and r["step"] > warmup]
     # the median window: a one-off (a recompilation for a new kind of batch) does not decide the figure
@@ -307,7 +308,36 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
             **({"profile_top": top} if top else {}),
             "windows": [round(r["perf/audio_seconds_per_second"], 1) for r in rows],
             "data_wait_fraction": float(np.median([r["perf/data_wait_fraction"] for r in rows])),
-            "peak_gpu_memory_gb": max((r.get("perf/gpu_memory_gb", 0.0) for r in rows), default=0.0)}
+            "peak_gpu_memory_gb": max((r.get("perf/gpu_memory_gb", 0.0) for r in rows), default=0.0), **shapes}
+
+
+def epoch_shapes(cfg) -> dict:
+    """The shapes of one epoch's micro-batches as the run's loader forms them (its plan: lengths, no audio):
+    how many distinct input shapes, and the share of input samples that hold no audio (padding, and between
+    packed utterances the gaps to the frame grid and the rest of the capacity)."""
+    from asr_dist.data.packing import capacity_for, packed_length
+    from asr_dist.plan import plan_run
+
+    plan = plan_run(cfg, 1)
+    loader = plan.loader(0)
+    loader.set_epoch(0)
+    pad = max(1, cfg.data.pad_to_multiple_of)
+    sizes, shapes, audio = [], set(), 0
+    for b in loader.plan():
+        n = b["num_samples"]
+        audio += sum(n)
+        if plan.pack_align is not None:
+            shape = capacity_for(packed_length(n, plan.pack_align), loader.capacities)
+            size = shape
+        else:
+            shape = (len(n), -(-max(n) // pad) * pad)  # (utterances, longest padded)
+            size = shape[0] * shape[1]
+        shapes.add(shape)
+        sizes.append(size)
+    out = {"shapes_per_epoch": len(shapes), "padding_fraction": round(1 - audio / sum(sizes), 4)}
+    if plan.pack_align is not None:
+        out["capacities_seconds"] = [round(c / 16000, 2) for c in loader.capacities]
+    return out
 
 
 def variants(args, cuda: bool) -> dict:
@@ -380,18 +410,30 @@ def variants(args, cuda: bool) -> dict:
                                                      "extra": [*tuned, "model.fft_positional_conv=true"]})
     v["asr_dist_seed_fast_pad1s_long_cudnn_benchmark"] = ("asr_dist", {"precision": fast, "zero": 1, "warmup": 60,
                                                                        "extra": [*tuned, sec, "model.cudnn_benchmark=true"]})
+    # packed micro-batches (data.pack): no padding in the layers, a handful of shapes (its capacities)
+    pack = "data.pack=true"
+    v["asr_dist_seed_fast_packed"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*tuned, pack]})
+    v["asr_dist_seed_fast_packed_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                            "extra": [*tuned, pack, "model.compile=true"]})
+    v["asr_dist_seed_fast_packed_flex"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                        "extra": [*tuned, pack, "model.attention=flex_attention"]})
+    v["asr_dist_zero1_packed"] = ("asr_dist", {"precision": p, "zero": 1, "extra": [pack]})
+    # (the names below say no precision: they run in bf16 on a GPU and in --precision on CPU)
     if args.large_micro:
         large = [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",
                  "data.bucket_batches=8"]
-        v[f"asr_dist_large_batch_{fast}"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": large})
-        v[f"asr_dist_large_batch_{fast}_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
-                                                                   "extra": [*large, "model.compile=true"]})
-        v[f"asr_dist_large_batch_{fast}_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*large, sec]})
+        v["asr_dist_large_batch"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": large})
+        v["asr_dist_large_batch_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                           "extra": [*large, "model.compile=true"]})
+        v["asr_dist_large_batch_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*large, sec]})
     if args.large_seconds:  # the large-batch mode proper: micro-batches filled to a number of seconds of audio
         filled = [f"data.micro_batch_seconds={args.large_seconds:g}", f"data.global_batch_seconds={2 * args.large_seconds:g}",
                   "data.bucket_batches=8"]
-        v[f"asr_dist_large_seconds_{fast}"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": filled})
-        v[f"asr_dist_large_seconds_{fast}_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*filled, sec]})
+        v["asr_dist_large_seconds"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": filled})
+        v["asr_dist_large_seconds_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*filled, sec]})
+        v["asr_dist_large_seconds_packed"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*filled, pack]})
+        v["asr_dist_large_seconds_packed_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
+                                                                    "extra": [*filled, pack, "model.compile=true"]})
     v["profile_seed_fast"] = ("profile", {"precision": fast})  # by default on a GPU only
     return v
 

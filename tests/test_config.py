@@ -186,10 +186,18 @@ def test_shipped_configs_load(tmp_path):
     (tmp_path / "xlsr").mkdir()
     (tmp_path / "xlsr" / "config.json").write_text('{"model_type": "wav2vec2"}')  # what XLS-R-300M's says
     seed = load_config(str(REPO / "configs" / "xlsr300m-danish.yaml"), [f"model.pretrained={tmp_path / 'xlsr'}"])
+    assert seed.distributed.precision == "auto" and seed.data.pack  # the fast way to run the seed's recipe
+    with pytest.raises(ValueError, match="distributed.precision=auto"):
+        deepspeed_config(seed, 1, 15 * 1000)  # the plan resolves it first
+    from asr_dist.plan import resolve_precision
+
+    resolve_precision(seed, cuda=False)
+    assert seed.distributed.precision == "fp32"
     ds = deepspeed_config(seed, 1, 15 * 1000)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2)
     assert ds["optimizer"]["type"] == "Adam" and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 2000 and ds["fp16"]["enabled"]
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 2000 and not ds["fp16"]["enabled"]
+    assert seed.optim.lr == 1e-4 and seed.train.num_epochs == 15 and seed.data.global_batch_size == 32
 
 
 def test_config_reference_is_current():

@@ -51,7 +51,7 @@ class ModelFamily:
     base_attr: str = ""  # the *ForCTC attribute holding the encoder (model.wav2vec2, model.hubert, …)
     input_name: str = "input_values"  # the forward's keyword for the model input
     presets: dict[str, dict] = {}  # from-scratch layouts: config_class arguments
-    attention_kernels: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")  # what transformers implements
+    attention_kernels: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2", "flex_attention")  # transformers
     sync_free: bool = False  # whether sync_free_forward implements this family's training forward
     fft_positional_conv: bool = False  # whether the positional convolution can be computed with FFTs
     conv_adapter: bool = False  # whether model.add_adapter (a strided adapter after the encoder) applies

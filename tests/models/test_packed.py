@@ -111,3 +111,19 @@ def test_what_cannot_pack_is_refused_before_any_model_work(train_shards, tmp_pat
         with pytest.raises(ConfigError, match=f"data.pack=true with .*{why}.*Set data.pack=false"):
             plan_run(load_config(str(repo / "configs" / "test.yaml"), base + extra), 1)
     assert FAMILIES["wavlm"].packing_refusal(None) is not None
+
+
+@pytest.mark.slow  # flex attention compiles its kernel on first use (about 20 s on CPU)
+def test_flex_attention_packs_as_sdpa_does():
+    """model.attention=flex_attention: transformers builds a block mask from the same document mask (on a GPU its
+    kernel skips the blocks between utterances); the packed logits equal sdpa's."""
+    b = _batch()
+    logits = {}
+    for attention in ("sdpa", "flex_attention"):
+        model, fam = _model("wav2vec2", attention=attention)
+        assert model.config._attn_implementation == attention
+        p = pack(b, fam.frame_stride(model.config))
+        with torch.no_grad():
+            logits[attention] = model.eval()(input_values=p["input_values"], starts=p["starts"],
+                                             lengths=p["lengths"]).logits
+    assert torch.allclose(logits["flex_attention"], logits["sdpa"], atol=1e-5)

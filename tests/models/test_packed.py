@@ -127,3 +127,30 @@ def test_flex_attention_packs_as_sdpa_does():
             logits[attention] = model.eval()(input_values=p["input_values"], starts=p["starts"],
                                              lengths=p["lengths"]).logits
     assert torch.allclose(logits["flex_attention"], logits["sdpa"], atol=1e-5)
+
+
+@pytest.mark.slow  # inductor compiles on CPU
+def test_compiled_layers_take_packed_batches_without_new_graphs():
+    """model.compile with packing: micro-batches of other utterances at the same capacity, and at another
+    capacity, run the graphs the first one made (no recompilation per batch), with the eager packed loss."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    eager, fam = _model("wav2vec2")
+    compiled = copy.deepcopy(eager)
+    fam.compile(compiled)
+    assert fam.use_sync_free_forward(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for lengths, capacity in (([16000, 9000, 23456], 64000), ([5000, 30000, 12000], 64000), ([7000, 8000], 32000)):
+        p = pack(_batch(lengths, seed=len(graphs)), 320, capacity)
+        losses = []
+        for model in (eager, compiled):
+            np.random.seed(0)
+            losses.append(model(input_values=p["input_values"], starts=p["starts"], lengths=p["lengths"],
+                                labels=p["labels"]).loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 3, (graphs, dict(counters["stats"]))

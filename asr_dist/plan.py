@@ -188,6 +188,9 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
         why = family.packing_refusal(model_config)
         if why is None and not cfg.model.sync_free_forward:
             why = "packing runs through the sync-free forward, and model.sync_free_forward is false"
+        if why is None and cfg.model.attention == "flash_attention_2":
+            why = ("model.attention=flash_attention_2 takes no document mask (use flex_attention, which skips the "
+                   "blocks between utterances, or sdpa)")
         if why:
             raise ConfigError(f"data.pack=true with {cfg.model.pretrained or f'{family.name} {cfg.model.preset}'}: "
                               f"{why}. Set data.pack=false")

@@ -77,7 +77,7 @@ class Wav2Vec2BertFamily(ModelFamily):
     input_name = "input_features"
     has_front_end = False
     conv_adapter = True
-    attention_kernels = ("sdpa", "eager", "flex_attention")  # no flash attention in transformers' wav2vec2-bert
+    attention_kernels = ("sdpa", "eager")  # no flash attention in transformers' wav2vec2-bert
     recompiles_per_length = True
     _layout = dict(feature_projection_input_dim=STACK * 80, position_embeddings_type="relative_key",
                    hidden_act="swish")

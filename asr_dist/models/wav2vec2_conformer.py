@@ -24,7 +24,7 @@ class Wav2Vec2ConformerFamily(ModelFamily):
     # wav2vec2-conformer-rel-pos-large's layout for "large"; "tiny" with a short depthwise kernel for CPUs
     presets = {"tiny": _conformer(PRESETS["tiny"], conv_depthwise_kernel_size=15, position_embeddings_type="relative"),
                "large": _conformer(PRESETS["large"], position_embeddings_type="relative")}
-    attention_kernels = ("sdpa", "eager", "flex_attention")  # no flash attention in transformers' conformer
+    attention_kernels = ("sdpa", "eager")  # no flash attention in transformers' conformer
     recompiles_per_length = True
 
     def positional_flops(self, config, frames: int) -> float:

@@ -80,7 +80,7 @@ def test_model_settings_a_family_cannot_honour_are_refused_when_read(tmp_path):
         (["model.preset=base", "model.family=wav2vec2-conformer"], "model.preset='base' for the wav2vec2-conformer"),
         (["model.preset=tiny", "model.family=wavlm", "model.attention=sdpa"], "implements its attention as eager only"),
         (["model.preset=tiny", "model.family=wav2vec2-conformer", "model.attention=flash_attention_2"],
-         "as sdpa or eager or flex_attention only"),
+         "as sdpa or eager only"),
         (["model.preset=tiny", "model.family=wav2vec2-conformer", "model.fft_positional_conv=true"],
          "no single grouped positional convolution"),
         (["model.preset=tiny", "model.family=data2vec-audio", "model.fft_positional_conv=true"],

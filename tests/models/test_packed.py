@@ -107,7 +107,8 @@ def test_what_cannot_pack_is_refused_before_any_model_work(train_shards, tmp_pat
     for extra, why in ((["model.preset=base"], "group norm over the whole sequence"),
                        (["model.family=wav2vec2-conformer"], "has no packed forward"),
                        (["model.family=wav2vec2-bert"], "has no packed forward"),
-                       (["model.sync_free_forward=false"], "sync-free forward")):
+                       (["model.sync_free_forward=false"], "sync-free forward"),
+                       (["model.attention=flash_attention_2"], "takes no document mask")):
         with pytest.raises(ConfigError, match=f"data.pack=true with .*{why}.*Set data.pack=false"):
             plan_run(load_config(str(repo / "configs" / "test.yaml"), base + extra), 1)
     assert FAMILIES["wavlm"].packing_refusal(None) is not None

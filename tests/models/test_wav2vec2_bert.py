@@ -118,7 +118,7 @@ def test_what_it_cannot_do_is_refused_when_read(tmp_path):
         (tiny + ["model.add_adapter=true", "model.layerdrop=0.1"], "with the wav2vec2-bert adapter"),
         ([f"model.pretrained={adapter}", "model.layerdrop=0.1"], "skip its strided layers too"),
         ([f"model.pretrained={odd}"], "adapter_kernel_size=5 with adapter_stride=3: .*pads 1 frames but counts its CTC frames with 2"),
-        (tiny + ["model.attention=flash_attention_2"], "as sdpa or eager or flex_attention only"),
+        (tiny + ["model.attention=flash_attention_2"], "as sdpa or eager only"),
         (tiny + ["model.fft_positional_conv=true"], "no single grouped positional convolution"),
         (["model.preset=tiny", "model.add_adapter=true"], "model.add_adapter=true for wav2vec2: .*wav2vec2-bert setting"),
         (["model.preset=600M", "model.family=wav2vec2-bert"], "choose one of tiny, 600m"),

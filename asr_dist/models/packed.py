@@ -104,11 +104,15 @@ def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor,
     if feature_mask is not None:
         hidden = hidden.masked_fill(to_device(feature_mask, device), 0)
     hidden = hidden.masked_fill(~valid[:, None], 0)
-    # the positional convolution per utterance, on the padded layout (zeros beyond each one's frames)
+    # the positional convolution per utterance, on the padded layout (zeros beyond each one's frames); the
+    # indices are made on the host, so no boolean index waits for the GPU
     index_d, mask_d = to_device(index, device), to_device(frame_mask, device)
     padded = hidden[index_d].masked_fill(~mask_d[..., None], 0)  # (B, F_max, H)
     positional = enc.pos_conv_embed(padded)
-    hidden = hidden.index_add(0, index_d[mask_d], positional[mask_d])[None]  # (1, P, H)
+    rows = torch.nonzero(frame_mask.reshape(-1)).squeeze(1)  # host: the (i, j) of real frames, flattened
+    hidden = hidden.index_add(0, to_device(index.reshape(-1)[rows], device),
+                              positional.reshape(-1, positional.shape[-1]).index_select(0, to_device(rows, device)))
+    hidden = hidden[None]  # (1, P, H)
     hidden = enc.dropout(hidden if stable else enc.layer_norm(hidden))
     attention = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=None,
                                           and_mask_function=packed_sequence_mask_function(to_device(seg[None], device)),

@@ -155,3 +155,21 @@ def test_compiled_layers_take_packed_batches_without_new_graphs():
         assert losses[1] == pytest.approx(losses[0], rel=1e-4)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3, (graphs, dict(counters["stats"]))
+
+
+def test_the_packed_forward_never_reads_the_device():
+    """On the meta device (shapes, no data) the packed forward, loss and backward run: every index, mask and
+    length is made on the host, as in the padded sync-free forward."""
+    from test_forward import MetaCTC
+
+    model, fam = _model("wav2vec2", mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.2,
+                        mask_feature_length=8)
+    model = model.to("meta")
+    p = pack(_batch(), 320, 64000)
+    with MetaCTC() as ctc:
+        out = model(input_values=torch.empty(p["input_values"].shape, device="meta"), starts=p["starts"],
+                    lengths=p["lengths"], labels=p["labels"])
+        assert out.loss.device.type == "meta" and out.logits.shape[:2] == (4, 73)
+        out.loss.backward()
+    (forward,) = [d for name, d in ctc.devices.items() if "backward" not in name]
+    assert forward == ["meta", "meta", "cpu", "cpu"], ctc.devices

@@ -48,7 +48,6 @@ class StepResult:
     audio_seconds: float
     layer_audio_seconds: float  # audio seconds times the share of layers run (LayerDrop), for the FLOPs
     keys: list[str]
-    last_loss: torch.Tensor  # the last micro-batch's loss (a diagnosis names it)
 
 
 class NonFiniteStep(Exception):
@@ -116,7 +115,6 @@ def train_step(engine, batches: list[dict], step: int, spec: StepSpec) -> StepRe
     skips = layerdrop_draw(spec.layerdrop, spec.num_layers, spec.seed, step) if spec.sync_free and spec.layerdrop else None
     loss_sum = torch.zeros((), device=spec.device, dtype=torch.float64)
     utterances, audio, keys = 0, 0.0, []
-    loss = None
     for i, batch in enumerate(batches):
         loss = micro_step(engine, batch, spec, skips)
         keys.extend(batch["keys"])
@@ -130,4 +128,4 @@ def train_step(engine, batches: list[dict], step: int, spec: StepSpec) -> StepRe
         utterances += len(batch["keys"])
         audio += float(batch["durations"].sum())
     layer_share = 1 - sum(skips) / spec.num_layers if skips else 1.0
-    return StepResult(loss_sum, utterances, audio, audio * layer_share, keys, loss)
+    return StepResult(loss_sum, utterances, audio, audio * layer_share, keys)

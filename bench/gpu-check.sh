@@ -57,16 +57,16 @@ if [[ "$parts" == *" levers "* ]]; then  # kernel levers at XLS-R sizes, each ag
   timeout 70 python3 bench/kernel_levers.py --batch 32 --dtype bf16 > "$out/kernel_levers.json" 2>&1
   grep -E '"(eager_ms|fused_ms|speedup.*|direct.*_ms|fft_ms|max_.*|wall_seconds_with_compilation)"' "$out/kernel_levers.json"
 fi
-# 1. throughput, most telling first: the baselines, asr-dist as shipped (configs/xlsr300m-danish.yaml's batch:
-#    16 x 2, ZeRO-1), packed and compiled, packed with flex attention, packed, the large-batch mode packed and
-#    padded, then the tuned padded recipe. Variant names say no precision (--list names them; VARIANTS="a b" runs others).
+# 1. throughput, most telling first: the baselines, asr-dist at the seed's batch (16 x 2, ZeRO-1: fp16, then
+#    packed at the fast precision), 32 x 1 packed (compiled, flex attention, sdpa), the large-batch mode packed
+#    and padded, then 32 x 1 padded. Variant names say no precision (--list names them; VARIANTS="a b" runs others).
 if [[ "$parts" == *" bench "* ]]; then
   timeout ${BENCH_S:-270} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
     --utterances ${UTTS:-1536} --steps ${STEPS:-12} --warmup ${WARMUP:-4} --zero 1 --large-micro 0 --timeout 75 \
     --jsonl "$out/bench.jsonl" \
-    --only ${VARIANTS:-baseline_hf_trainer baseline_plain_loop asr_dist_zero1 asr_dist_seed_fast_packed_compiled \
-           asr_dist_seed_fast_packed_flex asr_dist_seed_fast_packed asr_dist_large_seconds_packed asr_dist_large_seconds \
-           asr_dist_seed_fast} \
+    --only ${VARIANTS:-baseline_hf_trainer baseline_plain_loop asr_dist_zero1 asr_dist_zero1_packed \
+           asr_dist_seed_fast_packed_compiled asr_dist_seed_fast_packed_flex asr_dist_seed_fast_packed \
+           asr_dist_large_seconds_packed asr_dist_large_seconds asr_dist_seed_fast} \
     > "$out/bench.json" 2> "$out/bench.err"
   echo "bench exit $?"
   table "$out/bench.jsonl"

@@ -417,7 +417,7 @@ def variants(args, cuda: bool) -> dict:
                                                             "extra": [*tuned, pack, "model.compile=true"]})
     v["asr_dist_seed_fast_packed_flex"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                         "extra": [*tuned, pack, "model.attention=flex_attention"]})
-    v["asr_dist_zero1_packed"] = ("asr_dist", {"precision": p, "zero": 1, "extra": [pack]})
+    v["asr_dist_zero1_packed"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [pack]})  # the seed's batch
     # (the names below say no precision: they run in bf16 on a GPU and in --precision on CPU)
     if args.large_micro:
         large = [f"data.micro_batch_size={args.large_micro}", f"data.global_batch_size={2 * args.large_micro}",

@@ -28,7 +28,8 @@ def test_two_ranks_train_packed_as_padded_and_resume_exactly(train_shards, tmp_p
     assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
     evals = [json.loads((d / "eval_results.json").read_text())["eval"]["dev"] for d in (padded, packed)]
     assert evals[0]["utterances"] == evals[1]["utterances"] == 10 and evals[0]["words"] == evals[1]["words"]
-    assert abs(evals[0]["wer"] - evals[1]["wer"]) <= 0.05
+    assert evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=1e-3)  # the two models are the same model
+    assert abs(evals[0]["cer"] - evals[1]["cer"]) <= 0.01, evals
     # cut after step 3: the save of step 6 never completed
     (packed / "checkpoints" / "step-00000006" / "COMPLETE").unlink()
     r = launch("torchrun", overrides(train_shards, packed, *RUN, "data.pack=true"))

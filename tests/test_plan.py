@@ -24,7 +24,7 @@ def config(shards: Path, tmp_path: Path, *extra: str):
 
 def test_the_plan_holds_what_the_trainer_and_the_dry_run_use(train_shards, tmp_path):
     """96 utterances, global batch 8 of micro-batches of 2 on 2 ranks: 12 steps an epoch at accumulation 2;
-    every rank's loader has the settings the config gives (the dry run once built one without them)."""
+    every rank's loader, the Trainer's and the dry run's alike, has every loader setting the config gives."""
     cfg = config(train_shards, tmp_path, "data.on_corrupt=skip", "data.pad_to_multiple_of=160")
     plan = plan_run(cfg, world_size=2)
     assert (plan.steps_per_epoch, plan.accumulation, plan.total_steps) == (12, 2, 36)
@@ -60,6 +60,15 @@ def test_the_plan_refuses_what_cannot_run_before_any_model_work(train_shards, tm
     (other / "vocab.json").write_text('{"[PAD]": 0, "[UNK]": 1, "|": 2, "a": 3}')
     with pytest.raises(ConfigError, match="data.eval_shards.other: its vocab.json differs"):
         plan_run(config(train_shards, tmp_path, f"data.eval_shards.other={other}"), world_size=1)
+
+
+def test_the_dry_run_of_a_packed_run_shows_its_capacities(train_shards, tmp_path):
+    plan = plan_run(config(train_shards, tmp_path, "data.pack=true"), world_size=2)
+    caps = plan.loader(0).capacities
+    assert plan.pack_align == 320 and 1 <= len(caps) <= 8 and plan.loader(1).capacities == caps
+    line = [x for x in plan.describe(check_alignment=False).splitlines() if x.startswith("packed micro-batches")]
+    assert line == [f"packed micro-batches: each utterance on a multiple of 320 samples, at {len(caps)} capacities of "
+                    + ", ".join(f"{c / 16000:.1f}" for c in caps) + " s of audio"]
 
 
 def test_config_is_data_and_the_model_checks_are_the_plans(tmp_path):

@@ -4,7 +4,7 @@ Per rank (R ranks, W workers per rank, S streams = R x W):
 
   shard set (asr_dist.data.shardset) ──epoch order of each stream (asr_dist.data.order)──>
   ──W streams (asr_dist.data.streams; or the length plan, asr_dist.data.length_plan), each in a loader worker──>
-      micro-batches (B, T) or (B, F, D) (keys: asr_dist.data.samples)
+      micro-batches (B, T) or (B, F, D), or packed (1, S) with starts and lengths (keys: asr_dist.data.samples)
   ──DataLoader (batch_size=None)──> reordered into the canonical order g -> (worker g % W, g // W)
 
 Every rank yields exactly steps_per_epoch x accumulation micro-batches per epoch (asr_dist.data.batching):
@@ -47,8 +47,10 @@ class TrainLoader:
 
     ``rank`` and ``world_size`` are passed in (asr_dist.distributed reads the environment).
     Each iteration is one epoch and moves the loader on to the next (``set_epoch`` jumps to another).
-    ``sync_buckets``: with a fixed utterance count, the micro-batches that the ranks run in the same
-    step come from the same length quantile of their buffers, so no rank waits long for another."""
+    ``sync_buckets``: with streamed batches (no length plan; the large-batch mode too), the micro-batches
+    that the ranks run in the same step come from the same length quantile of their buffers, so no rank
+    waits long for another. ``pack_align``: micro-batches packed (asr_dist.data.packing), each utterance
+    starting on a multiple of it, at ``capacities``."""
 
     def __init__(self, shards: ShardSet | str | list, *, rank: int, world_size: int, micro_batch_size: int,
                  global_batch_size: int = 32, num_workers: int = 2, seed: int = 0, bucket_batches: int | None = None,

@@ -1,4 +1,4 @@
-"""From a shard's sample to a padded micro-batch: decoding, featurising, label encoding, collation.
+"""From a shard's sample to a micro-batch, padded or packed: decoding, featurising, label encoding, collation.
 
   sample: audio bytes (.flac | .wav) + JSON {num_samples, text, …}
   ──skip what the model cannot align (more CTC labels than its frames; ``alignable``, from the JSON) and what
@@ -6,10 +6,12 @@
   ──decode FLAC/WAV (16 kHz mono), featurise (the model family's: normalise, or fbank frames),
     encode labels (LabelEncoder)──> (key, model input, label ids, text)
   ──collate: pad the time axis, labels with -100──> micro-batch
+    (or collate_packed, data.pack: the utterances end to end at a capacity; asr_dist.data.packing)
 
 Batch keys: ``input_values`` (B, T) float32 (the model's input, whatever the family's keyword: the
 waveform, or (B, F, D) feature frames), ``attention_mask`` (B, T) (or (B, F)) bool, ``labels`` (B, L)
-int64 padded with -100, ``keys`` list[str], ``texts`` list[str], ``durations`` (B,) float32.
+int64 padded with -100, ``keys`` list[str], ``texts`` list[str], ``durations`` (B,) float32. A packed
+micro-batch has ``input_values`` (1, S) and, in place of the mask, ``starts`` and ``lengths`` (B,) int64.
 B: utterances, T: samples of 16 kHz audio, F: feature frames of D values, L: CTC labels.
 """
 

@@ -94,7 +94,6 @@ def worker_context():
     import multiprocessing
     import multiprocessing.forkserver
     import multiprocessing.resource_tracker
-    import signal
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "asr_dist.data.forkserver_preload"])

@@ -1,6 +1,7 @@
 """The packed training forward of the wav2vec2 layout: a micro-batch's utterances end to end in one sequence,
 each attending only to its own frames; each utterance's logits and CTC loss are those of the same micro-batch
-padded (and so of the utterance alone), within floating-point tolerance.
+padded within floating-point tolerance (for wav2vec2 and HuBERT also those of the utterance alone; data2vec-
+audio's stacked positional convolutions let padding reach its frames, padded as packed).
 
   input_values (1, S) packed (asr_dist.data.packing: utterance i at starts[i], a multiple of the stride 320)
   ──feature encoder──> (1, P, C) frames; utterance i owns frames starts[i] / 320 + [0, F_i), where F_i is
@@ -58,11 +59,11 @@ def segments(frame_offsets: torch.Tensor, frame_lengths: torch.Tensor, num_frame
 
 def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                    labels: torch.Tensor | None = None, skip_layers: list[bool] | None = None, *,
-                   time_masks_over_padding: bool = False, frames: int | None = None) -> CausalLMOutput:
+                   time_masks_over_padding: bool = False) -> CausalLMOutput:
     """The *ForCTC forward and CTC loss of a packed micro-batch (see the module's docstring). ``starts`` and
-    ``lengths`` (samples, on the host) place each utterance; ``frames``: the padded batch's frame count that
-    SpecAugment's masks are drawn over (default: the longest utterance's). Returns the loss and the logits
-    per utterance, (B, F_max, V), as the padded forward's (its padded frames are not defined here)."""
+    ``lengths`` (samples, on the host) place each utterance; SpecAugment's masks are drawn over the longest
+    utterance's frames, as for the padded micro-batch (without data.pad_to_multiple_of). Returns the loss and
+    the logits per utterance, (B, F_max, V), as the padded forward's (its padded frames are not defined here)."""
     cfg = model.config
     enc, device = w2v.encoder, input_values.device
     stable = getattr(cfg, "do_stable_layer_norm", False)
@@ -71,8 +72,7 @@ def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor,
     frame_lengths = model._get_feat_extract_output_lengths(lengths.cpu()).long()
     frame_offsets = starts.cpu() // stride
     num_frames = int(model._get_feat_extract_output_lengths(input_values.shape[1]))
-    longest = int(frame_lengths.max())
-    frames = longest if frames is None else frames
+    longest = frames = int(frame_lengths.max())
     seg = segments(frame_offsets, frame_lengths, num_frames)  # host
     frame_mask = torch.arange(longest) < frame_lengths[:, None]  # (B, F_max), host
     index = (frame_offsets[:, None] + torch.arange(longest)).masked_fill(~frame_mask, 0)  # packed frame of (i, j)

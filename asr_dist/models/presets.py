@@ -11,5 +11,3 @@ PRESETS = {
                       conv_dim=(512,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True),
 }
 PRESETS["large"] = PRESETS["xlsr-300m"]  # wav2vec2-large-lv60's layout, which XLS-R-300M shares
-
-

@@ -74,3 +74,22 @@ def test_the_loader_packs_an_epoch_at_its_capacities(train_shards):
             assert torch.equal(b["input_values"][0, s:s + n], u["input_values"][i, :n])
         keys += b["keys"]
     assert len(keys) == 96 and len(set(keys)) == 96 and len(shapes) <= MAX_SHAPES
+
+
+def test_the_capacities_are_the_best_choice_of_their_candidates():
+    """The dynamic programme against every choice of capacities among the same candidate sizes, on small cases:
+    it takes no more samples than the best of them (with the largest always among them)."""
+    import itertools
+
+    rng = np.random.default_rng(1)
+    for case in range(40):
+        needs = rng.integers(1, 60, rng.integers(3, 30)) * 320
+        largest = int(needs.max()) + 320 * int(rng.integers(0, 3))
+        shapes = int(rng.integers(2, 5))
+        caps = choose_capacities(needs, largest, 320, max_shapes=shapes)
+        assert caps[-1] == largest and len(caps) <= shapes
+        got = sum(capacity_for(int(n), caps) for n in needs)
+        candidates = sorted(set(int(n) for n in needs) - {largest})
+        best = min(sum(capacity_for(int(n), (*sorted(c), largest)) for n in needs)
+                   for k in range(shapes) for c in itertools.combinations(candidates, k))
+        assert got == best, (case, caps, got, best)

@@ -180,8 +180,16 @@ def test_attached_lm_is_used_by_default_and_readable_as_pyctcdecode_expects(tmp_
     assert len(labels) == len(VOCAB) and labels[0] == "" and labels[2] == " "
     assert json.loads((tmp_path / "model" / "processor_config.json").read_text())["processor_class"] == \
         "Wav2Vec2ProcessorWithLM"
+    # transformers' pipeline still loads the directory (without pyctcdecode it decodes greedily): its transcript
+    # is the model's own greedy decode of the same audio
     asr = transformers.pipeline("automatic-speech-recognition", model=str(tmp_path / "model"), device="cpu")
-    assert isinstance(asr({"raw": np.zeros(16000, np.float32), "sampling_rate": 16000})["text"], str)  # still loads
+    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    features = transformers.AutoFeatureExtractor.from_pretrained(str(tmp_path / "model"))
+    tokenizer = transformers.Wav2Vec2CTCTokenizer.from_pretrained(str(tmp_path / "model"))
+    with torch.no_grad():
+        logits = model.eval()(**features(audio, sampling_rate=16000, return_tensors="pt")).logits
+    greedy = tokenizer.decode(logits.argmax(-1)[0])
+    assert greedy and asr({"raw": audio, "sampling_rate": 16000})["text"] == greedy
     from asr_dist.decode import _beam_decoder
 
     beam = _beam_decoder(str(tmp_path / "model"), None)

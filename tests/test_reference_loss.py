@@ -8,12 +8,13 @@ import pytest
 
 import reference_loss
 from asr_dist.data.loader import TrainLoader
+from trainkit import make_noise_shards
 
 pytestmark = pytest.mark.slow  # each launches training
 
 
-def test_the_loss_curve_is_the_stored_reference(train_shards, tmp_path):
-    curve = reference_loss.train(train_shards, tmp_path / "run")
+def test_the_loss_curve_is_the_stored_reference(tmp_path):
+    curve = reference_loss.train(make_noise_shards(tmp_path / "shards"), tmp_path / "run")
     reference = reference_loss.read()
     bad = reference_loss.beyond(curve, reference)
     assert not bad, (f"the loss curve moved beyond {100 * reference_loss.TOLERANCE:g} % of the reference:\n"

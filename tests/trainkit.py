@@ -28,6 +28,31 @@ def make_train_shards(root: Path) -> Path:
     return root
 
 
+def make_noise_shards(root: Path, n: int = 96, seed: int = 11) -> Path:
+    """root/s-train: ``n`` utterances of speech-like noise (band-limited, amplitude-modulated), each about as long
+    as speech of its transcript (a Danish sentence), in shards of 8. Made from numpy's generator alone, so the
+    samples are the same in every process and on every machine; eSpeak NG's synthesis (make_train_shards)
+    differs a little between processes."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    sentences = danish_sentences()
+    corpus = root / "noise"
+    (corpus / "audio").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        text = sentences[i % len(sentences)]
+        t = int(min(4.0, 0.6 + 0.06 * len(text)) * 16000)
+        x = np.convolve(rng.standard_normal(t), np.ones(8) / 8, mode="same")
+        x *= 0.2 * (1 + np.sin(np.arange(t) * 2 * np.pi * 4 / 16000))
+        sf.write(corpus / "audio" / f"n{i:03d}.wav", x.astype(np.float32), 16000, subtype="PCM_16")
+        lines.append(json.dumps({"audio_filepath": f"audio/n{i:03d}.wav", "text": text}, ensure_ascii=False))
+    (corpus / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    build(BuildOptions(inputs=[str(corpus / "m.jsonl")], output=str(root / "s-train"), shard_size=8, progress=False))
+    return root
+
+
 # loader worker processes in a run whose claim involves them (signals, a killed job, damaged samples read
 # in a worker); the others read in the rank itself, which saves each launch about 4 s of start-up
 WORKERS = "data.num_workers=1"

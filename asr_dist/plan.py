@@ -184,6 +184,9 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
             raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")
     check_group_fields(list(cfg.eval.group_by), eval_sets)
     model_config = family.run_config(cfg.model, shards.vocab)
+    if cfg.model.attention == "flex_attention" and not cuda:
+        raise ConfigError("model.attention=flex_attention on CPU: PyTorch's flex attention has no backward there; "
+                          "use model.attention=sdpa (or leave it out) on CPU")
     if cfg.data.pack:
         why = family.packing_refusal(model_config)
         if why is None and not cfg.model.sync_free_forward:

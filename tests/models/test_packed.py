@@ -111,6 +111,8 @@ def test_what_cannot_pack_is_refused_before_any_model_work(train_shards, tmp_pat
                        (["model.attention=flash_attention_2"], "takes no document mask")):
         with pytest.raises(ConfigError, match=f"data.pack=true with .*{why}.*Set data.pack=false"):
             plan_run(load_config(str(repo / "configs" / "test.yaml"), base + extra), 1)
+    with pytest.raises(ConfigError, match="flex attention has no backward there"):
+        plan_run(load_config(str(repo / "configs" / "test.yaml"), base + ["model.attention=flex_attention"]), 1)
     assert FAMILIES["wavlm"].packing_refusal(None) is not None
 
 

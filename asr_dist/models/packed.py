@@ -13,8 +13,11 @@ audio's stacked positional convolutions let padding reach its frames, padded as 
                    placed on each utterance's frames
   ──positional convolution (kernel 128: it would reach into a neighbour)──> run per utterance on the padded
                    layout (B, F_max, H), gathered from and added back to the packed frames
-  ──transformer layers──> attention within a segment only: transformers' mask for the model's attention
-                   kernel (sdpa, eager, flex) with a document mask (segment[q] == segment[kv])
+  ──transformer layers──> attention within an utterance only. sdpa: queries, keys and values gathered per
+                   utterance into the padded layout (B, heads, F_max, d), attended with the padding mask
+                   and put back (``utterance_sdpa``: the cost of a padded batch's attention, not the
+                   packed sequence's square); eager and flex: transformers' mask for the kernel with a
+                   document mask (segment[q] == segment[kv]; flex skips the blocks it masks)
   ──CTC head (per frame)──> logits gathered per utterance (B, F_max, V) ──> the CTC loss of the padded forward
 
 Group-norm feature encoders (wav2vec2-base, HuBERT-base) normalise each channel over the whole sequence,
@@ -23,14 +26,52 @@ neighbours included: they are refused (``packing_refusal``), as is a strided ada
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+from transformers import AttentionInterface
 from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from .ctc import ctc_loss, to_device
+
+
+UTTERANCE_SDPA = "asr_dist_utterance_sdpa"  # the attention function the layers call for packed batches under sdpa
+
+
+@dataclasses.dataclass
+class UtteranceAttention:
+    """What the layers get as their attention mask in a packed micro-batch under sdpa: where each utterance's
+    frames lie in the packed sequence (device tensors, made from host indices)."""
+
+    index: torch.Tensor  # (B, F_max): the packed frame of utterance i's frame j (0 past its end)
+    key_mask: torch.Tensor  # (B, 1, 1, F_max) bool: its real frames
+    rows: torch.Tensor  # the real (i, j), flattened to i * F_max + j
+    targets: torch.Tensor  # their packed frames
+    num_frames: int  # P
+
+
+def utterance_sdpa(module, query, key, value, attention_mask: UtteranceAttention, dropout: float = 0.0,
+                   scaling: float | None = None, **kwargs):
+    """PyTorch's SDPA per utterance of a packed sequence: (1, heads, P, d) gathered into (B, heads, F_max, d),
+    attended with the padding mask, and put back as (1, P, heads, d), as transformers' attention functions
+    return it (frames of no utterance get zeros)."""
+    a = attention_mask
+
+    def per_utterance(x: torch.Tensor) -> torch.Tensor:
+        return x[0][:, a.index].transpose(0, 1)
+
+    out = torch.nn.functional.scaled_dot_product_attention(per_utterance(query), per_utterance(key),
+                                                           per_utterance(value), attn_mask=a.key_mask,
+                                                           dropout_p=dropout, scale=scaling)
+    b, h, f, d = out.shape
+    real = out.transpose(1, 2).reshape(b * f, h, d).index_select(0, a.rows)
+    return out.new_zeros(a.num_frames, h, d).index_copy(0, a.targets, real)[None], None
+
+
+AttentionInterface.register(UTTERANCE_SDPA, utterance_sdpa)
 
 
 def frame_stride(config) -> int:
@@ -110,21 +151,29 @@ def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor,
     padded = hidden[index_d].masked_fill(~mask_d[..., None], 0)  # (B, F_max, H)
     positional = enc.pos_conv_embed(padded)
     rows = torch.nonzero(frame_mask.reshape(-1)).squeeze(1)  # host: the (i, j) of real frames, flattened
-    hidden = hidden.index_add(0, to_device(index.reshape(-1)[rows], device),
-                              positional.reshape(-1, positional.shape[-1]).index_select(0, to_device(rows, device)))
+    rows_d, targets_d = to_device(rows, device), to_device(index.reshape(-1)[rows], device)
+    hidden = hidden.index_add(0, targets_d, positional.reshape(-1, positional.shape[-1]).index_select(0, rows_d))
     hidden = hidden[None]  # (1, P, H)
     hidden = enc.dropout(hidden if stable else enc.layer_norm(hidden))
-    attention = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=None,
-                                          and_mask_function=packed_sequence_mask_function(to_device(seg[None], device)),
-                                          allow_is_bidirectional_skip=False)
-    for i, layer in enumerate(enc.layers):
-        if skip_layers is not None:
-            skip = model.training and skip_layers[i]
-        else:
-            skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
-        if not skip:
-            hidden = layer(hidden, attention_mask=attention)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    kernel = cfg._attn_implementation
+    if kernel == "sdpa":  # attention per utterance, on the padded layout (utterance_sdpa)
+        attention = UtteranceAttention(index_d, mask_d[:, None, None, :], rows_d, targets_d, num_frames)
+        cfg._attn_implementation = UTTERANCE_SDPA
+    else:
+        attention = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=None,
+                                              and_mask_function=packed_sequence_mask_function(to_device(seg[None], device)),
+                                              allow_is_bidirectional_skip=False)
+    try:
+        for i, layer in enumerate(enc.layers):
+            if skip_layers is not None:
+                skip = model.training and skip_layers[i]
+            else:
+                skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
+            if not skip:
+                hidden = layer(hidden, attention_mask=attention)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    finally:
+        cfg._attn_implementation = kernel
     if stable:
         hidden = enc.layer_norm(hidden)
     logits = model.lm_head(model.dropout(hidden))[0][index_d]  # (B, F_max, V)

@@ -201,13 +201,13 @@ class Trainer:
         """Write {output_dir}/config.yaml, the resolved config of this run. On a resume, name every key that
         differs from the config the checkpoint was trained with (config.yaml, else the checkpoint's own), and keep
         that one as config.until-step-N.yaml."""
+        from omegaconf import OmegaConf
+
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / CONFIG_NAME
         if client is not None:
             before = None
             if path.exists():
-                from omegaconf import OmegaConf
-
                 try:
                     before = OmegaConf.to_container(OmegaConf.load(path))
                 except Exception as e:  # an unreadable record is no reason to stop a resume
@@ -221,8 +221,6 @@ class Trainer:
                 if path.exists():
                     path.replace(kept)
                 else:
-                    from omegaconf import OmegaConf
-
                     kept.write_text(OmegaConf.to_yaml(OmegaConf.create(before)))
         tmp = path.with_suffix(".yaml.tmp")
         tmp.write_text(to_yaml(self.cfg))

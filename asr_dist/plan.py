@@ -49,6 +49,11 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
     return cfg
 
 
+def model_name(cfg: Config, family: ModelFamily) -> str:
+    """The model a run trains, as messages name it: its checkpoint directory, or family and preset."""
+    return cfg.model.pretrained or f"{family.name} {cfg.model.preset}"
+
+
 def check_shard_builds(cfg: Config) -> None:
     """A shard set whose build rejected more than its --max-reject-fraction is refused unless
     data.allow_failed_shards says to use it anyway."""
@@ -117,7 +122,7 @@ class RunPlan:
         return self._loaders[rank]
 
     def model_name(self) -> str:
-        return self.cfg.model.pretrained or f"{self.family.name} {self.cfg.model.preset}"
+        return model_name(self.cfg, self.family)
 
     def describe(self, check_alignment: bool = True) -> str:
         """What `asr-dist train --dry-run` prints: the DeepSpeed JSON, the batch arithmetic, and (listing every
@@ -195,7 +200,7 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
             why = ("model.attention=flash_attention_2 takes no document mask (use flex_attention, which skips the "
                    "blocks between utterances, or sdpa)")
         if why:
-            raise ConfigError(f"data.pack=true with {cfg.model.pretrained or f'{family.name} {cfg.model.preset}'}: "
+            raise ConfigError(f"data.pack=true with {model_name(cfg, family)}: "
                               f"{why}. Set data.pack=false")
     plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
                    shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),

@@ -1,4 +1,5 @@
-"""What every CTC family shares: the CTC loss from host-side lengths, and LayerDrop's shared draws."""
+"""What every CTC family shares: the CTC loss from host-side lengths, the label check, and LayerDrop: its shared
+draws and the layer loop that honours them."""
 
 from __future__ import annotations
 
@@ -41,3 +42,25 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor to ``device`` without waiting for it (pinned first, so the copy is asynchronous)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
+
+
+def check_label_ids(labels: torch.Tensor | None, vocab_size: int) -> None:
+    """Label ids (on the host) within the CTC head's vocabulary, or a ValueError saying which vocab is wrong."""
+    if labels is not None and labels.max() >= vocab_size:
+        raise ValueError(f"label id {int(labels.max())} is outside the model's vocabulary of {vocab_size}: "
+                         f"the shards' vocab.json is not the one the CTC head was sized for")
+
+
+def run_layers(layers, hidden: torch.Tensor, attention, training: bool, layerdrop: float,
+               skip_layers: list[bool] | None) -> torch.Tensor:
+    """The transformer layers over ``hidden`` with LayerDrop: ``skip_layers`` (``layerdrop_draw``: the same on every
+    rank) says which to skip; without it each layer is drawn from torch's generator, as transformers draws it."""
+    for i, layer in enumerate(layers):
+        if skip_layers is not None:
+            skip = training and skip_layers[i]
+        else:
+            skip = training and layerdrop > 0.0 and bool(torch.rand([]) < layerdrop)
+        if not skip:  # (LayerDrop is refused under ZeRO-3, which would have to gather every layer)
+            hidden = layer(hidden, attention_mask=attention)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden

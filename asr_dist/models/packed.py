@@ -35,7 +35,7 @@ from transformers.masking_utils import create_bidirectional_mask, packed_sequenc
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
-from .ctc import ctc_loss, to_device
+from .ctc import check_label_ids, ctc_loss, run_layers, to_device
 
 
 UTTERANCE_SDPA = "asr_dist_utterance_sdpa"  # the attention function the layers call for packed batches under sdpa
@@ -117,9 +117,7 @@ def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor,
     seg = segments(frame_offsets, frame_lengths, num_frames)  # host
     frame_mask = torch.arange(longest) < frame_lengths[:, None]  # (B, F_max), host
     index = (frame_offsets[:, None] + torch.arange(longest)).masked_fill(~frame_mask, 0)  # packed frame of (i, j)
-    if labels is not None and labels.max() >= cfg.vocab_size:
-        raise ValueError(f"label id {int(labels.max())} is outside the model's vocabulary of {cfg.vocab_size}: "
-                         f"the shards' vocab.json is not the one the CTC head was sized for")
+    check_label_ids(labels, cfg.vocab_size)
 
     hidden = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
     if isinstance(hidden, tuple):
@@ -164,14 +162,7 @@ def packed_forward(model, w2v, input_values: torch.Tensor, starts: torch.Tensor,
                                               and_mask_function=packed_sequence_mask_function(to_device(seg[None], device)),
                                               allow_is_bidirectional_skip=False)
     try:
-        for i, layer in enumerate(enc.layers):
-            if skip_layers is not None:
-                skip = model.training and skip_layers[i]
-            else:
-                skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
-            if not skip:
-                hidden = layer(hidden, attention_mask=attention)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = run_layers(enc.layers, hidden, attention, model.training, cfg.layerdrop, skip_layers)
     finally:
         cfg._attn_implementation = kernel
     if stable:

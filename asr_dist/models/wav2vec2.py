@@ -21,7 +21,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2LayerNormConv
 from .presets import PRESETS
 from . import ModelError, ModelFamily, register
 from . import packed
-from .ctc import ctc_loss, to_device
+from .ctc import check_label_ids, ctc_loss, run_layers, to_device
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,7 @@ def sync_free_forward(model, w2v, hf_forward, input_values: torch.Tensor,
     batch, frames = input_values.shape[0], int(model._get_feat_extract_output_lengths(input_values.shape[1]))
     frame_lengths = model._get_feat_extract_output_lengths(lengths.cpu()).long()
     frame_mask = torch.arange(frames) < frame_lengths[:, None]  # (batch, frames), host
-    if labels is not None and labels.max() >= cfg.vocab_size:  # host: labels are on the CPU
-        raise ValueError(f"label id {int(labels.max())} is outside the model's vocabulary of {cfg.vocab_size}: "
-                         f"the shards' vocab.json is not the one the CTC head was sized for")
+    check_label_ids(labels, cfg.vocab_size)  # host: labels are on the CPU
 
     # the feature encoder first: the GPU runs it while the host draws SpecAugment's masks
     hidden = w2v.feature_projection(w2v.feature_extractor(input_values).transpose(1, 2))
@@ -230,13 +228,7 @@ def sync_free_forward(model, w2v, hf_forward, input_values: torch.Tensor,
                                               allow_is_bidirectional_skip=False)
     hidden = hidden + enc.pos_conv_embed(hidden)
     hidden = enc.dropout(hidden if stable else enc.layer_norm(hidden))
-    for i, layer in enumerate(enc.layers):
-        if skip_layers is not None:
-            skip = model.training and skip_layers[i]
-        else:
-            skip = model.training and cfg.layerdrop > 0.0 and bool(torch.rand([]) < cfg.layerdrop)
-        if not skip:  # (LayerDrop is refused under ZeRO-3, which would have to gather every layer)
-            hidden = layer(hidden, attention_mask=attention)
+    hidden = run_layers(enc.layers, hidden, attention, model.training, cfg.layerdrop, skip_layers)
     if stable:
         hidden = enc.layer_norm(hidden)
     logits = model.lm_head(model.dropout(hidden))

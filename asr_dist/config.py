@@ -130,6 +130,23 @@ class EvalArgs:
 
 
 @dataclass
+class AugmentArgs:
+    speed_prob: float = 0.0  # share of training utterances played faster or slower (resampled: length and pitch change, as Kaldi's and NeMo's speed perturbation), at one of augment.speed_factors; the loader plans with each perturbed length
+    speed_factors: list = field(default_factory=lambda: [0.9, 1.1])  # speed factors to draw from (1.1: 10 % faster, shorter), each in [0.5, 2]
+    noise_dir: Optional[str] = None  # a directory of noise recordings (WAV, FLAC, …, any rate; searched recursively), e.g. MUSAN's noise and music; a stretch of one is added at an SNR from augment.noise_snr_db
+    noise_prob: float = 0.0  # share of training utterances with noise added (needs augment.noise_dir)
+    noise_snr_db: list = field(default_factory=lambda: [5.0, 20.0])  # [lowest, highest] signal-to-noise ratio in dB
+    rir_dir: Optional[str] = None  # a directory of room impulse responses (WAV, FLAC, …), convolved with the speech and aligned on their direct path
+    rir_prob: float = 0.0  # share of training utterances reverberated (needs augment.rir_dir)
+    lowpass_prob: float = 0.0  # share of training utterances band-limited by a low-pass at a cutoff from augment.lowpass_hz
+    lowpass_hz: list = field(default_factory=lambda: [2000.0, 6000.0])  # [lowest, highest] low-pass cutoff in Hz
+    telephone_prob: float = 0.0  # share of training utterances sent through a telephone channel: 8 kHz, 300-3400 Hz, and augment.telephone_codec
+    telephone_codec: str = "ulaw"  # the telephone channel's codec, through libsndfile: ulaw or alaw (G.711), gsm (GSM 6.10), none (band only)
+    gain_prob: float = 0.0  # share of training utterances whose level changes by a gain from augment.gain_db, clipped to [-1, 1] (models that normalise each utterance, as wav2vec2's, hear only the clipping)
+    gain_db: list = field(default_factory=lambda: [-10.0, 6.0])  # [lowest, highest] gain in dB
+
+
+@dataclass
 class Config:
     output_dir: str = MISSING  # everything the run writes: tensorboard/, metrics.jsonl, checkpoints/, model/
     seed: int = 0  # seeds model init, data order and SpecAugment
@@ -139,6 +156,7 @@ class Config:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    augment: AugmentArgs = field(default_factory=AugmentArgs)  # training audio changed on the fly, drawn per utterance from (seed, epoch, key); evaluation never is
 
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -360,9 +378,32 @@ def validate(cfg: Config) -> None:
     if cfg.distributed.watchdog_factor < 0 or not cfg.distributed.watchdog_floor_s > 0:
         raise ConfigError("distributed.watchdog_factor must be at least 0 (0: no watchdog) and "
                           "distributed.watchdog_floor_s above 0 (e.g. 10 and 600)")
+    check_augment(cfg.augment)
     if not 1 <= cfg.data.pad_to_multiple_of <= 16000 * 30:
         raise ConfigError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: give samples, 1 (no rounding) to "
                           f"480000 (30 s); 16000 rounds batches up to whole seconds")
+
+
+def check_augment(a: AugmentArgs) -> None:
+    """The augment section's values (its directories are read when the run is planned: asr_dist.data.augment)."""
+    for kind in ("speed", "noise", "rir", "lowpass", "telephone", "gain"):
+        p = getattr(a, f"{kind}_prob")
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"augment.{kind}_prob={p}: give a probability from 0 (off) to 1 (every utterance)")
+    for key, lo_ok, hi_ok in (("noise_snr_db", -30, 60), ("lowpass_hz", 100, 7900), ("gain_db", -60, 40)):
+        r = list(getattr(a, key))
+        if len(r) != 2 or not all(isinstance(x, (int, float)) for x in r) or not lo_ok <= r[0] <= r[1] <= hi_ok:
+            raise ConfigError(f"augment.{key}={r}: give [lowest, highest], within {lo_ok} to {hi_ok}")
+    factors = list(a.speed_factors)
+    if not factors or not all(isinstance(f, (int, float)) and 0.5 <= f <= 2.0 for f in factors):
+        raise ConfigError(f"augment.speed_factors={factors}: give one or more factors from 0.5 to 2, e.g. [0.9, 1.1]")
+    codecs = ("ulaw", "alaw", "gsm", "none")
+    if a.telephone_codec not in codecs:
+        raise ConfigError(f"augment.telephone_codec={a.telephone_codec!r}; choose one of {', '.join(codecs)}")
+    for kind in ("noise", "rir"):
+        if getattr(a, f"{kind}_prob") > 0 and not getattr(a, f"{kind}_dir"):
+            raise ConfigError(f"augment.{kind}_prob={getattr(a, f'{kind}_prob')} needs augment.{kind}_dir: a directory "
+                              f"of {'noise recordings' if kind == 'noise' else 'room impulse responses'}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -5,6 +5,7 @@
                          ──run_config──> model_config: the checkpoint's or preset's transformers config with
                                          the run's overrides (vocabulary, SpecAugment, dropout, adapters)
                          ──> featurize (the loader workers' input) and alignable (CTC frames >= labels)
+      augment.*          ──Augmentation.from_config──> augment (its noise and impulse-response directories read)
       data.train_shards  ──ShardSet.open──> shards (a set, several, or a weighted mix; builds checked)
       data.eval_shards   ──> eval_sets (vocabulary equal to the training set's, eval.group_by fields present)
       batch sizes, world ──> accumulation, steps per epoch, total steps ──deepspeed_config──> ds_config
@@ -23,6 +24,7 @@ import logging
 from typing import Any, Callable
 
 from .config import Config, ConfigError, length_plan, load_config, shard_dirs
+from .data.augment import Augmentation
 from .data.index import build_failure, read_index
 from .data.loader import TrainLoader, unalignable
 from .data.shardset import ShardSet
@@ -46,6 +48,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
     against its family (the checks that need no shard set)."""
     cfg = load_config(path, overrides)
     check_model(cfg)
+    Augmentation.from_config(cfg.augment, cfg.seed)  # an empty or unreadable noise or RIR directory stops here
     return cfg
 
 
@@ -88,6 +91,7 @@ class RunPlan:
     accumulation: int  # micro-batches per optimizer step on each rank
     total_steps: int  # optimizer steps of the whole run
     ds_config: dict  # the DeepSpeed JSON, as every rank gets it
+    augment: Augmentation | None = None  # the training audio's augmentation (the augment section); None: none
     _loaders: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -118,7 +122,8 @@ class RunPlan:
                 bucket_batches=d.bucket_batches, on_corrupt=d.on_corrupt, pin_memory=self.cuda,
                 pad_to_multiple_of=d.pad_to_multiple_of, micro_batch_seconds=d.micro_batch_seconds,
                 global_batch_seconds=d.global_batch_seconds, sync_buckets=d.sync_buckets, featurize=self.featurize,
-                alignable=self.alignable, length_plan=length_plan(d), pack_align=self.pack_align)
+                alignable=self.alignable, length_plan=length_plan(d), pack_align=self.pack_align,
+                augment=self.augment)
         return self._loaders[rank]
 
     def model_name(self) -> str:
@@ -139,6 +144,8 @@ class RunPlan:
             caps = self.loader(0).capacities
             lines.append(f"packed micro-batches: each utterance on a multiple of {self.pack_align} samples, at "
                          f"{len(caps)} capacities of {', '.join(f'{c / 16000:.1f}' for c in caps)} s of audio")
+        if self.augment is not None:
+            lines.append(f"augmentation of the training audio: {self.augment.describe()}")
         if self.eval_sets:
             by = f", WER by {', '.join(self.cfg.eval.group_by)}" if self.cfg.eval.group_by else ""
             lines.append("evaluation sets: " + "; ".join(f"{name} {s.num_samples} utterances ({s.audio_seconds / 3600:.2f} h)"
@@ -205,7 +212,7 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
                    shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),
                    alignable=family.alignment_check(model_config), steps_per_epoch=0, accumulation=0, total_steps=0,
-                   ds_config={})
+                   ds_config={}, augment=Augmentation.from_config(cfg.augment, cfg.seed))
     first = plan.loader(0)  # the batch arithmetic, checked (every rank's loader agrees)
     plan.steps_per_epoch, plan.accumulation = first.steps_per_epoch, first.accumulation
     plan.total_steps = cfg.train.max_steps or cfg.train.num_epochs * plan.steps_per_epoch

@@ -108,9 +108,10 @@ class Catalogue:
         return cls(keys, lengths, places)
 
 
-def rank_plan(catalogue: Catalogue, layout: StreamLayout) -> tuple[list[np.ndarray], np.ndarray]:
+def rank_plan(catalogue: Catalogue, layout: StreamLayout, augment=None) -> tuple[list[np.ndarray], np.ndarray]:
     """This rank's micro-batches of the epoch, in order, as arrays of (shard, sample) rows, and the reserve
-    (the epoch's utterances that no rank takes, then the rest of the sequence) as (shard, sample) rows."""
+    (the epoch's utterances that no rank takes, then the rest of the sequence) as (shard, sample) rows.
+    ``augment`` (asr_dist.data.augment.Augmentation): the lengths are those its speed perturbation gives."""
     pieces = epoch_sequence(layout)
     shard_col = np.concatenate([np.full(b - a, s, dtype=np.int64) for s, a, b, _ in pieces])
     sample_col = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b, _ in pieces])
@@ -122,7 +123,11 @@ def rank_plan(catalogue: Catalogue, layout: StreamLayout) -> tuple[list[np.ndarr
         raise LoaderError(f"the length plan needs {used} utterances this epoch, the shards hold {len(sequence)}; "
                           "this is a bug")
     first = np.cumsum([0] + [len(x) for x in catalogue.lengths])  # each shard's first row in the flat column
-    lengths = np.concatenate(catalogue.lengths)[first[shard_col[:used]] + sample_col[:used]].astype(np.float64)
+    lengths = np.concatenate(catalogue.lengths)[first[shard_col[:used]] + sample_col[:used]]
+    if augment is not None and augment.changes_lengths:
+        keys = [catalogue.keys[s][i] for s, i in zip(shard_col[:used].tolist(), sample_col[:used].tolist())]
+        lengths = augment.lengths(keys, lengths, layout.epoch)
+    lengths = lengths.astype(np.float64)
     # sorted by length give or take LENGTH_JITTER, drawn anew each epoch: where a window holds the whole epoch,
     # exact sorting would put the same utterances together in every epoch
     draw = random.Random(f"jitter-{layout.seed}-{layout.epoch}{layout.tag}").getrandbits(64)
@@ -151,7 +156,7 @@ class PlannedStream(TrainStream):
 
     def iter_stream(self, w: int) -> Iterator[dict]:
         layout, state = self.layouts[w], dataclasses.replace(self.states[w])
-        batches, reserve = rank_plan(self.catalogue, layout)
+        batches, reserve = rank_plan(self.catalogue, layout, self.augment)
         mine = batches[w::layout.num_workers]
         # cursor: (0, reserve utterances taken as stand-ins so far); skipped_before_buffer: damaged samples so far
         stand_ins = state.cursor[1]

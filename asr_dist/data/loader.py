@@ -57,7 +57,10 @@ class TrainLoader:
                  on_corrupt: str = "stop", pin_memory: bool = False, pad_to_multiple_of: int = 1,
                  prefetch_factor: int = 4, micro_batch_seconds: float | None = None,
                  global_batch_seconds: float | None = None, sync_buckets: bool = True, featurize=normalize,
-                 alignable=None, length_plan: bool = False, pack_align: int | None = None):
+                 alignable=None, length_plan: bool = False, pack_align: int | None = None, augment=None):
+        # augment: asr_dist.data.augment.Augmentation, applied in the workers (speed perturbation changes lengths,
+        # which the plan, the buckets and the packing capacities take into account); None: the audio as read
+        self.augment = augment
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
         self.featurize = featurize  # audio (T,) -> the model's input, in the workers: the model family's featurizer()
         # alignable: the model's picklable check (asr_dist.frames.AlignmentCheck); utterances it refuses are skipped
@@ -80,6 +83,8 @@ class TrainLoader:
                                   f"batch of {global_batch_size}; lower data.global_batch_size or add data")
         else:  # large-batch mode: an epoch is as many steps as the audio fills
             longest = self.shards.max_seconds
+            if longest is not None and augment is not None:
+                longest *= augment.longest_stretch  # slowed down by the smallest augment.speed_factors
             if longest is not None and longest > micro_batch_seconds:
                 raise LoaderError(f"data.micro_batch_seconds={micro_batch_seconds:g}: {where} has utterances of up to "
                                   f"{longest:g} s (index.json's duration histogram), longer than a micro-batch; "
@@ -174,6 +179,8 @@ class TrainLoader:
         if self._capacities is None:
             lengths = np.concatenate(self.catalogue().lengths)
             lengths = lengths[lengths > 0]  # a damaged sample's length is unknown (0): it is skipped when read
+            if self.augment is not None and self.augment.changes_lengths:  # every epoch fits: the slowest speed
+                lengths = np.ceil(lengths * self.augment.longest_stretch).astype(np.int64)
             args = dict(micro_batch_size=self.micro_batch_size, micro_batch_seconds=self.micro_batch_seconds)
             self._capacities = choose_capacities(micro_batch_needs(lengths, self.pack_align, **args),
                                                  largest_need(lengths, self.pack_align, **args), self.pack_align)
@@ -185,7 +192,8 @@ class TrainLoader:
     def _stream(self, layouts: list[StreamLayout], states: list[StreamState], decode: bool) -> TrainStream:
         args = (layouts, states, self.shards.vocab, self.shards.audio_format, self.on_corrupt, self.pad_to_multiple_of)
         kwargs = dict(decode=decode, featurize=self.featurize, alignable=self.alignable,
-                      packing=None if self.pack_align is None else (self.pack_align, self.capacities))
+                      packing=None if self.pack_align is None else (self.pack_align, self.capacities),
+                      augment=self.augment)
         if not self.length_plan:
             return TrainStream(*args, **kwargs)
         return PlannedStream(self.catalogue(), *args, **kwargs)
@@ -279,7 +287,12 @@ class TrainLoader:
             "skipped_before_epoch": self._skipped_before,
             "skipped_streams": {str(k): v for k, v in self._skipped.items()},
             "mix_seen": self.mix_seen,
+            "augment_lengths": self._augment_lengths(),
         }
+
+    def _augment_lengths(self) -> list:
+        """What decides the utterances' lengths beyond the shards (augment.speed_*): part of the layout."""
+        return self.augment.fingerprint() if self.augment is not None else []
 
     def load_state_dict(self, sd: dict) -> None:
         self.epoch = sd["epoch"]
@@ -292,7 +305,8 @@ class TrainLoader:
         mine = (self.world_size, max(1, self.num_workers), self.micro_batch_size, self.seed, self.global_batch_size,
                 self.shards.num_samples, self.micro_batch_seconds, self.global_batch_seconds, self._cut_padding(),
                 self.bucket_batches, self.sync_buckets, [list(m) for m in self.shards.mix])
-        same = tuple(sd.get(k) for k in layout) == mine and sd.get("length_plan", False) == self.length_plan
+        same = (tuple(sd.get(k) for k in layout) == mine and sd.get("length_plan", False) == self.length_plan
+                and sd.get("augment_lengths", []) == self._augment_lengths())
         if same:
             self._consumed, self._quota_steps, self._tag = sd["consumed"], sd["quota_steps"], sd["tag"]
             self._states = {int(k): v for k, v in sd["streams"].items()}

@@ -3,7 +3,7 @@
   sample: audio bytes (.flac | .wav) + JSON {num_samples, text, …}
   ──skip what the model cannot align (more CTC labels than its frames; ``alignable``, from the JSON) and what
     does not decode, counted as skipped samples──> (BatchMaker)
-  ──decode FLAC/WAV (16 kHz mono), featurise (the model family's: normalise, or fbank frames),
+  ──decode FLAC/WAV (16 kHz mono), augment (training, ``augment``: asr_dist.data.augment), featurise (the model family's: normalise, or fbank frames),
     encode labels (LabelEncoder)──> (key, model input, label ids, text)
   ──collate: pad the time axis, labels with -100──> micro-batch
     (or collate_packed, data.pack: the utterances end to end at a capacity; asr_dist.data.packing)
@@ -118,7 +118,8 @@ class BatchMaker:
     in ``skipped``. ``take`` hands over the micro-batch formed so far and starts the next."""
 
     def __init__(self, vocab: dict[str, int], *, on_corrupt: str, pad_to_multiple_of: int, decode: bool, featurize,
-                 alignable, num_samples: int, skipped: int = 0, packing: tuple | None = None):
+                 alignable, num_samples: int, skipped: int = 0, packing: tuple | None = None, augment=None):
+        self.augment = augment  # EpochAugment (asr_dist.data.augment): the epoch's augmentation; None: the audio as read
         self.packing = packing  # (align, capacities): micro-batches packed (asr_dist.data.packing); None: padded
         self.encode = LabelEncoder(vocab)
         self.on_corrupt, self.decode, self.featurize, self.alignable = on_corrupt, decode, featurize, alignable
@@ -145,13 +146,19 @@ class BatchMaker:
         except fmt.ShardError as e:
             self.bad(path, key, str(e))
             return
+        if self.augment is not None:
+            audio = self.augment(audio, key)
         self.samples.append((key, self.featurize(audio), self.encode(meta["text"]), meta["text"]))
         self.shards.append(shard)
         self.seconds.append(len(audio) / SAMPLE_RATE)
 
+    def length(self, key: str, num_samples: int) -> int:
+        """The samples an utterance of ``num_samples`` as read will have when delivered (speed perturbation)."""
+        return num_samples if self.augment is None else self.augment.length(key, num_samples)
+
     def add_length(self, shard: int, key: str, num_samples: int) -> None:
-        """Append a sample as its key and length only (``decode`` False)."""
-        self.samples.append((key, num_samples))
+        """Append a sample as its key and delivered length only (``decode`` False)."""
+        self.samples.append((key, self.length(key, num_samples)))
         self.shards.append(shard)
 
     def take(self) -> dict:
@@ -173,7 +180,7 @@ class BatchMaker:
         whatever data.on_corrupt says: its CTC loss would be infinite, zeroed by ctc_zero_infinity, and train nothing."""
         try:
             labels = self.encode(meta["text"])
-            frames, need = self.alignable(meta["num_samples"], labels)
+            frames, need = self.alignable(self.length(key, meta["num_samples"]), labels)
         except (KeyError, TypeError):
             return True  # no num_samples or text: the decode path reports the sample
         if frames >= need:
@@ -186,7 +193,7 @@ class BatchMaker:
         self.skipped += 1
         log.warning("skipping %s sample %s: %d CTC labels need %d frames, the model makes %d of its %.2f s; "
                     "the model cannot align it (shards built for another model's frame rate?)", path, key,
-                    len(labels), need, frames, meta["num_samples"] / SAMPLE_RATE)
+                    len(labels), need, frames, self.length(key, meta["num_samples"]) / SAMPLE_RATE)
         return False
 
     def bad(self, path: str, key: str, why: str) -> None:

@@ -34,6 +34,7 @@ import torch
 
 from ..audio import SAMPLE_RATE, normalize
 from . import index as fmt
+from .augment import EpochAugment
 from .batching import cut_by_seconds
 from .order import StreamLayout, _units
 from .samples import BatchMaker, sample_meta
@@ -83,8 +84,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, layouts: list[StreamLayout], states: list[StreamState], vocab: dict[str, int],
                  audio_format: str, on_corrupt: str = "stop", pad_to_multiple_of: int = 1, decode: bool = True,
-                 featurize=normalize, alignable=None, packing: tuple | None = None):
+                 featurize=normalize, alignable=None, packing: tuple | None = None, augment=None):
         self.layouts, self.states = layouts, states
+        self.augment = augment  # asr_dist.data.augment.Augmentation of the training audio; None: as read
         self.packing = packing  # (align, capacities): packed micro-batches (asr_dist.data.packing); None: padded
         self.alignable = alignable  # (num_samples, label ids) -> (model frames, frames needed); None: no check
         self.vocab, self.audio_format = vocab, audio_format
@@ -102,7 +104,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         return BatchMaker(self.vocab, on_corrupt=self.on_corrupt, pad_to_multiple_of=self.pad_to_multiple_of,
                           decode=self.decode, featurize=self.featurize, alignable=self.alignable,
                           num_samples=sum(s.num_samples for s in layout.shards), skipped=skipped,
-                          packing=self.packing)
+                          packing=self.packing,
+                          augment=None if self.augment is None else EpochAugment(self.augment, layout.epoch))
 
     @staticmethod
     def _deliver(batch: dict, w: int, state: StreamState, skipped: int, **position) -> dict:
@@ -133,7 +136,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 left = layout.num_batches - (state.delivered - state.delivered_from_buffer)
                 buffer_size = min(full_buffer, left * layout.micro_batch_size)
             before_buffer = maker.skipped
-            buffer: list[tuple[str, bytes, dict]] = []
+            buffer: list[tuple[str, bytes, dict, int, int]] = []  # key, audio, JSON, shard, length
             filled = 0  # utterances, or samples of audio in the large-batch mode
             while filled < buffer_size:
                 if reader is None:  # opened once per unit; skipping only happens after a restore
@@ -145,16 +148,19 @@ class TrainStream(torch.utils.data.IterableDataset):
                 taken += 1
                 key, files = item
                 try:
-                    sample = (key, files[self.audio_format], sample_meta(files["json"]), units[pos % len(units)][0])
-                    filled += sample[2]["num_samples"] if by_seconds else 1
+                    meta = sample_meta(files["json"])
+                    # the length it will be delivered at (speed perturbation), which sorting and cutting go by
+                    sample = (key, files[self.audio_format], meta, units[pos % len(units)][0],
+                              maker.length(key, meta["num_samples"]))
+                    filled += sample[4] if by_seconds else 1
                     buffer.append(sample)
                 except (KeyError, ValueError) as e:
                     maker.bad(layout.shards[units[pos % len(units)][0]].path, key,
                               f"no .{self.audio_format} or unreadable JSON ({e})")
             # similar lengths together: the padding of a micro-batch is what its longest utterance adds
-            buffer.sort(key=lambda s: (s[2]["num_samples"], s[0]))
+            buffer.sort(key=lambda s: (s[4], s[0]))
             if by_seconds:
-                cuts = cut_by_seconds([m["num_samples"] for _, _, m, _ in buffer], layout.micro_batch_seconds,
+                cuts = cut_by_seconds([n for _, _, _, _, n in buffer], layout.micro_batch_seconds,
                                       self.pad_to_multiple_of)
                 batches = [buffer[a:b] for a, b in cuts]
             else:
@@ -171,7 +177,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             for b in range(state.taken_from_buffer, len(batches)):
                 if state.delivered == layout.num_batches:
                     break
-                for key, data, meta, shard in batches[b]:
+                for key, data, meta, shard, _ in batches[b]:
                     maker.add(layout.shards[shard].path, shard, key, data, meta)
                 state.taken_from_buffer = b + 1
                 if not maker.samples:

@@ -2,6 +2,7 @@
 
   asr-dist shards build|verify|info|merge    shard sets (asr_dist.data)
   asr-dist train                             fine-tune with DeepSpeed (asr_dist.engine)
+  asr-dist augment-preview                   listen to what the augment section does
   asr-dist demo                              synthesised Danish corpus, end to end
 """
 
@@ -283,6 +284,26 @@ def family_names() -> list[str]:
     return names
 
 
+def cmd_augment_preview(args) -> int:
+    from .data.augment import Augmentation, write_preview
+    from .plan import load_run_config
+    from .config import shard_dirs
+
+    cfg = load_run_config(args.config, args.overrides)
+    augmentation = Augmentation.from_config(cfg.augment, cfg.seed)
+    if augmentation is None:
+        raise UserError(f"{args.config}: its augment section changes nothing (every augment.*_prob is 0); set e.g. "
+                        f"augment.speed_prob=0.5 or augment.noise_prob=0.5 with augment.noise_dir=DIR")
+    rows = write_preview(shard_dirs(cfg.data.train_shards), augmentation, args.out, count=args.count,
+                         epoch=args.epoch, every_kind=args.every_kind)
+    print(f"augmentation: {augmentation.describe()}")
+    for r in rows:
+        print(f"  {r['key']:<24} {r['seconds']:6.2f} s -> {r['augmented_seconds']:6.2f} s  "
+              f"{', '.join(f'{k}={v}' for k, v in r['applied'].items()) or 'unchanged'}")
+    print(f"{len(rows)} utterances in {args.out} (KEY.original.wav beside KEY.augmented.wav; applied.tsv)")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -398,6 +419,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training output_dir (reads its metrics.jsonl)")
     p.add_argument("--output", "-o", metavar="FILE.png", help="default: RUN_DIR/report.png")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("augment-preview", help="write a few training utterances beside their augmented selves, to listen",
+                       description="Apply a training config's augment section to the first training utterances, as "
+                                   "the loader would in --epoch, and write KEY.original.wav and KEY.augmented.wav "
+                                   "for each, with applied.tsv saying what was applied.")
+    p.add_argument("--config", "-c", required=True, metavar="YAML", help="the training config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. augment.noise_prob=1")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="where the WAV files go")
+    p.add_argument("--count", "-n", type=int, default=8, help="utterances (default: 8)")
+    p.add_argument("--epoch", type=int, default=0, help="the epoch whose draws to apply (default: 0)")
+    p.add_argument("--every-kind", action="store_true",
+                   help="apply every configured kind to every utterance (as if each probability were 1)")
+    p.set_defaults(func=cmd_augment_preview)
 
     p = sub.add_parser("demo", help="synthesise Danish speech, build shards, train and evaluate a small model; no download",
                        description="The whole pipeline on a laptop: eSpeak NG Danish voices -> shards -> DeepSpeed "

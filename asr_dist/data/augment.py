@@ -296,3 +296,43 @@ class EpochAugment:
 
     def __call__(self, audio: np.ndarray, key: str) -> np.ndarray:
         return self.augmentation(audio, key, self.epoch)[0]
+
+
+def write_preview(shard_dirs: list[str], augmentation: Augmentation, out: str, count: int = 8, epoch: int = 0,
+                  every_kind: bool = False) -> list[dict]:
+    """The first ``count`` training utterances as WAV, each beside its augmented self as epoch ``epoch`` would
+    deliver it (KEY.original.wav, KEY.augmented.wav), and applied.tsv saying what was applied to each.
+    ``every_kind``: every configured kind on every utterance (its probability taken as 1), to hear each."""
+    from . import index as fmt
+    from .samples import decode_audio, sample_meta
+    from .shardset import ShardSet
+
+    if every_kind:
+        augmentation = dataclasses.replace(augmentation, **{
+            f"{kind}_prob": 1.0 for kind in ("speed", "noise", "rir", "lowpass", "telephone", "gain")
+            if getattr(augmentation, f"{kind}_prob") > 0})
+    shards = ShardSet.open(shard_dirs)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shard in shards.shards:
+        for key, files in fmt.iter_shard(shard.path):
+            if len(rows) >= count:
+                break
+            audio = decode_audio(files[shards.audio_format], f"{shard.path} sample {key}")
+            text = sample_meta(files["json"])["text"]
+            changed, applied = augmentation(audio, key, epoch)
+            name = key.replace("/", "_")
+            sf.write(target / f"{name}.original.wav", audio, SAMPLE_RATE, subtype="PCM_16")
+            sf.write(target / f"{name}.augmented.wav", np.clip(changed, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
+            rows.append({"key": key, "text": text, "seconds": round(len(audio) / SAMPLE_RATE, 3),
+                         "augmented_seconds": round(len(changed) / SAMPLE_RATE, 3), "applied": applied})
+        if len(rows) >= count:
+            break
+    import json
+
+    lines = ["key\tseconds\taugmented_seconds\tapplied\ttext"]
+    lines += [f"{r['key']}\t{r['seconds']}\t{r['augmented_seconds']}\t{json.dumps(r['applied'])}\t{r['text']}"
+              for r in rows]
+    (target / "applied.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return rows

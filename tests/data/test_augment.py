@@ -211,3 +211,30 @@ def test_settings_that_cannot_work_are_refused_naming_them(tmp_path, recordings)
     cfg = config("augment.rir_prob=0.2", f"augment.rir_dir={recordings / 'rir'}")
     assert "reverberation (1 impulse responses)" in Augmentation.from_config(cfg.augment, 0).describe()
     assert Augmentation.from_config(config().augment, 0) is None  # nothing on by default
+
+
+def test_augment_preview_writes_each_utterance_beside_its_augmented_self(noise_set, recordings, tmp_path, capsys):
+    from asr_dist.cli import main
+
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{train_shards: [{noise_set}]}}\nmodel: {{preset: tiny}}\n"
+                    f"train: {{max_steps: 1}}\naugment: {{speed_prob: 0.2, noise_prob: 0.1, noise_dir: "
+                    f"{recordings / 'noise'}}}\n")
+    out = tmp_path / "preview"
+    assert main(["augment-preview", "-c", str(yaml), "--out", str(out), "-n", "3", "--every-kind"]) == 0
+    rows = (out / "applied.tsv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("key\tseconds\taugmented_seconds\tapplied")
+    for row in rows[1:]:
+        key, seconds, stretched_s, applied, _ = row.split("\t")
+        applied = json.loads(applied)
+        assert set(applied) == {"speed", "noise", "snr_db"}  # --every-kind: each configured kind on each
+        original, augmented = sf.read(out / f"{key}.original.wav"), sf.read(out / f"{key}.augmented.wav")
+        assert len(augmented[0]) == round(len(original[0]) / applied["speed"])
+        assert float(stretched_s) == pytest.approx(float(seconds) / applied["speed"], abs=1e-3)
+    assert "3 utterances in" in capsys.readouterr().out
+    assert main(["augment-preview", "-c", str(yaml), "--out", str(out), "augment.speed_prob=0",
+                 "augment.noise_prob=0"]) == 2
+    assert "changes nothing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["augment-preview", "-c", str(yaml), "--out", str(out), f"augment.noise_dir={tmp_path / 'empty'}"]) == 2
+    assert f"augment.noise_dir={tmp_path / 'empty'}: no audio files" in capsys.readouterr().err

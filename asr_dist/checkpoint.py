@@ -20,6 +20,7 @@ import torch.distributed as dist
 from . import __version__
 from .config import to_dict
 from .errors import TrainingError
+from .state import best_steps, ranking_key
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -52,11 +53,13 @@ def mark_complete(path: Path, info: dict) -> None:
     tmp.replace(path / MARKER)
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints, and incomplete ones older than them."""
+def prune(ckpt_dir: Path, keep: int, protect: tuple[int, ...] = ()) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints and those of the steps in ``protect`` (the best,
+    for train.average_best), and incomplete ones older than them."""
     done = complete_checkpoints(ckpt_dir)
     for p in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        if int(_TAG.match(p.name).group(1)) not in protect:
+            shutil.rmtree(p, ignore_errors=True)
     if done:
         newest = int(_TAG.match(done[-1].name).group(1))
         for p in ckpt_dir.iterdir():
@@ -229,7 +232,9 @@ class Checkpointer:
                 mark_complete(path, {"step": step, "world_size": self.world})
             except OSError as e:
                 self._save_failed(path, e)
-            prune(self.dir, self.cfg.train.keep_checkpoints)
+            protect = (best_steps(self.state.history, ranking_key(self.cfg), self.cfg.train.average_best)
+                       if self.cfg.train.average_best else ())
+            prune(self.dir, self.cfg.train.keep_checkpoints, tuple(protect))
         self.barrier()
         log.info("saved checkpoint %s", path)
         return path

@@ -2,6 +2,7 @@
 
   asr-dist shards build|verify|info|merge    shard sets (asr_dist.data)
   asr-dist train                             fine-tune with DeepSpeed (asr_dist.engine)
+  asr-dist average                           the mean of several checkpoints, as one model
   asr-dist augment-preview                   listen to what the augment section does
   asr-dist demo                              synthesised Danish corpus, end to end
 """
@@ -284,6 +285,35 @@ def family_names() -> list[str]:
     return names
 
 
+def cmd_average(args) -> int:
+    from pathlib import Path
+
+    from .average import average, best_checkpoints, last_checkpoints
+
+    chosen = [args.checkpoints is not None, args.last is not None, args.best is not None]
+    if sum(chosen) != 1:
+        raise UserError("average: give one of --checkpoints DIR …, --last N or --best N (the last two with --run DIR)")
+    if (args.last is not None or args.best is not None) and not args.run:
+        raise UserError("average --last/--best: give the training output_dir as --run DIR")
+    if args.checkpoints is not None:
+        paths, what = [Path(p) for p in args.checkpoints], "as given"
+        if len(paths) < 2:
+            raise UserError("average --checkpoints: give two or more checkpoint directories")
+    elif args.last is not None:
+        paths, what = last_checkpoints(args.run, _at_least_two(args.last, "--last"))
+    else:
+        paths, what = best_checkpoints(args.run, _at_least_two(args.best, "--best"), args.set, args.metric)
+    out = average(paths, args.output, what)
+    print(f"averaged {len(paths)} checkpoints ({what}): {', '.join(p.name for p in paths)} -> {out}")
+    return EXIT_OK
+
+
+def _at_least_two(n: int, flag: str) -> int:
+    if n < 2:
+        raise UserError(f"average {flag} {n}: give 2 or more checkpoints to average")
+    return n
+
+
 def cmd_augment_preview(args) -> int:
     from .data.augment import Augmentation, write_preview
     from .plan import load_run_config
@@ -419,6 +449,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training output_dir (reads its metrics.jsonl)")
     p.add_argument("--output", "-o", metavar="FILE.png", help="default: RUN_DIR/report.png")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("average", help="average the weights of several training checkpoints into one model",
+                       description="The element-wise mean of the weights of DeepSpeed checkpoints (any ZeRO stage, "
+                                   "read safely), written as a model directory like a training export: `evaluate`, "
+                                   "`transcribe` and transformers' pipeline() load it. Averaging the last or best few "
+                                   "checkpoints usually lowers the WER at no training cost.")
+    p.add_argument("--checkpoints", nargs="+", metavar="DIR", help="checkpoint directories ({output_dir}/checkpoints/step-N)")
+    p.add_argument("--run", metavar="OUTPUT_DIR", help="with --last or --best: the training output_dir")
+    p.add_argument("--last", type=int, metavar="N", help="the run's last N complete checkpoints")
+    p.add_argument("--best", type=int, metavar="N",
+                   help="the run's N checkpoints with the lowest evaluation metric (of those saved at an evaluation)")
+    p.add_argument("--set", metavar="NAME", help="with --best: the evaluation set to rank by (default: the run's)")
+    p.add_argument("--metric", choices=("wer", "cer", "loss"), help="with --best: the metric to rank by (default: the run's)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="the averaged model directory (replaced)")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("augment-preview", help="write a few training utterances beside their augmented selves, to listen",
                        description="Apply a training config's augment section to the first training utterances, as "

@@ -119,6 +119,9 @@ class TrainArgs:
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     resume: str = "auto"  # auto: from the latest checkpoint in output_dir; never; or a checkpoint path
+    average_last: int = 0  # export the element-wise mean of the last N checkpoints (this many are kept; the final one included) instead of the final weights; 0: off
+    average_best: int = 0  # or of the best N checkpoints by the evaluation metric the run ranks by (train.early_stopping's, else the first set's WER); a checkpoint is saved at every evaluation and the best N are kept; 0: off
+    early_stopping: dict = field(default_factory=dict)  # stop when an evaluation metric stops improving: {metric: wer|cer|loss, patience: K evaluations, min_delta: D (an improvement must beat the best by more), set: NAME or pooled (default: the first evaluation set)}; the best model is then exported as output_dir/model; {} = off
     profile_steps: list = field(default_factory=list)  # [first, last] optimizer steps to trace with torch.profiler: a trace per rank (chrome://tracing, Perfetto) and a table of the top kernels under {output_dir}/profile/; [] = off
 
 
@@ -379,9 +382,54 @@ def validate(cfg: Config) -> None:
         raise ConfigError("distributed.watchdog_factor must be at least 0 (0: no watchdog) and "
                           "distributed.watchdog_floor_s above 0 (e.g. 10 and 600)")
     check_augment(cfg.augment)
+    check_run_end(cfg)
     if not 1 <= cfg.data.pad_to_multiple_of <= 16000 * 30:
         raise ConfigError(f"data.pad_to_multiple_of={cfg.data.pad_to_multiple_of}: give samples, 1 (no rounding) to "
                           f"480000 (30 s); 16000 rounds batches up to whole seconds")
+
+
+EARLY_STOPPING_KEYS = ("metric", "patience", "min_delta", "set")
+
+
+def check_run_end(cfg: Config) -> None:
+    """train.early_stopping, train.average_last and train.average_best."""
+    t = cfg.train
+    es = dict(t.early_stopping or {})
+    if es:
+        unknown = sorted(set(es) - set(EARLY_STOPPING_KEYS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], EARLY_STOPPING_KEYS, n=1)
+            raise ConfigError(f"train.early_stopping: unknown key {unknown[0]!r}"
+                              + (f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(EARLY_STOPPING_KEYS)}"))
+        if es.get("metric", "wer") not in ("wer", "cer", "loss"):
+            raise ConfigError(f"train.early_stopping.metric={es['metric']!r}; choose wer, cer or loss")
+        patience = es.get("patience")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ConfigError(f"train.early_stopping.patience={patience!r}: give the evaluations without improvement "
+                              f"to stop after, a whole number of 1 or more (e.g. 5)")
+        delta = es.get("min_delta", 0.0)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta < 0:
+            raise ConfigError(f"train.early_stopping.min_delta={delta!r}: give 0 or a small positive number (e.g. 0.001)")
+    ranked = es or t.average_best
+    if ranked and not (cfg.data.eval_shards and cfg.eval.every_steps > 0):
+        what = "train.early_stopping" if es else "train.average_best"
+        raise ConfigError(f"{what} ranks evaluations: give data.eval_shards and eval.every_steps > 0")
+    name = es.get("set")
+    if name is not None and name not in cfg.data.eval_shards and not (name == "pooled" and len(cfg.data.eval_shards) > 1):
+        raise ConfigError(f"train.early_stopping.set={name!r}: not an evaluation set; choose one of "
+                          f"{', '.join(cfg.data.eval_shards) or '(none given)'}"
+                          + (" or pooled" if len(cfg.data.eval_shards) > 1 else ""))
+    if t.average_last < 0 or t.average_best < 0 or (t.average_last and t.average_best):
+        raise ConfigError("give train.average_last=N or train.average_best=N (N >= 2 checkpoints), not both")
+    if t.average_last == 1 or t.average_best == 1:
+        raise ConfigError("averaging one checkpoint is that checkpoint: give 2 or more, or 0 for off")
+    if t.average_last > t.keep_checkpoints:
+        raise ConfigError(f"train.average_last={t.average_last} averages more checkpoints than are kept "
+                          f"(train.keep_checkpoints={t.keep_checkpoints}): raise train.keep_checkpoints to at least "
+                          f"{t.average_last}")
+    if t.average_last and not t.checkpoint_every:
+        raise ConfigError("train.average_last averages checkpoints, and train.checkpoint_every=0 saves only the last: "
+                          "give train.checkpoint_every")
 
 
 def check_augment(a: AugmentArgs) -> None:

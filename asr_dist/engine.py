@@ -43,7 +43,7 @@ from .flops import peak_flops, train_flops_per_audio_second
 from .logging import MetricWriter, setup_logging
 from .models import build_model
 from .plan import RunPlan, plan_run
-from .state import TrainState
+from .state import TrainState, early_stop, ranking_key, score
 from .step import NonFiniteStep, StepSpec, keys_text, train_step
 from .watchdog import Watchdog
 
@@ -267,7 +267,10 @@ class Trainer:
         self._skipped_run, self._last_skipped = 0, self.engine.skipped_steps
         start_time, start_step = time.time(), state.step
         profiler = StepProfiler(cfg.train.profile_steps, self.out, self.rank, self.device)
-        while state.step < self.total_steps:
+        stopped = early_stop(state.history, cfg)  # a resumed run that had stopped early stays stopped
+        if stopped:
+            log.warning("the run stopped early before: %s; nothing more to train", stopped)
+        while state.step < self.total_steps and not stopped:
             batches = iter(self.loader)
             while state.step < self.total_steps:
                 profiler.maybe_start(state.step)
@@ -283,9 +286,15 @@ class Trainer:
                 self._watch_skipped(step, result.keys)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     self._log(step, window, start_time, start_step)
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
+                evaluated = cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps
+                if evaluated:
                     self._record(step, self.evaluate(step))
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < self.total_steps:
+                    stopped = early_stop(state.history, cfg)
+                if stopped:
+                    log.warning("stopping early at step %d: %s", step, stopped)
+                    break
+                if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < self.total_steps
+                        or evaluated and cfg.train.average_best):  # average_best: each evaluation's weights kept
                     self.save(step)
                 if self.preemption.agreed(self.device, self.world):
                     self._save_unless_saved(step)
@@ -294,17 +303,56 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.stop()  # what is left (evaluation, export) makes no optimizer steps
         step = state.step
-        results = self.evaluate(step) if self.evaluation.loaders else {}
+        evaluated_here = bool(state.history) and state.history[-1]["step"] == step  # an early stop just evaluated
+        results = self.evaluate(step) if self.evaluation.loaders and not evaluated_here else {}
         self._record(step, results)
         self._save_unless_saved(step)
-        from .export import export
-
-        export(self, self.out / "model")
+        self._export_final(stopped)
         if state.best:
-            log.info("best %s WER %.4f at step %d, exported to %s", state.best["set"], state.best["wer"],
+            log.info("best %s %s %.4f at step %d, exported to %s", state.best["set"],
+                     state.best.get("metric", "wer").upper(), state.best.get("value", state.best.get("wer")),
                      state.best["step"], self.out / "best")
         self.writer.close()
-        return {"step": step, "eval": results, "history": state.history}
+        return {"step": step, "eval": results, "history": state.history, "stopped_early": stopped}
+
+    def _export_final(self, stopped: str | None) -> None:
+        """output_dir/model: the mean of the checkpoints train.average_last or average_best names; else, after an
+        early stop, the best model (output_dir/best); else the final weights."""
+        from .export import export
+
+        cfg = self.cfg
+        export(self, self.out / "model")
+        if not (cfg.train.average_last or cfg.train.average_best or stopped):
+            return
+        self._barrier()
+        if not self.denv.is_main:
+            return
+        model = self.out / "model"
+        if cfg.train.average_last or cfg.train.average_best:
+            from .average import average, best_checkpoints, last_checkpoints
+
+            paths, what = (last_checkpoints(self.out, cfg.train.average_last) if cfg.train.average_last
+                           else best_checkpoints(self.out, cfg.train.average_best))
+            from .export import model_card
+
+            average(paths, model, what, card=model_card(self))
+            log.info("output_dir/model holds the mean of %s checkpoints (steps %s)", what,
+                     ", ".join(p.name.split("-")[1].lstrip("0") for p in paths))
+        else:
+            import shutil
+
+            best = self.out / "best"
+            if not best.is_dir():
+                return
+            tmp = self.out / ".model-best"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best, tmp)
+            with open(tmp / "README.md", "a") as f:
+                f.write(f"\n## Early stopping\n\nTraining stopped early at step {self.state.step}: {stopped}. These "
+                        f"are the weights of step {self.state.best['step']}, the best evaluation.\n")
+            shutil.rmtree(model)
+            tmp.rename(model)
+            log.info("output_dir/model holds the best model, of step %d", self.state.best["step"])
 
     def _next_step(self, batches, window: dict) -> list[dict] | None:
         """The micro-batches of this rank's next optimizer step, or None when the epoch ends first (what it
@@ -367,8 +415,8 @@ class Trainer:
 
     def _record(self, step: int, results: dict) -> None:
         """Add an evaluation to the history and write it to {output_dir}/eval_results.json; export the
-        model to {output_dir}/best/ when the first set's WER is the best so far (every rank decides
-        alike: the results are all-reduced)."""
+        model to {output_dir}/best/ when it is the best so far by the run's ranking (the first set's WER, or
+        train.early_stopping's set and metric; every rank decides alike: the results are all-reduced)."""
         if not results:
             return
         state = self.state
@@ -380,9 +428,13 @@ class Trainer:
         for name, r in results.items():
             row.update({f"{name}_loss": r["loss"], f"{name}_wer": r["wer"], f"{name}_cer": r["cer"]})
         state.history.append(row)
-        name, first = next(iter(results.items()))
-        if first["wer"] < state.best.get("wer", math.inf):
-            state.best = {"step": step, "set": name, "wer": first["wer"], "cer": first["cer"]}
+        key = ranking_key(self.cfg)
+        value = score(row, key)
+        # a checkpoint from before the ranking was configurable holds the first set's WER only
+        if value is not None and value < state.best.get("value", state.best.get("wer", math.inf)):
+            name = key[0]
+            state.best = {"step": step, "set": name, "metric": key[1], "value": value,
+                          "wer": row.get(f"{name}_wer"), "cer": row.get(f"{name}_cer")}
             from .export import export
 
             with self._unwatched():

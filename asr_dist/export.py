@@ -145,44 +145,60 @@ def is_checkpoint(path: str | Path) -> bool:
     return _model_states(Path(path)) is not None
 
 
-def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
-    """A training checkpoint ({output_dir}/checkpoints/step-N) as a model directory like an export's:
-    the model rebuilt from the config saved in it, the weights from it (gathered from the ZeRO-3
-    partitions when needed), the processor from the training shards' vocab.json."""
+def checkpoint_weights(ckpt: str | Path) -> tuple:
+    """A complete training checkpoint's (config, fp32 weights, step, client state), read safely (tensors and
+    plain data only), the weights gathered from the ZeRO-3 partitions when needed."""
     from omegaconf import OmegaConf
 
     from . import checkpoint as ckpt_mod
     from .config import Config
-    from .data.shardset import ShardSet
-    from .models import build_model
 
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt = Path(ckpt)
     if not (ckpt / ckpt_mod.MARKER).exists():
-        raise InvalidValue(f"{ckpt} is not a complete checkpoint (no {ckpt_mod.MARKER}: its save was cut off); "
-                         f"give another one, or the exported {{output_dir}}/model")
+        raise InvalidValue(f"{ckpt} is not a complete checkpoint (no {ckpt_mod.MARKER}: its save was cut off, or it "
+                           f"is no checkpoint); give another one, or the exported {{output_dir}}/model")
     with ckpt_mod.refused_as(ckpt, InvalidValue):
         state = ckpt_mod.load_safely(_model_states(ckpt), map_location="cpu")
     if "config" not in state:
         raise InvalidValue(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
-    shard_dir = Path(shard_dirs(cfg.data.train_shards)[0])
-    if not (shard_dir / fmt.VOCAB_NAME).exists():
-        raise InvalidValue(f"{ckpt}: its training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
-                         f"evaluate the exported model directory instead")
-    shards = ShardSet.open(str(shard_dir))
-    model, family = build_model(cfg.model, shards.vocab, seed=cfg.seed)
-    weights = {k: v for k, v in (state.get("module") or {}).items()}
-    expected = model.state_dict()
-    if any(k not in weights or weights[k].shape != v.shape for k, v in expected.items()):  # ZeRO-3 partitions
+    weights = dict(state.get("module") or {})
+    names = state.get("param_shapes")
+    partitioned = any(getattr(v, "numel", lambda: 1)() == 0 for v in weights.values()) or not weights
+    if partitioned or (names and any(k not in weights for group in names for k in group)):  # ZeRO-3 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 itself loads with weights_only=False
         with ckpt_mod.refused_as(ckpt, InvalidValue), ckpt_mod.safe_torch_load():
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
+            gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        weights = {**{k: v for k, v in weights.items() if v.numel()}, **gathered}
+    client = {k: v for k, v in state.items() if k in ("history", "best", "step", "epoch", "world_size")}
+    return cfg, {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()}, \
+        int(state.get("step", 0)), client
+
+
+def write_model_dir(cfg, weights: dict, out: str | Path, record: dict, card: str | None = None) -> Path:
+    """A model directory like an export's from a run config and its weights: the model rebuilt from the config,
+    the processor from the training shards' vocab.json, asr_dist.json (``record`` added), and ``card``."""
+    from .data.shardset import ShardSet
+    from .models import build_model
+
+    out = Path(out)
+    shard_dir = Path(shard_dirs(cfg.data.train_shards)[0])
+    if not (shard_dir / fmt.VOCAB_NAME).exists():
+        raise InvalidValue(f"the run's training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
+                           f"evaluate the exported model directory instead")
+    shards = ShardSet.open(str(shard_dir))
+    model, family = build_model(cfg.model, shards.vocab, seed=cfg.seed)
+    expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing:
-        raise InvalidValue(f"{ckpt}: weights missing from the checkpoint: {missing[:5]}")
+        raise InvalidValue(f"{record.get('checkpoint', 'the checkpoint')}: weights missing from it: {missing[:5]}")
+    wrong = [k for k, v in expected.items() if weights[k].shape != v.shape]
+    if wrong:
+        raise InvalidValue(f"{record.get('checkpoint', 'the checkpoint')}: weights of another shape than the run's "
+                           f"model: {wrong[:5]}")
+    model.load_state_dict({k: weights[k] for k in expected})
     model.config.dtype = "float32"
     model.save_pretrained(str(out), safe_serialization=True)
     if cfg.model.train_adapters_only:
@@ -190,6 +206,15 @@ def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
     make_processor(shard_dir / fmt.VOCAB_NAME, family).save_pretrained(str(out))
     (out / "asr_dist.json").write_text(json.dumps({
         "asr_dist_version": __version__, "text_normalizer": shards.text_normalizer,
-        "train_shards": cfg.data.train_shards, "steps": int(state.get("step", 0)), "checkpoint": str(ckpt),
-    }, indent=1) + "\n")
+        "train_shards": cfg.data.train_shards, **record}, indent=1) + "\n")
+    if card is not None:
+        (out / "README.md").write_text(card)
     return out
+
+
+def checkpoint_to_model_dir(ckpt: str | Path, out: str | Path) -> Path:
+    """A training checkpoint ({output_dir}/checkpoints/step-N) as a model directory like an export's:
+    the model rebuilt from the config saved in it, the weights from it (gathered from the ZeRO-3
+    partitions when needed), the processor from the training shards' vocab.json."""
+    cfg, weights, step, _ = checkpoint_weights(ckpt)
+    return write_model_dir(cfg, weights, out, {"steps": step, "checkpoint": str(ckpt)})

@@ -78,3 +78,50 @@ class TrainState:
         self.history = list(client.get("history", []))
         self.best = dict(client.get("best", {}))
         self.last_train_loss = client.get("last_train_loss", self.history[-1].get("train_loss") if self.history else None)
+
+
+# ───────────────────────────── ranking the evaluations of the history ─────────────────────────────
+
+
+def ranking_key(cfg) -> tuple[str, str]:
+    """The (evaluation set, metric) a run ranks its evaluations by (the best model, train.average_best, early
+    stopping): train.early_stopping's, else the first evaluation set's WER."""
+    spec = dict(cfg.train.early_stopping or {})
+    first = next(iter(cfg.data.eval_shards), None)
+    return spec.get("set") or first, spec.get("metric", "wer")
+
+
+def score(row: dict, key: tuple[str, str]) -> float | None:
+    """A history row's value of the ranking (set, metric); None when that evaluation lacks it."""
+    value = row.get(f"{key[0]}_{key[1]}")
+    return None if value is None or value != value else float(value)
+
+
+def best_steps(history: list[dict], key: tuple[str, str], n: int) -> list[int]:
+    """The steps of the ``n`` best evaluations (lowest first; ties to the later step)."""
+    scored = [(score(r, key), int(r["step"])) for r in history if score(r, key) is not None]
+    return [step for _, step in sorted(scored, key=lambda vs: (vs[0], -vs[1]))[:n]]
+
+
+def early_stop(history: list[dict], cfg) -> str | None:
+    """Why the run should stop now under train.early_stopping (the history's evaluations since the best one,
+    improved on by no more than min_delta, reach the patience), or None. A function of the history alone, so a
+    resumed run keeps the patience counted before."""
+    spec = dict(cfg.train.early_stopping or {})
+    if not spec:
+        return None
+    key = ranking_key(cfg)
+    patience, delta = int(spec["patience"]), float(spec.get("min_delta", 0.0))
+    best, best_step, since = None, None, 0
+    for row in history:
+        value = score(row, key)
+        if value is None:
+            continue
+        if best is None or value < best - delta:
+            best, best_step, since = value, int(row["step"]), 0
+        else:
+            since += 1
+    if best is None or since < patience:
+        return None
+    return (f"{key[0]} {key[1].upper()} has not improved by more than {delta:g} in {since} evaluations "
+            f"(train.early_stopping.patience={patience}); the best, {best:.4f}, was at step {best_step}")

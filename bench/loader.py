@@ -8,7 +8,8 @@ of the same bytes in the same run as the baseline (the bound); for FLAC also wit
 micro-batches with and without length bucketing on a log-normal duration mix of 1.5 to 15 s, and how
 evenly micro-batches fill memory: a fixed utterance count against the large-batch mode
 (``data.micro_batch_seconds``: as many utterances as fit in that many seconds, padding included), whose
-budget is the fixed count's largest micro-batch (16 x 15 s).
+budget is the fixed count's largest micro-batch (16 x 15 s). And what augmentation (the ``augment`` section)
+costs one loader stream, each kind on every utterance and a recipe's mix, against the plain stream.
 
   python bench/loader.py [--utterances 400] [--workers 2]   -> one JSON object on stdout
 """
@@ -47,10 +48,10 @@ def bare_decode(shards: str, ext: str) -> float:
     return seconds / (time.perf_counter() - t0)
 
 
-def loader_speed(shards: str, workers: int, epochs: int = 2, length_plan: bool = False) -> dict:
+def loader_speed(shards: str, workers: int, epochs: int = 2, length_plan: bool = False, augment=None) -> dict:
     t0 = time.perf_counter()
     loader = TrainLoader(shards, rank=0, world_size=1, micro_batch_size=16, global_batch_size=32,
-                         num_workers=workers, length_plan=length_plan)
+                         num_workers=workers, length_plan=length_plan, augment=augment)
     if length_plan:  # the listing of every shard happens once, before the first epoch: timed on its own
         next(iter(loader.plan()))
     listing = time.perf_counter() - t0
@@ -64,6 +65,39 @@ def loader_speed(shards: str, workers: int, epochs: int = 2, length_plan: bool =
     out = {"audio_seconds_per_second": round(seconds / wall, 1), "per_worker": round(seconds / wall / max(1, workers), 1)}
     if length_plan:
         out["listing_seconds"] = round(listing, 2)
+    return out
+
+
+def augmentation_cost(shards: str, tmp: Path) -> dict:
+    """One loader stream's audio s/s with each kind of augmentation on every utterance, and with a mix of them
+    at the probabilities of a typical recipe, against the plain stream in the same run."""
+    import numpy as np
+
+    from asr_dist.data.augment import Augmentation, scan_recordings
+
+    rng = np.random.default_rng(0)
+    for d in ("noise", "rir"):
+        (tmp / d).mkdir()
+    for i in range(4):  # 30 s noise recordings at 16 and 44.1 kHz; 0.5 s impulse responses
+        rate = (16000, 44100)[i % 2]
+        sf.write(tmp / "noise" / f"n{i}.wav", (0.1 * rng.standard_normal(30 * rate)).astype("float32"), rate)
+        h = rng.standard_normal(8000) * np.exp(-np.arange(8000) / 1500)
+        h[0] = 4.0
+        sf.write(tmp / "rir" / f"r{i}.wav", (h / 4).astype("float32"), 16000)
+    noise, rir = scan_recordings(str(tmp / "noise"), "noise"), scan_recordings(str(tmp / "rir"), "rir")
+    kinds = {
+        "speed": dict(speed_prob=1.0), "noise": dict(noise=noise, noise_prob=1.0), "rir": dict(rir=rir, rir_prob=1.0),
+        "lowpass": dict(lowpass_prob=1.0), "telephone_ulaw": dict(telephone_prob=1.0),
+        "telephone_gsm": dict(telephone_prob=1.0, telephone_codec="gsm"), "gain": dict(gain_prob=1.0),
+        # a recipe: speed on half, noise on 0.7 (CoRal's background noise), reverberation on 0.3, a phone line on 0.1
+        "recipe_mix": dict(speed_prob=0.5, noise=noise, noise_prob=0.7, rir=rir, rir_prob=0.3, telephone_prob=0.1,
+                           gain_prob=0.3),
+    }
+    plain = loader_speed(shards, 0, epochs=1)["audio_seconds_per_second"]
+    out = {"plain_1_stream": plain}
+    for name, settings in kinds.items():
+        speed = loader_speed(shards, 0, epochs=1, augment=Augmentation(**settings))["audio_seconds_per_second"]
+        out[name] = {"audio_seconds_per_second": speed, "ratio_vs_plain": round(speed / plain, 3)}
     return out
 
 
@@ -93,6 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--utterances", type=int, default=400)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-augment", dest="augment", action="store_false",
+                    help="leave out the cost of each kind of augmentation (data.augment) per loader stream")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = {"benchmark": "loader", "utterances": args.utterances, "micro_batch_size": 16}
@@ -117,6 +153,8 @@ def main() -> None:
                 out[ext]["ratio_length_plan_vs_streamed"] = round(planned["audio_seconds_per_second"]
                                                                   / one["audio_seconds_per_second"], 3)
         shards = str(Path(tmp) / "flac")
+        if args.augment:
+            out["augmentation_flac_1_stream"] = augmentation_cost(shards, Path(tmp))
         out["padding_fraction"] = {f"bucket_batches_{n}" + (" (no bucketing)" if n == 1 else ""): padding(shards, n)
                                    for n in (1, 8, 32, 64)}
         out["default_bucket_batches"] = default_bucket_batches(16)  # at micro-batches of 16

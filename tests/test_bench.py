@@ -88,6 +88,10 @@ def test_loader_benchmark_shows_bucketing_cuts_padding_and_seconds_fill_evenly()
     assert by_seconds["padded_seconds_max"] <= 240  # the budget, padding included
     assert by_seconds["mean_over_max_padded"] >= fixed["mean_over_max_padded"]  # memory used more evenly
     assert by_seconds["audio_seconds_mean"] > fixed["audio_seconds_mean"]  # 240 s hold more than 16 utterances
+    aug = r["augmentation_flac_1_stream"]
+    assert set(aug) == {"plain_1_stream", "speed", "noise", "rir", "lowpass", "telephone_ulaw", "telephone_gsm", "gain",
+                        "recipe_mix"}
+    assert positive(aug["plain_1_stream"], *(v["audio_seconds_per_second"] for k, v in aug.items() if k != "plain_1_stream"))
     assert fill["audio_per_micro_batch_ratio"] > 1
 
 

@@ -113,10 +113,37 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
 
 
+def _fast_length(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n: pocketfft's fast sizes (a power of two can be nearly twice as long)."""
+    best, p5 = 1 << (n - 1).bit_length(), 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best, p35 = min(best, m), p35 * 3
+        p5 *= 5
+    return best
+
+
 def _convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
     size = len(x) + len(h) - 1
-    nfft = 1 << (size - 1).bit_length()
+    nfft = _fast_length(size)
     return np.fft.irfft(np.fft.rfft(x, nfft) * np.fft.rfft(h, nfft), nfft)[:size]
+
+
+_RESPONSES: dict[str, np.ndarray] = {}  # impulse responses read in this process (a loader worker), at 16 kHz
+
+
+def _response(rec: "Recording") -> np.ndarray:
+    h = _RESPONSES.get(rec.path)
+    if h is None:
+        h = _read(rec, 0, min(rec.frames, int(RIR_MAX_SECONDS * rec.sample_rate)))
+        if rec.sample_rate != SAMPLE_RATE:
+            h = _resample(h, rec.sample_rate, SAMPLE_RATE, max(1, round(len(h) * SAMPLE_RATE / rec.sample_rate)))
+        h = _RESPONSES[rec.path] = h.astype(np.float64)
+    return h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,14 +267,12 @@ class Augmentation:
         return x.astype(np.float32, copy=False), applied
 
     def _reverberate(self, x: np.ndarray, rec: Recording) -> np.ndarray:
-        h = _read(rec, 0, min(rec.frames, int(RIR_MAX_SECONDS * rec.sample_rate)))
-        if rec.sample_rate != SAMPLE_RATE:
-            h = _resample(h, rec.sample_rate, SAMPLE_RATE, max(1, round(len(h) * SAMPLE_RATE / rec.sample_rate)))
+        h = _response(rec)
         peak = int(np.argmax(np.abs(h)))
         if not np.abs(h[peak]) > 0:
             return x  # a silent response changes nothing
         # aligned on the direct path: the words stay where the transcript's frames expect them
-        y = _convolve(x.astype(np.float64), h.astype(np.float64))[peak:peak + len(x)]
+        y = _convolve(x.astype(np.float64), h)[peak:peak + len(x)]
         level, out = _rms(x), _rms(y)
         return (y * (level / out) if out > 0 else y).astype(np.float32)
 

@@ -184,6 +184,8 @@ class Trainer:
             log.info("packed micro-batches: utterances start on multiples of %d samples; attention %s with a "
                      "document mask; capacities %s samples", plan.pack_align, model.config._attn_implementation,
                      ", ".join(map(str, self.loader.capacities)))
+        if plan.augment is not None and denv.is_main:
+            log.info("augmentation of the training audio (drawn per utterance and epoch): %s", plan.augment.describe())
         self.state = TrainState(self.loader)
         self.checkpoints = ckpt.Checkpointer(self.engine, self.state, denv, cfg)
         self.preemption = preemption or Preemption()

@@ -133,6 +133,16 @@ class EvalArgs:
 
 
 @dataclass
+class LogArgs:
+    trackers: list = field(default_factory=lambda: ["tensorboard", "jsonl"])  # where rank 0 logs metrics: tensorboard, jsonl (metrics.jsonl, which `asr-dist report` reads), mlflow, wandb (pip install 'asr-dist[trackers]'); the config goes in as parameters, the model card and evaluation reports as artifacts
+    run_name: Optional[str] = None  # the run's name in MLflow and W&B; default: output_dir's last part
+    mlflow_tracking_uri: Optional[str] = None  # MLflow's tracking URI (http://…, file:…, databricks, …); default: MLFLOW_TRACKING_URI, else a file store in {output_dir}/mlruns; credentials come from MLflow's environment variables
+    mlflow_experiment: str = "asr-dist"  # the MLflow experiment (made when missing)
+    wandb_project: str = "asr-dist"  # the W&B project
+    wandb_mode: str = "offline"  # offline: the run is written to {output_dir}/wandb with no network (`wandb sync` uploads it later); online: live, with the API key from WANDB_API_KEY
+
+
+@dataclass
 class AugmentArgs:
     speed_prob: float = 0.0  # share of training utterances played faster or slower (resampled: length and pitch change, as Kaldi's and NeMo's speed perturbation), at one of augment.speed_factors; the loader plans with each perturbed length
     speed_factors: list = field(default_factory=lambda: [0.9, 1.1])  # speed factors to draw from (1.1: 10 % faster, shorter), each in [0.5, 2]
@@ -159,7 +169,8 @@ class Config:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
-    augment: AugmentArgs = field(default_factory=AugmentArgs)  # training audio changed on the fly, drawn per utterance from (seed, epoch, key); evaluation never is
+    augment: AugmentArgs = field(default_factory=AugmentArgs)
+    log: LogArgs = field(default_factory=LogArgs)  # training audio changed on the fly, drawn per utterance from (seed, epoch, key); evaluation never is
 
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:

@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -138,10 +139,11 @@ class Trainer:
         self.loader = plan.loader(self.rank)
         self.total_steps, self.ds_config = plan.total_steps, plan.ds_config
         # the evaluation sets' loaders and groups, read (sample JSON only) before any model work
-        self.writer = MetricWriter(self.out, enabled=denv.is_main)
+        self.writer = MetricWriter(self.out, enabled=denv.is_main, sinks=cfg.log.trackers)
         self.evaluation = TrainingEvaluation(cfg, plan.eval_sets, plan.vocab, self.rank, self.world, plan.featurize, self.writer)
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
+        self._start_trackers()
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
                           if self.world > 1 and cfg.distributed.heartbeat_timeout_s > 0 else None)
         self.watchdog = (Watchdog(self.rank, self.world, cfg.distributed.watchdog_factor, cfg.distributed.watchdog_floor_s,
@@ -191,6 +193,25 @@ class Trainer:
         self.preemption = preemption or Preemption()
         self._pending: list[dict] = []  # micro-batches of a step that an epoch's end cut (carried into the next)
         self._skipped_run, self._last_skipped = 0, 0
+
+    def _start_trackers(self) -> None:
+        """log.trackers' MLflow and W&B runs, on rank 0; one that cannot start stops every rank with its reason."""
+        from .trackers import TrackerError, start_trackers
+
+        if not {"mlflow", "wandb"} & set(self.cfg.log.trackers):
+            return
+        error = None
+        if self.denv.is_main:
+            try:
+                self.writer.add(start_trackers(self.cfg.log, self.out))
+            except TrackerError as e:
+                error = str(e)
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise TrackerError(error)
 
     # ── resume, save (asr_dist.checkpoint.Checkpointer), the run's config ──
 
@@ -310,6 +331,9 @@ class Trainer:
         self._record(step, results)
         self._save_unless_saved(step)
         self._export_final(stopped)
+        self.writer.artifact(self.out / "model" / "README.md", "model")
+        self.writer.artifact(self.out / RESULTS_NAME, "eval")
+        self.writer.artifact(self.out / CONFIG_NAME, "config")
         if state.best:
             log.info("best %s %s %.4f at step %d, exported to %s", state.best["set"],
                      state.best.get("metric", "wer").upper(), state.best.get("value", state.best.get("wer")),
@@ -524,6 +548,6 @@ def train(cfg: Config, denv: DistEnv | None = None) -> dict:
                 trainer.watchdog.stop()
             if trainer.heartbeat is not None:
                 trainer.heartbeat.stop()
-            trainer.writer.close()
+            trainer.writer.close("FINISHED" if sys.exc_info()[0] is None else "FAILED")
     finally:
         shutdown(denv)

@@ -16,22 +16,29 @@ def setup_logging(rank: int = 0, world_size: int = 1, verbose: bool = False) -> 
 
 
 class MetricWriter:
-    """Rank 0's TensorBoard events ({out}/tensorboard/) and JSON lines ({out}/metrics.jsonl); a no-op
-    on other ranks."""
+    """Rank 0's metrics: TensorBoard events ({out}/tensorboard/) and JSON lines ({out}/metrics.jsonl), as
+    ``sinks`` (log.trackers) names them, and the trackers added with ``add`` (MLflow, W&B:
+    asr_dist.trackers); a no-op on other ranks."""
 
-    def __init__(self, out_dir, enabled: bool = True):
+    def __init__(self, out_dir, enabled: bool = True, sinks=("tensorboard", "jsonl")):
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
+        self.trackers: list = []
         if enabled:
             from pathlib import Path
 
-            from torch.utils.tensorboard import SummaryWriter
-
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-            self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+            if "tensorboard" in sinks:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            if "jsonl" in sinks:
+                self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+    def add(self, trackers: list) -> None:
+        self.trackers += trackers
 
     def scalars(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -39,14 +46,18 @@ class MetricWriter:
         import json
         import time
 
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
-        self.jsonl.flush()
-        self.tb.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+            self.jsonl.flush()
+        for t in self.trackers:
+            t.scalars(step, metrics)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled and text:
+        if self.enabled and text and self.tb is not None:
             self.tb.add_text(tag, text, step)
 
     def hparams(self, config: dict, ds_config: dict) -> None:
@@ -54,13 +65,30 @@ class MetricWriter:
             return
         import json
 
-        self.tb.add_text("config/experiment", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
-        self.tb.add_text("config/deepspeed", "```\n" + json.dumps(ds_config, indent=1) + "\n```", 0)
+        if self.tb is not None:
+            self.tb.add_text("config/experiment", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+            self.tb.add_text("config/deepspeed", "```\n" + json.dumps(ds_config, indent=1) + "\n```", 0)
+        for t in self.trackers:
+            t.params({**config, "deepspeed": ds_config})
 
-    def close(self) -> None:
+    def artifact(self, path, folder: str | None = None) -> None:
+        """A file the trackers keep with the run (the model card, evaluation reports)."""
+        from pathlib import Path
+
+        if self.enabled and Path(path).exists():
+            for t in self.trackers:
+                t.artifact(Path(path), folder)
+
+    def close(self, status: str = "FINISHED") -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            try:
+                t.close(status)
+            except Exception as e:  # a tracker that fails to close loses nothing the run wrote itself
+                logging.getLogger(__name__).warning("could not close the %s run: %s", t.name, e)

@@ -31,6 +31,7 @@ from .data.shardset import ShardSet
 from .deepspeed_config import check_layerdrop, deepspeed_config
 from .evaluation import check_group_fields
 from .models import ModelFamily, family_of
+from .trackers import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
     cfg = load_config(path, overrides)
     check_model(cfg)
     Augmentation.from_config(cfg.augment, cfg.seed)  # an empty or unreadable noise or RIR directory stops here
+    check_trackers(cfg.log)  # an unknown tracker, or one whose package is missing
     return cfg
 
 
@@ -184,6 +186,7 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     (ConfigError, LoaderError, ModelError), before a process group, a model or a GPU is touched.
     distributed.precision=auto is made concrete in ``cfg``."""
     resolve_precision(cfg, cuda)
+    check_trackers(cfg.log)
     family = check_model(cfg)
     # LayerDrop on several ranks needs the sync-free forward's shared draws; the Trainer checks again once the
     # model tells whether that forward serves it

@@ -2,6 +2,7 @@
 
   asr-dist shards build|verify|info|merge    shard sets (asr_dist.data)
   asr-dist train                             fine-tune with DeepSpeed (asr_dist.engine)
+  asr-dist export-onnx                       ONNX for CPU serving; transcribe --onnx runs it
   asr-dist average                           the mean of several checkpoints, as one model
   asr-dist augment-preview                   listen to what the augment section does
   asr-dist demo                              synthesised Danish corpus, end to end
@@ -261,11 +262,24 @@ def cmd_transcribe(args) -> int:
     from .decode import transcribe
 
     failed = 0
+    onnx = ("int8" if args.int8 else "fp32") if args.onnx else None
+    if args.int8 and not args.onnx:
+        raise UserError("transcribe --int8 runs the int8 ONNX model: give --onnx too")
     for r in transcribe(args.model, args.audio, chunk_length_s=args.chunk_length, stride_length_s=args.stride,
-                        batch_size=args.batch_size, decoder=_decoder_options(args)):
+                        batch_size=args.batch_size, decoder=_decoder_options(args), onnx=onnx):
         failed += "error" in r
         print(json.dumps(r, ensure_ascii=False) if args.json else f"{r['audio']}\t{r.get('text', 'ERROR ' + r.get('error', ''))}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_export_onnx(args) -> int:
+    from .onnx_export import export_onnx
+
+    record = export_onnx(args.model, args.output, int8=args.int8, opset=args.opset)
+    for name, check in record["files"].items():
+        print(f"{args.output}/{name}: logits within {check['max_logit_difference']:.2g} of PyTorch's, "
+              f"{100 * check['greedy_frame_agreement']:.1f} % of frames decoded alike (a padded check batch)")
+    return EXIT_OK
 
 
 def family_names() -> list[str]:
@@ -425,8 +439,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-length", type=float, default=20.0, help="seconds per chunk for long audio (default: 20)")
     p.add_argument("--stride", type=float, default=4.0, help="seconds of overlap on each side of a chunk (default: 4)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default: 8)")
+    p.add_argument("--onnx", action="store_true",
+                   help="--model is a directory of `asr-dist export-onnx`: run its model.onnx through onnxruntime")
+    p.add_argument("--int8", action="store_true", help="with --onnx: the int8 model (model.int8.onnx)")
     add_decoder_arguments(p)
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("export-onnx", help="export a trained model to ONNX for CPU serving (onnxruntime, sherpa-onnx)",
+                       description="Export a model directory ({output_dir}/model, best, or averaged) as model.onnx "
+                                   "with dynamic batch and length, checked against the PyTorch model before it is "
+                                   "kept, beside the processor, vocab and language model: `asr-dist transcribe "
+                                   "--onnx` reads the result. wav2vec2 (XLS-R, MMS), HuBERT and data2vec-audio.")
+    p.add_argument("--model", required=True, metavar="DIR", help="an exported model directory")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="the ONNX directory (replaced)")
+    p.add_argument("--int8", action="store_true",
+                   help="also model.int8.onnx: int8 weights by onnxruntime's dynamic quantisation (smaller, faster)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.set_defaults(func=cmd_export_onnx)
 
     lm = sub.add_parser("lm", help="n-gram language models for decoding")
     lsub = lm.add_subparsers(dest="lm_command", required=True, metavar="SUBCOMMAND")

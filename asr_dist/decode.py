@@ -255,21 +255,34 @@ def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: in
 
 
 def transcribe(model_dir: str, audio: list[str], chunk_length_s: float = 20.0, stride_length_s: float = 4.0,
-               batch_size: int = 8, decoder: dict | None = None) -> list[dict]:
+               batch_size: int = 8, decoder: dict | None = None, onnx: str | None = None) -> list[dict]:
     """Transcripts of audio files of any format and rate; long ones in overlapping chunks (strided CTC).
     Greedy through transformers' pipeline, or the beam search (with an n-gram LM) on the same chunking.
-    ``model_dir``: an exported model or a training checkpoint."""
+    ``model_dir``: an exported model or a training checkpoint; with ``onnx`` ("fp32" or "int8") a directory of
+    `asr-dist export-onnx`, run through onnxruntime on the same chunking."""
+    if onnx is not None:
+        return _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, decoder, onnx)
     with model_directory(model_dir) as d:
         return _transcribe(d, audio, chunk_length_s, stride_length_s, batch_size, decoder)
 
 
-def _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, decoder) -> list[dict]:
+def _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, decoder, onnx=None) -> list[dict]:
     import transformers
 
     from .audio import AudioError, decode, to_16k
 
     beam = _beam_decoder(model_dir, decoder)
-    if beam is not None:
+    greedy = None
+    if onnx is not None:
+        from .metrics import GreedyDecoder
+        from .onnx_export import OnnxCTC
+
+        model, device = OnnxCTC(model_dir, int8=onnx == "int8"), torch.device("cpu")
+        greedy = None if beam is not None else GreedyDecoder(load_vocab(Path(model_dir) / "vocab.json"))
+        chunk, stride = int(chunk_length_s * 16000), int(stride_length_s * 16000)
+        if chunk <= 2 * stride:
+            raise InvalidValue(f"--chunk-length {chunk_length_s} must be more than twice --stride {stride_length_s}")
+    elif beam is not None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, _, _, _ = load_model_dir(model_dir, device)
         chunk, stride = int(chunk_length_s * 16000), int(stride_length_s * 16000)
@@ -286,7 +299,10 @@ def _transcribe(model_dir, audio, chunk_length_s, stride_length_s, batch_size, d
             out.append({"audio": path, "error": f"{e.reason}: {e.detail}"})
             continue
         x = to_16k(samples, sr)
-        if beam is not None:
+        if greedy is not None:
+            logits = chunked_logits(model, x, chunk, stride, batch_size, device)
+            text = greedy(logits[None], torch.tensor([len(logits)]))[0]
+        elif beam is not None:
             logits = chunked_logits(model, x, chunk, stride, batch_size, device)
             text = beam.decode(torch.log_softmax(logits, dim=-1).numpy())
         else:

@@ -1,0 +1,162 @@
+"""ONNX export of a trained CTC model, and transcription through onnxruntime on CPUs.
+
+  exported model directory ({output_dir}/model, best, or an averaged one)
+  ──torch.onnx.export (dynamic batch and length; the attention mask where the feature extractor makes one)──>
+      model.onnx, checked against the PyTorch model on a padded batch of two lengths before it is kept
+  ──onnxruntime.quantization.quantize_dynamic (--int8: int8 weights of the matrix products)──> model.int8.onnx
+  + the processor, vocab, model card, asr_dist.json and language_model/ beside it: `asr-dist transcribe --onnx`
+    and `evaluate --onnx` read the directory as they read a model directory
+
+sherpa-onnx and other CPU servers run such exports of the wav2vec2 layout. Exported: wav2vec2 (XLS-R, MMS),
+HuBERT and data2vec-audio; the other families are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ONNX_FAMILIES = ("wav2vec2", "hubert", "data2vec-audio")
+REFUSED = {
+    "wavlm": "its gated relative-position bias is not verified through the ONNX exporter",
+    "wav2vec2-conformer": "its rotary or relative positions are not verified through the ONNX exporter",
+    "wav2vec2-bert": "its relative-position attention and fbank front end are not verified through the ONNX exporter",
+}
+TOLERANCE = 1e-3  # the largest logit difference an export may show against the PyTorch model (fp32)
+
+
+class OnnxError(UserError, ValueError):
+    """A model that cannot be exported or an ONNX directory that cannot be read; says why."""
+
+
+def _uses_attention_mask(model_dir: Path) -> bool:
+    """Whether the model's feature extractor hands it an attention mask (wav2vec2's layer-norm layouts; the
+    group-norm base models take none), as transformers' pipeline does."""
+    for name in ("preprocessor_config.json", "processor_config.json"):  # transformers 4's file, then 5's
+        path = model_dir / name
+        if path.exists():
+            settings = json.loads(path.read_text())
+            settings = settings.get("feature_extractor", settings)
+            return bool(settings.get("return_attention_mask", True))
+    return True
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opset: int = 17) -> dict:
+    """Export ``model_dir`` to ``out`` (replaced whole): model.onnx (and model.int8.onnx), the processor and
+    what else the directory holds besides weights; returns what onnx.json records."""
+    from .decode import load_model_dir
+
+    model_dir, out = Path(model_dir), Path(out)
+    model, _, _, family = load_model_dir(str(model_dir), torch.device("cpu"))
+    if family.name not in ONNX_FAMILIES:
+        raise OnnxError(f"{model_dir}: a {family.name} model; ONNX export covers {', '.join(ONNX_FAMILIES)} "
+                        f"({REFUSED.get(family.name, 'not verified')}); serve it with PyTorch")
+    model = model.float().eval()
+    masked = _uses_attention_mask(model_dir)
+    featurize = family.featurizer()
+    rng = np.random.default_rng(0)
+    lengths = (24000, 14000)  # a padded batch of two lengths: the export and the check see padding
+    batch = np.zeros((2, max(lengths)), np.float32)
+    mask = np.zeros((2, max(lengths)), np.int64)
+    for i, n in enumerate(lengths):
+        batch[i, :n] = featurize(rng.standard_normal(n).astype(np.float32))
+        mask[i, :n] = 1
+    names = [family.input_name] + (["attention_mask"] if masked else [])
+    args = (torch.from_numpy(batch),) + ((torch.from_numpy(mask),) if masked else ())
+    axes = {name: {0: "batch", 1: "samples"} for name in names}
+    axes["logits"] = {0: "batch", 1: "frames"}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".onnx-", dir=out.parent))
+    try:
+        with torch.no_grad():
+            # the model itself, called with (inputs, attention_mask) in its forward's order (a wrapper module that
+            # renamed them traced a graph whose attention ignored the mask); TorchScript's exporter: torch.export's
+            # needed about ten times as long here for the same graph
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+                torch.onnx.export(model, args, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False)
+            expected = model(*args).logits.numpy()
+        for f in model_dir.iterdir():  # the processor, vocab, card, LM: everything but the PyTorch weights
+            if f.suffix not in (".safetensors", ".bin") and f.name != "onnx.json":
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        files = {"model.onnx": _check(tmp / "model.onnx", names, args, expected, TOLERANCE)}
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            root = logging.getLogger()
+            level, root.level = root.level, max(root.level, logging.WARNING)  # its notes go to the root logger
+            try:
+                quantize_dynamic(str(tmp / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
+            files["model.int8.onnx"] = _check(tmp / "model.int8.onnx", names, args, expected, None)
+        record = {"family": family.name, "opset": opset, "inputs": names, "files": files,
+                  "frames_per_sample": 1 / model.config.inputs_to_logits_ratio}
+        (tmp / "onnx.json").write_text(json.dumps(record, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("exported %s to %s (%s)", model_dir, out, ", ".join(files))
+    return record
+
+
+def _check(path: Path, names: list[str], args: tuple, expected: np.ndarray, tolerance: float | None) -> dict:
+    """The ONNX model's largest logit difference and greedy agreement with PyTorch's on the padded check batch;
+    beyond ``tolerance`` the export is refused."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+    diff = float(np.abs(got - expected).max())
+    agree = float((got.argmax(-1) == expected.argmax(-1)).mean())
+    if tolerance is not None and not diff <= tolerance:
+        raise OnnxError(f"{path.name}: its logits differ from the PyTorch model's by up to {diff:.3g} (more than "
+                        f"{tolerance:g}); the export is not kept")
+    return {"max_logit_difference": round(diff, 7), "greedy_frame_agreement": round(agree, 4)}
+
+
+class OnnxCTC:
+    """An exported ONNX directory as a CTC model that asr_dist.decode.chunked_logits can call:
+    ``model(input_values=…, attention_mask=…).logits`` and ``model.config`` (the transformers config)."""
+
+    def __init__(self, directory: str | Path, int8: bool = False, threads: int | None = None):
+        import onnxruntime as ort
+        import transformers
+
+        d = Path(directory)
+        name = "model.int8.onnx" if int8 else "model.onnx"
+        if not (d / name).exists():
+            hint = " (export with --int8)" if int8 and (d / "model.onnx").exists() else ""
+            raise OnnxError(f"{d}: no {name}{hint}; make one with `asr-dist export-onnx --model MODEL_DIR --output {d}`")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(d / name), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.config = transformers.AutoConfig.from_pretrained(str(d), local_files_only=True)
+        self.directory = d
+
+    def __call__(self, attention_mask=None, **inputs):
+        (x,) = inputs.values()
+        feed = {self.inputs[0]: x.cpu().numpy().astype(np.float32)}
+        if "attention_mask" in self.inputs:
+            mask = attention_mask if attention_mask is not None else torch.ones(x.shape[:2], dtype=torch.int64)
+            feed["attention_mask"] = mask.cpu().numpy().astype(np.int64)
+        return types.SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))

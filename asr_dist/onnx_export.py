@@ -41,6 +41,14 @@ class OnnxError(UserError, ValueError):
     """A model that cannot be exported or an ONNX directory that cannot be read; says why."""
 
 
+def _require() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OnnxError(f"ONNX export and transcription need {' and '.join(missing)}: pip install 'asr-dist[onnx]'")
+
+
 def _uses_attention_mask(model_dir: Path) -> bool:
     """Whether the model's feature extractor hands it an attention mask (wav2vec2's layer-norm layouts; the
     group-norm base models take none), as transformers' pipeline does."""
@@ -58,6 +66,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opse
     what else the directory holds besides weights; returns what onnx.json records."""
     from .decode import load_model_dir
 
+    _require()
     model_dir, out = Path(model_dir), Path(out)
     model, _, _, family = load_model_dir(str(model_dir), torch.device("cpu"))
     if family.name not in ONNX_FAMILIES:
@@ -137,6 +146,7 @@ class OnnxCTC:
     ``model(input_values=…, attention_mask=…).logits`` and ``model.config`` (the transformers config)."""
 
     def __init__(self, directory: str | Path, int8: bool = False, threads: int | None = None):
+        _require()
         import onnxruntime as ort
         import transformers
 

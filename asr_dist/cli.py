@@ -511,7 +511,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description="The whole pipeline on a laptop: eSpeak NG Danish voices -> shards -> DeepSpeed "
                                    "training of a tiny wav2vec2 from scratch -> exact WER/CER before and after.")
     p.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="where everything goes (default: ./demo-output)")
-    p.add_argument("--num-utterances", type=int, default=1200, help="synthetic training utterances (default: 1200)")
+    p.add_argument("--num-utterances", type=int, default=4000, help="synthetic training utterances (default: 4000)")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget: as many steps as fit, and never fewer than the model needs to learn (the "
                         "demo then says how long those take); more minutes, a better model (default: 10)")
     p.add_argument("--steps", type=int, metavar="N",

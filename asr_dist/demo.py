@@ -32,7 +32,7 @@ DEMO_CORPORA = (("commonvoice", 22050, 1), ("nemo", 44100, 2), ("audiofolder", 8
 NUM_HELD_OUT = 20  # sentences never heard in training, for the evaluation set
 # the fewest steps after which the default demo prints a trained CER at or under 0.15 (bench/README.md): a
 # machine too slow for them in --minutes trains them anyway, saying how long it will take
-MIN_STEPS = 900
+MIN_STEPS = 2000
 
 
 def _corpus(d: Path, rebuild: bool, **spec) -> str:
@@ -60,7 +60,7 @@ def synthesise_corpora(out: Path, num_utterances: int, rebuild: bool) -> tuple[l
     inputs = [_corpus(out / "corpus" / layout, rebuild, layout=layout, num=per, seed=n, sample_rate=rate,
                       channels=channels, sentences=train_sentences)
               for n, (layout, rate, channels) in enumerate(DEMO_CORPORA)]
-    held_out = _corpus(out / "corpus" / "eval", rebuild, layout="commonvoice", num=max(10, num_utterances // 8),
+    held_out = _corpus(out / "corpus" / "eval", rebuild, layout="commonvoice", num=max(10, min(250, num_utterances // 8)),
                        seed=100, sample_rate=22050, channels=1, sentences=eval_sentences, prefix="eval")
     return inputs, held_out
 
@@ -93,7 +93,7 @@ def step_seconds(cfg, vocab: dict, device: torch.device, audio_seconds: float) -
     return min(times[1:])
 
 
-def run_demo(output: str = "demo-output", num_utterances: int = 1200, workers: int = 1, rebuild: bool = False,
+def run_demo(output: str = "demo-output", num_utterances: int = 4000, workers: int = 1, rebuild: bool = False,
              minutes: float = 10.0, device: str = "auto", model: str = "wav2vec2", steps: int | None = None) -> int:
     from importlib import resources
 

@@ -15,6 +15,8 @@ from asr_dist.cli import main
 from asr_dist.onnx_export import OnnxCTC, OnnxError
 from trainkit import dev_audio, save_random_model
 
+pytestmark = pytest.mark.slow  # exports a model and transcribes with two engines (about 15 s)
+
 
 @pytest.fixture(scope="module")
 def exported(train_shards, tmp_path_factory):

@@ -434,7 +434,7 @@ def check_run_end(cfg: Config) -> None:
         raise ConfigError("give train.average_last=N or train.average_best=N (N >= 2 checkpoints), not both")
     if t.average_last == 1 or t.average_best == 1:
         raise ConfigError("averaging one checkpoint is that checkpoint: give 2 or more, or 0 for off")
-    if t.average_last > t.keep_checkpoints:
+    if t.keep_checkpoints and t.average_last > t.keep_checkpoints:  # 0 keeps every checkpoint
         raise ConfigError(f"train.average_last={t.average_last} averages more checkpoints than are kept "
                           f"(train.keep_checkpoints={t.keep_checkpoints}): raise train.keep_checkpoints to at least "
                           f"{t.average_last}")

@@ -204,8 +204,8 @@ class Trainer:
         if self.denv.is_main:
             try:
                 self.writer.add(start_trackers(self.cfg.log, self.out))
-            except TrackerError as e:
-                error = str(e)
+            except Exception as e:  # whatever it is, every rank hears of it (else they wait in the broadcast)
+                error = str(e) if isinstance(e, TrackerError) else f"a tracker could not start: {type(e).__name__}: {e}"
         if self.world > 1:
             box = [error]
             dist.broadcast_object_list(box, src=0)
@@ -292,7 +292,7 @@ class Trainer:
         profiler = StepProfiler(cfg.train.profile_steps, self.out, self.rank, self.device)
         stopped = early_stop(state.history, cfg)  # a resumed run that had stopped early stays stopped
         if stopped:
-            log.warning("the run stopped early before: %s; nothing more to train", stopped)
+            log.warning("train.early_stopping: %s; nothing more to train", stopped)
         while state.step < self.total_steps and not stopped:
             batches = iter(self.loader)
             while state.step < self.total_steps:
@@ -357,11 +357,18 @@ class Trainer:
         if cfg.train.average_last or cfg.train.average_best:
             from .average import average, best_checkpoints, last_checkpoints
 
-            paths, what = (last_checkpoints(self.out, cfg.train.average_last) if cfg.train.average_last
-                           else best_checkpoints(self.out, cfg.train.average_best))
             from .export import model_card
 
-            average(paths, model, what, card=model_card(self))
+            n = cfg.train.average_last or cfg.train.average_best
+            try:
+                paths, what = (last_checkpoints(self.out, n) if cfg.train.average_last
+                               else best_checkpoints(self.out, n))
+                average(paths, model, what, card=model_card(self))
+            except Exception as e:  # the other ranks are past the export: a failure here loses nothing trained
+                log.error("train.average_%s=%d: could not average (%s); output_dir/model holds the final weights. "
+                          "`asr-dist average --run %s` averages what the run kept", "last" if cfg.train.average_last
+                          else "best", n, str(e).splitlines()[0] if str(e) else type(e).__name__, self.out)
+                return
             log.info("output_dir/model holds the mean of %s checkpoints (steps %s)", what,
                      ", ".join(p.name.split("-")[1].lstrip("0") for p in paths))
         else:
@@ -456,8 +463,11 @@ class Trainer:
         state.history.append(row)
         key = ranking_key(self.cfg)
         value = score(row, key)
-        # a checkpoint from before the ranking was configurable holds the first set's WER only
-        if value is not None and value < state.best.get("value", state.best.get("wer", math.inf)):
+        if (state.best.get("set"), state.best.get("metric", "wer")) == key:
+            to_beat = state.best.get("value", state.best.get("wer", math.inf))  # older checkpoints: "wer" only
+        else:  # ranked by another set or metric before this resume: the best of the history by this one
+            to_beat = min((v for r in state.history[:-1] if (v := score(r, key)) is not None), default=math.inf)
+        if value is not None and value < to_beat:
             name = key[0]
             state.best = {"step": step, "set": name, "metric": key[1], "value": value,
                           "wer": row.get(f"{name}_wer"), "cer": row.get(f"{name}_cer")}

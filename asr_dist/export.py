@@ -163,9 +163,13 @@ def checkpoint_weights(ckpt: str | Path) -> tuple:
         raise InvalidValue(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
     weights = dict(state.get("module") or {})
-    names = state.get("param_shapes")
-    partitioned = any(getattr(v, "numel", lambda: 1)() == 0 for v in weights.values()) or not weights
-    if partitioned or (names and any(k not in weights for group in names for k in group)):  # ZeRO-3 partitions
+    # the full shapes DeepSpeed records (trainable per parameter group, and frozen): a ZeRO-3 module holds
+    # empty placeholders where they differ
+    shapes = {k: tuple(v) for group in state.get("param_shapes") or [] for k, v in group.items()}
+    shapes.update({k: tuple(v) for k, v in (state.get("frozen_param_shapes") or {}).items()})
+    partitioned = (not weights or any(v.numel() == 0 for v in weights.values())
+                   or any(k not in weights or tuple(weights[k].shape) != shape for k, shape in shapes.items()))
+    if partitioned:  # ZeRO-3 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 itself loads with weights_only=False
@@ -193,11 +197,12 @@ def write_model_dir(cfg, weights: dict, out: str | Path, record: dict, card: str
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     if missing:
-        raise InvalidValue(f"{record.get('checkpoint', 'the checkpoint')}: weights missing from it: {missing[:5]}")
+        raise InvalidValue(f"{record.get('checkpoint') or record.get('averaged', {}).get('checkpoints') or 'the checkpoint'}: "
+                           f"weights missing from it: {missing[:5]}")
     wrong = [k for k, v in expected.items() if weights[k].shape != v.shape]
     if wrong:
-        raise InvalidValue(f"{record.get('checkpoint', 'the checkpoint')}: weights of another shape than the run's "
-                           f"model: {wrong[:5]}")
+        raise InvalidValue(f"{record.get('checkpoint') or record.get('averaged', {}).get('checkpoints') or 'the checkpoint'}: "
+                           f"weights of another shape than the run's model: {wrong[:5]}")
     model.load_state_dict({k: weights[k] for k in expected})
     model.config.dtype = "float32"
     model.save_pretrained(str(out), safe_serialization=True)

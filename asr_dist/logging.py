@@ -40,6 +40,17 @@ class MetricWriter:
     def add(self, trackers: list) -> None:
         self.trackers += trackers
 
+    def _each_tracker(self, call) -> None:
+        """``call(tracker)`` for each tracker; one that fails is dropped with a warning: rank 0 must not stop
+        mid-run while the other ranks wait in a collective, and TensorBoard and JSON lines go on."""
+        for t in list(self.trackers):
+            try:
+                call(t)
+            except Exception as e:
+                logging.getLogger(__name__).warning("the %s tracker failed (%s: %s); the run goes on without it", t.name,
+                                                    type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                self.trackers.remove(t)
+
     def scalars(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
@@ -53,8 +64,7 @@ class MetricWriter:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
             self.jsonl.flush()
-        for t in self.trackers:
-            t.scalars(step, metrics)
+        self._each_tracker(lambda t: t.scalars(step, metrics))
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled and text and self.tb is not None:
@@ -68,16 +78,14 @@ class MetricWriter:
         if self.tb is not None:
             self.tb.add_text("config/experiment", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
             self.tb.add_text("config/deepspeed", "```\n" + json.dumps(ds_config, indent=1) + "\n```", 0)
-        for t in self.trackers:
-            t.params({**config, "deepspeed": ds_config})
+        self._each_tracker(lambda t: t.params({**config, "deepspeed": ds_config}))
 
     def artifact(self, path, folder: str | None = None) -> None:
         """A file the trackers keep with the run (the model card, evaluation reports)."""
         from pathlib import Path
 
         if self.enabled and Path(path).exists():
-            for t in self.trackers:
-                t.artifact(Path(path), folder)
+            self._each_tracker(lambda t: t.artifact(Path(path), folder))
 
     def close(self, status: str = "FINISHED") -> None:
         if self.tb is not None:

@@ -5,7 +5,7 @@
       model.onnx, checked against the PyTorch model on a padded batch of two lengths before it is kept
   ──onnxruntime.quantization.quantize_dynamic (--int8: int8 weights of the matrix products)──> model.int8.onnx
   + the processor, vocab, model card, asr_dist.json and language_model/ beside it: `asr-dist transcribe --onnx`
-    and `evaluate --onnx` read the directory as they read a model directory
+    reads the directory as it reads a model directory
 
 sherpa-onnx and other CPU servers run such exports of the wav2vec2 layout. Exported: wav2vec2 (XLS-R, MMS),
 HuBERT and data2vec-audio; the other families are refused with the reason.

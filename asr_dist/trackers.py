@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -93,13 +94,19 @@ class MlflowTracker:
         self.run_id = run_id
         log.info("MLflow: run %s in experiment %r at %s", run_id, args.mlflow_experiment, uri)
 
+    @staticmethod
+    def metric_name(name: str) -> str:
+        """``name`` in the characters MLflow takes (letters, digits, _ - . / and space): a group value such as
+        "other (unknown)" would be refused."""
+        return re.sub(r"[^\w\-./ ]", "_", name)
+
     def scalars(self, step: int, metrics: dict) -> None:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        rows = [Metric(self.metric_name(k), float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(rows), 1000):  # MLflow takes at most 1000 metrics a batch
             self.client.log_batch(self.run_id, metrics=rows[i:i + 1000], synchronous=True)
 
@@ -114,11 +121,11 @@ class MlflowTracker:
         # a parameter cannot change in MLflow: a resumed run with another value logs it under a new name
         rows = []
         for k, v in sorted(flat.items()):
-            value = str(v)[:6000]
-            if k in logged and logged[k] != value:
-                k = f"{k}@resumed"
-            if logged.get(k) != value:
-                rows.append(Param(k, value))
+            value, name, n = str(v)[:6000], k, 1
+            while name in logged and logged[name] != value:  # key@resumed, key@resumed2, …: the first free one
+                name, n = f"{k}@resumed{n if n > 1 else ''}", n + 1
+            if logged.get(name) != value:
+                rows.append(Param(name, value))
         for i in range(0, len(rows), 100):  # at most 100 parameters a batch
             self.client.log_batch(self.run_id, params=rows[i:i + 100], synchronous=True)
 

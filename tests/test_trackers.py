@@ -47,6 +47,10 @@ def test_tracker_settings_that_cannot_work_say_what_to_change():
         check_trackers(log("log.trackers=[neptune]"))
     with pytest.raises(TrackerError, match="choose offline"):
         check_trackers(log("log.wandb_mode=cloud"))
+    from asr_dist.trackers import MlflowTracker
+
+    # MLflow refuses "(" and "+" in metric names, which group values (eval.group_by) can hold
+    assert MlflowTracker.metric_name("eval/dev/wer_by_accent/other (unknown)+x") == "eval/dev/wer_by_accent/other _unknown__x"
 
 
 @pytest.mark.slow  # launches training twice

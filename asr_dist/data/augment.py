@@ -134,16 +134,19 @@ def _convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 
 _RESPONSES: dict[str, np.ndarray] = {}  # impulse responses read in this process (a loader worker), at 16 kHz
+RESPONSES_KEPT = 512  # at most this many in memory per worker (4 s of float32 each: 128 MB), the oldest dropped
 
 
 def _response(rec: "Recording") -> np.ndarray:
-    h = _RESPONSES.get(rec.path)
+    h = _RESPONSES.pop(rec.path, None)
     if h is None:
         h = _read(rec, 0, min(rec.frames, int(RIR_MAX_SECONDS * rec.sample_rate)))
         if rec.sample_rate != SAMPLE_RATE:
             h = _resample(h, rec.sample_rate, SAMPLE_RATE, max(1, round(len(h) * SAMPLE_RATE / rec.sample_rate)))
-        h = _RESPONSES[rec.path] = h.astype(np.float64)
-    return h
+        while len(_RESPONSES) >= RESPONSES_KEPT:
+            _RESPONSES.pop(next(iter(_RESPONSES)))
+    _RESPONSES[rec.path] = h  # the most recently used last
+    return h.astype(np.float64)
 
 
 @dataclasses.dataclass(frozen=True)

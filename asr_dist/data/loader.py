@@ -83,12 +83,14 @@ class TrainLoader:
                                   f"batch of {global_batch_size}; lower data.global_batch_size or add data")
         else:  # large-batch mode: an epoch is as many steps as the audio fills
             longest = self.shards.max_seconds
-            if longest is not None and augment is not None:
-                longest *= augment.longest_stretch  # slowed down by the smallest augment.speed_factors
-            if longest is not None and longest > micro_batch_seconds:
+            stretch = augment.longest_stretch if augment is not None else 1.0  # the smallest augment.speed_factors
+            if longest is not None and longest * stretch > micro_batch_seconds:
+                slowed = (f", {longest * stretch:g} s once slowed down by augment.speed_factors' smallest "
+                          f"({1 / stretch:g})" if stretch > 1 else "")
                 raise LoaderError(f"data.micro_batch_seconds={micro_batch_seconds:g}: {where} has utterances of up to "
-                                  f"{longest:g} s (index.json's duration histogram), longer than a micro-batch; "
-                                  f"raise it or rebuild the shards with --max-duration {micro_batch_seconds:g}")
+                                  f"{longest:g} s (index.json's duration histogram){slowed}, longer than a micro-batch; "
+                                  f"raise it or rebuild the shards with --max-duration "
+                                  f"{micro_batch_seconds / stretch:g}")
             self.steps_per_epoch = int(self.shards.audio_seconds // global_batch_seconds)
             if self.steps_per_epoch == 0:
                 raise LoaderError(f"{self.shards.audio_seconds:.0f} s of audio in {where} is less than one global "
@@ -314,6 +316,9 @@ class TrainLoader:
             self._skipped_before = sd.get("skipped_before_epoch", 0)
             self._skipped = {int(k): v for k, v in sd.get("skipped_streams", {}).items()}
             return
+        if sd.get("augment_lengths", []) != self._augment_lengths():
+            log.warning("augment.speed_prob or augment.speed_factors changed since the checkpoint: utterance lengths "
+                        "differ, so the rest of the epoch is planned anew")
         # another layout: finish the epoch's remaining optimizer steps in a new deterministic order
         # consumed counts micro-batches of the saved layout since the epoch began; a partial step is redone
         saved_accumulation = sd.get("accumulation") or sd["global_batch_size"] // (sd["micro_batch_size"] * sd["world_size"])

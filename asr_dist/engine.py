@@ -326,7 +326,8 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.stop()  # what is left (evaluation, export) makes no optimizer steps
         step = state.step
-        evaluated_here = bool(state.history) and state.history[-1]["step"] == step  # an early stop just evaluated
+        # an early stop evaluated this step already; a finished run started again evaluates its weights again
+        evaluated_here = bool(stopped) and bool(state.history) and state.history[-1]["step"] == step
         results = self.evaluate(step) if self.evaluation.loaders and not evaluated_here else {}
         self._record(step, results)
         self._save_unless_saved(step)

@@ -64,11 +64,17 @@ def _uses_attention_mask(model_dir: Path) -> bool:
 def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opset: int = 17) -> dict:
     """Export ``model_dir`` to ``out`` (replaced whole): model.onnx (and model.int8.onnx), the processor and
     what else the directory holds besides weights; returns what onnx.json records."""
-    from .decode import load_model_dir
+    from .models import ModelError, load_for_inference
 
     _require()
     model_dir, out = Path(model_dir), Path(out)
-    model, _, _, family = load_model_dir(str(model_dir), torch.device("cpu"))
+    if not (model_dir / "config.json").exists():
+        raise OnnxError(f"{model_dir}: no config.json; give a model directory exported by training ({{output_dir}}/model, "
+                        f"best, or one `asr-dist average` wrote)")
+    try:
+        model, family = load_for_inference(model_dir, torch.device("cpu"))
+    except ModelError as e:
+        raise OnnxError(str(e)) from None
     if family.name not in ONNX_FAMILIES:
         raise OnnxError(f"{model_dir}: a {family.name} model; ONNX export covers {', '.join(ONNX_FAMILIES)} "
                         f"({REFUSED.get(family.name, 'not verified')}); serve it with PyTorch")

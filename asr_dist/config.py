@@ -469,11 +469,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys (an empty dict stays a value)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + str(k)] = v
     return out
@@ -481,7 +482,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_diff(before: dict, after: dict) -> list[str]:
     """Every key whose value differs between two configs (``to_dict`` form), as ``key: old -> new``."""
-    a, b = _flat(before), _flat(after)
+    a, b = flatten(before), flatten(after)
 
     def show(d: dict, k: str) -> str:
         return json.dumps(d[k]) if k in d else "unset"

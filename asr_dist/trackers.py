@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from .config import flatten
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,6 @@ def check_trackers(args) -> None:
     if args.wandb_mode not in ("offline", "online"):
         raise TrackerError(f"log.wandb_mode={args.wandb_mode!r}; choose offline (no network; `wandb sync` later) or "
                            f"online (the API key from WANDB_API_KEY)")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + str(k)] = v
-    return out
 
 
 class MlflowTracker:
@@ -113,7 +104,7 @@ class MlflowTracker:
     def params(self, config: dict) -> None:
         from mlflow.entities import Param
 
-        flat = _flat(config)
+        flat = flatten(config)
         try:
             logged = self.client.get_run(self.run_id).data.params
         except Exception:
@@ -163,7 +154,7 @@ class WandbTracker:
         self.run.log(dict(metrics), step=step)
 
     def params(self, config: dict) -> None:
-        self.run.config.update(_flat(config), allow_val_change=True)
+        self.run.config.update(flatten(config), allow_val_change=True)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         import wandb

@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import complete_checkpoints
 from .errors import InvalidValue
-from .export import checkpoint_weights, write_model_dir
+from .export import checkpoint_state, checkpoint_weights, whole_dir, write_model_dir
 from .state import best_steps, ranking_key, score
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def best_checkpoints(run_dir: str | Path, n: int, set_name: str | None = None, m
     """The ``n`` checkpoints of a run with the lowest ``metric`` on ``set_name`` (default: what the run ranks by),
     among those saved at an evaluation; and a description of the choice."""
     found = run_checkpoints(run_dir)
-    cfg, _, _, client = checkpoint_weights(found[-1])
+    cfg, client = checkpoint_state(found[-1])  # its config and history; no weights needed
     default_set, default_metric = ranking_key(cfg)
     set_name, metric = set_name or default_set, metric or default_metric
     key = (set_name, metric)
@@ -99,25 +99,14 @@ def averaged_card(steps: list[int], what: str) -> str:
 def average(paths: list[Path], out: str | Path, what: str = "as given", card: str | None = None) -> Path:
     """Average ``paths`` into the model directory ``out`` (replaced whole), with a model card (``card``, or a
     short one) that says what was averaged."""
-    import shutil
-    import tempfile
-
     cfg, mean, steps = average_weights(paths)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".averaged-", dir=out.parent))
     card = (card or f"---\ntags: [automatic-speech-recognition, asr-dist]\nlibrary_name: transformers\n"
                     f"pipeline_tag: automatic-speech-recognition\n---\n\n# {Path(cfg.output_dir).name} (averaged)\n"
             ) + averaged_card(steps, what)
     record = {"steps": max(steps), "averaged": {"checkpoints": [str(p) for p in paths], "steps": steps, "which": what}}
-    try:
+    with whole_dir(out, ".averaged-") as tmp:
         write_model_dir(cfg, mean, tmp, record, card)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     log.info("averaged %d checkpoints (%s) into %s", len(paths), what, out)
     return out
 

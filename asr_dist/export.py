@@ -7,6 +7,7 @@ training also adapter.<language>.safetensors (the adapters and CTC head, for ``l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -27,6 +28,22 @@ from .evaluation import POOLED
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def whole_dir(out: Path, prefix: str = ".tmp-"):
+    """A temporary directory beside ``out`` to write into: when the block ends it replaces ``out`` whole, and when
+    the block raises it is removed (a reader never sees half a model directory)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def make_processor(vocab_path: Path, family=None):
     """The processor of ``family`` (wav2vec2's by default) over ``vocab_path``."""
     from .models import FAMILIES
@@ -44,25 +61,22 @@ def export(trainer, out: Path) -> None:
     if not trainer.denv.is_main:
         return
     state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out.parent))
-    model = engine.module
-    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    # save_pretrained records the live module's dtype (bf16 or fp16 under mixed precision) in config.json,
-    # and from_pretrained would then load the fp32 weights in that dtype: the export says float32
-    config = copy.deepcopy(model.config)
-    config.dtype = "float32"
-    config.save_pretrained(str(tmp))
-    if trainer.cfg.model.train_adapters_only:  # also the adapter alone, for load_adapter on another copy of the base
-        trainer.family.write_adapter(state, model, trainer.cfg.model.adapter_language, tmp)
-    make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME, trainer.family).save_pretrained(str(tmp))
-    (tmp / "asr_dist.json").write_text(json.dumps({
-        "asr_dist_version": __version__, "text_normalizer": trainer.shards.text_normalizer,
-        "train_shards": trainer.cfg.data.train_shards, "steps": engine.global_steps,
-    }, indent=1) + "\n")
-    (tmp / "README.md").write_text(model_card(trainer))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the export appears whole or not at all
+    with whole_dir(out, ".model-") as tmp:  # the export appears whole or not at all
+        model = engine.module
+        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        # save_pretrained records the live module's dtype (bf16 or fp16 under mixed precision) in config.json,
+        # and from_pretrained would then load the fp32 weights in that dtype: the export says float32
+        config = copy.deepcopy(model.config)
+        config.dtype = "float32"
+        config.save_pretrained(str(tmp))
+        if trainer.cfg.model.train_adapters_only:  # also the adapter alone, for load_adapter on another copy of the base
+            trainer.family.write_adapter(state, model, trainer.cfg.model.adapter_language, tmp)
+        make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME, trainer.family).save_pretrained(str(tmp))
+        (tmp / "asr_dist.json").write_text(json.dumps({
+            "asr_dist_version": __version__, "text_normalizer": trainer.shards.text_normalizer,
+            "train_shards": trainer.cfg.data.train_shards, "steps": engine.global_steps,
+        }, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card(trainer))
     log.info("exported the model to %s", out)
 
 
@@ -145,9 +159,9 @@ def is_checkpoint(path: str | Path) -> bool:
     return _model_states(Path(path)) is not None
 
 
-def checkpoint_weights(ckpt: str | Path) -> tuple:
-    """A complete training checkpoint's (config, fp32 weights, step, client state), read safely (tensors and
-    plain data only), the weights gathered from the ZeRO-3 partitions when needed."""
+def checkpoint_state(ckpt: str | Path) -> tuple:
+    """A complete training checkpoint's (config, DeepSpeed's model-state file as saved), read safely (tensors and
+    plain data only); what its client state holds (history, best, step) is in the latter."""
     from omegaconf import OmegaConf
 
     from . import checkpoint as ckpt_mod
@@ -161,7 +175,16 @@ def checkpoint_weights(ckpt: str | Path) -> tuple:
         state = ckpt_mod.load_safely(_model_states(ckpt), map_location="cpu")
     if "config" not in state:
         raise InvalidValue(f"{ckpt}: no asr-dist config in it; was it written by asr-dist train?")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), state["config"])), state
+
+
+def checkpoint_weights(ckpt: str | Path) -> tuple:
+    """A complete training checkpoint's (config, fp32 weights, step, client state), read safely, the weights
+    gathered from the ZeRO-3 partitions when needed."""
+    from . import checkpoint as ckpt_mod
+
+    ckpt = Path(ckpt)
+    cfg, state = checkpoint_state(ckpt)
     weights = dict(state.get("module") or {})
     # the full shapes DeepSpeed records (trainable per parameter group, and frozen): a ZeRO-3 module holds
     # empty placeholders where they differ

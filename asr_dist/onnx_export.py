@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -64,6 +63,7 @@ def _uses_attention_mask(model_dir: Path) -> bool:
 def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opset: int = 17) -> dict:
     """Export ``model_dir`` to ``out`` (replaced whole): model.onnx (and model.int8.onnx), the processor and
     what else the directory holds besides weights; returns what onnx.json records."""
+    from .export import whole_dir
     from .models import ModelError, load_for_inference
 
     _require()
@@ -93,9 +93,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opse
     axes = {name: {0: "batch", 1: "samples"} for name in names}
     axes["logits"] = {0: "batch", 1: "frames"}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx-", dir=out.parent))
-    try:
+    with whole_dir(out, ".onnx-") as tmp:
         with torch.no_grad():
             # the model itself, called with (inputs, attention_mask) in its forward's order (a wrapper module that
             # renamed them traced a graph whose attention ignored the mask); TorchScript's exporter: torch.export's
@@ -122,12 +120,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opse
         record = {"family": family.name, "opset": opset, "inputs": names, "files": files,
                   "frames_per_sample": 1 / model.config.inputs_to_logits_ratio}
         (tmp / "onnx.json").write_text(json.dumps(record, indent=1) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     log.info("exported %s to %s (%s)", model_dir, out, ", ".join(files))
     return record
 

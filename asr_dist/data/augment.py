@@ -22,6 +22,7 @@ change does not promise the exact output length the plan needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -77,6 +78,7 @@ class Recording:
     sample_rate: int
 
 
+@functools.lru_cache(maxsize=16)  # the config is checked when read and again when the run is planned
 def scan_recordings(directory: str, key: str) -> tuple[Recording, ...]:
     """Every audio file under ``directory`` (recursively), with its length and rate from its header;
     an empty, missing or unreadable directory, or a file that does not open, is refused naming it."""

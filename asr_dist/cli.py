@@ -191,7 +191,8 @@ def cmd_evaluate(args) -> int:
     r = evaluate_model(args.model, args.shards, report=args.report, predictions=args.predictions,
                        micro_batch_size=args.batch_size, micro_batch_seconds=args.batch_seconds,
                        num_workers=args.workers, progress=not args.no_progress, decoder=_decoder_options(args),
-                       group_by=args.by, seed=args.seed, subset=args.subset, split=args.split)
+                       group_by=args.by, seed=args.seed, subset=args.subset, split=args.split,
+                       cache_dir=args.cache_dir)
     if r["world_size"] == 1 or get_rank_zero():
         print(json.dumps({k: r[k] for k in ("wer", "cer", "num_utterances", "num_words", "substitutions", "deletions",
                                             "insertions", "audio_hours", "real_time_factor")}, indent=1))
@@ -385,11 +386,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_shards_merge)
     p = ssub.add_parser("verify", help="decode every sample and check it against index.json; exit 1 on any damage")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="the shard set: a directory, or a URL (https://…, s3://…, pipe:COMMAND "
+                                              "with {name})")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_shards_verify)
     p = ssub.add_parser("info", help="counts, hours, duration histogram and characters of a shard set")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="the shard set: a directory or a URL")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the duration histogram into this PNG")
     p.set_defaults(func=cmd_shards_info)
 
@@ -411,7 +413,11 @@ def make_parser() -> argparse.ArgumentParser:
                                    "Runs on one process, or on many under torchrun: the result is the same.")
     p.add_argument("--model", required=True, metavar="DIR",
                    help="{output_dir}/model or {output_dir}/best, or a training checkpoint {output_dir}/checkpoints/step-N")
-    p.add_argument("--shards", required=True, metavar="DIR_OR_CORPUS")
+    p.add_argument("--shards", required=True, metavar="DIR_OR_CORPUS",
+                   help="a shard set (a directory, or a URL: https://…, s3://…, pipe:COMMAND with {name}), or a corpus")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="with --shards at a URL: fetch its shards once into this node-local directory, checksummed "
+                        "(default: ranged reads, or a temporary copy where the server gives no ranges)")
     p.add_argument("--report", metavar="FILE.json", help="write wer, cer, counts, hours and real-time factor here")
     p.add_argument("--predictions", metavar="FILE.tsv", help="write key, reference, hypothesis, word errors per utterance")
     p.add_argument("--by", action="append", metavar="FIELD",

@@ -48,6 +48,8 @@ class DataArgs:
     pad_to_multiple_of: int = 1  # pad each batch's length to a multiple of this many samples (16000: whole seconds): fewer distinct shapes for cuDNN and torch.compile
     on_corrupt: str = "stop"  # a damaged sample or shard: stop naming it, or skip and count it
     allow_failed_shards: bool = False  # train on a shard set whose build rejected more than --max-reject-fraction
+    cache_dir: Optional[str] = None  # shard sets at URLs (https://, s3://, pipe:): a node-local directory ($TMPDIR, /local/scratch/$SLURM_JOB_ID; environment variables are expanded) where each shard is fetched once per node and checked against index.json's sha256 before use. Default: none; shards are read by byte ranges, or streamed where the server gives none
+    cache_max_gb: Optional[float] = None  # data.cache_dir's size limit: the least recently used shards are removed to stay under it (default: no limit)
 
 
 @dataclass
@@ -373,6 +375,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
     if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
+    if cfg.data.cache_max_gb is not None and not cfg.data.cache_max_gb > 0:
+        raise ConfigError(f"data.cache_max_gb={cfg.data.cache_max_gb}: give a size above 0 in GB, or null for no limit")
+    if cfg.data.cache_max_gb is not None and not cfg.data.cache_dir:
+        raise ConfigError("data.cache_max_gb limits data.cache_dir, which is not set: give data.cache_dir too")
     if cfg.data.eval_micro_batch_seconds is not None and not cfg.data.eval_micro_batch_seconds > 0:
         raise ConfigError("data.eval_micro_batch_seconds must be above 0 (or null: data.eval_micro_batch_size)")
     seconds = (cfg.data.micro_batch_seconds, cfg.data.global_batch_seconds)

@@ -73,7 +73,9 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path, subset: str
                split: str | None = None) -> str:
     """A shard set as is; any other corpus (its ``subset`` and ``split`` where it has them) is built into a
     temporary one with the model's normaliser."""
-    if (Path(source) / fmt.INDEX_NAME).exists():
+    from .data.remote import is_url
+
+    if is_url(source) or (Path(source) / fmt.INDEX_NAME).exists():
         if subset or split:
             raise ModelDirError(f"{source} is a shard set, which has no subsets or splits; leave out "
                                 f"--subset and --split, or give the corpus itself")
@@ -95,15 +97,16 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
                    micro_batch_size: int = 16, num_workers: int = 2, denv: DistEnv | None = None,
                    progress: bool = True, decoder: dict | None = None, micro_batch_seconds: float | None = None,
                    group_by: list[str] | None = None, seed: int = 0, subset: str | None = None,
-                   split: str | None = None) -> dict:
+                   split: str | None = None, cache_dir: str | None = None) -> dict:
     """WER, CER and error counts of ``model_dir`` (an exported model or a training checkpoint) on
     ``source``, on every rank of the job. ``decoder``: None for greedy decoding, else
     BeamSearchDecoder's arguments (lm, beam_width, alpha, beta). ``group_by``: metadata fields of the
     samples' JSON to break the rates down by (``result["groups"]``, bootstrap intervals from ``seed``).
-    ``subset``, ``split``: which part of a Hugging Face dataset or Common Voice release ``source`` is."""
+    ``subset``, ``split``: which part of a Hugging Face dataset or Common Voice release ``source`` is.
+    ``cache_dir``: a node-local directory for the shards of a set at a URL (asr_dist.data.remote)."""
     with model_directory(model_dir) as d:
         result = _evaluate_model(d, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers,
-                                 denv, progress, decoder, group_by or [], seed, subset, split)
+                                 denv, progress, decoder, group_by or [], seed, subset, split, cache_dir)
     result["model"] = str(model_dir)
     if report and result.pop("_write_report", False):
         Path(report).write_text(json.dumps(result, indent=1) + "\n")
@@ -112,7 +115,7 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
 
 
 def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers, denv,
-                    progress, decoder, group_by=(), seed=0, subset=None, split=None) -> dict:
+                    progress, decoder, group_by=(), seed=0, subset=None, split=None, cache_dir=None) -> dict:
     denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
@@ -135,7 +138,7 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
                 failed = UserError(box[1])
         if failed is not None:
             raise failed
-        shards = ShardSet.open(shards_dir)
+        shards = ShardSet.open(shards_dir, cache_dir=cache_dir)
         if shards.vocab != vocab:
             raise ModelDirError(f"{shards_dir}: its vocab.json differs from the model's; build it with "
                                 f"--vocab {Path(model_dir) / 'vocab.json'} (or give the corpus itself)")
@@ -154,7 +157,7 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
             gathered = [None] * denv.world_size
             dist.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
-        groups = _groups(shards_dir, sorted(rows), group_by, seed) if group_by else None
+        groups = _groups(shards, sorted(rows), group_by, seed) if group_by else None
     c = r["counts"]
     result = {
         "model": str(model_dir), "data": str(source), "wer": c.wer, "cer": c.cer, "loss": r["loss"],
@@ -177,12 +180,15 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
     return result
 
 
-def _groups(shards_dir: str, rows: list, fields: list[str], seed: int) -> dict:
+def _groups(shards: ShardSet, rows: list, fields: list[str], seed: int) -> dict:
     """{field: {value: rates, counts, intervals}} from every rank's (key, ref, hyp, …) rows, the same on
     every rank (all ranks hold all rows, in key order)."""
     from .data import index as fmt
     from .metrics import group_report, utterance_counts
 
+    from .data.shardset import list_samples
+
+    shards_dir = shards.dirs[0]
     index = fmt.read_index(shards_dir)
     known = index.get("fields") or {}
     missing = [f for f in fields if f not in known]
@@ -190,8 +196,8 @@ def _groups(shards_dir: str, rows: list, fields: list[str], seed: int) -> dict:
         raise ModelDirError(f"{shards_dir}: no metadata field {', '.join(missing)} in its samples; fields there: "
                             f"{', '.join(known) or '(none; build the shards with --keep-fields)'}")
     meta = {}
-    for shard in index["shards"]:
-        for loc in fmt.list_shard(Path(shards_dir) / shard["name"]):
+    for shard in shards.shards:
+        for loc in list_samples(shard):
             m = json.loads(loc.meta)
             meta[loc.key] = {f: m.get(f) for f in fields}
     counts = [utterance_counts(ref, hyp or "") for _, ref, hyp, *_ in rows]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .data import index as fmt
 from .config import ConfigError
 from .data.eval_loader import EvalLoader
-from .data.shardset import ShardSet
+from .data.shardset import ShardSet, list_samples
 from .metrics import ErrorCounts, GreedyDecoder, GroupTable, pooled_counts, utterance_counts
 from .models.ctc import ctc_loss
 
@@ -97,7 +97,7 @@ def group_table(shards: ShardSet, fields: list[str]) -> GroupTable:
     """The GroupTable of every utterance of ``shards`` (tar headers and sample JSON only, no audio)."""
     values = {}
     for s in shards.shards:
-        for loc in fmt.list_shard(s.path):
+        for loc in list_samples(s):
             m = json.loads(loc.meta)
             values[loc.key] = {f: m.get(f) for f in fields}
     return GroupTable(fields, values)

@@ -192,8 +192,9 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     # model tells whether that forward serves it
     check_layerdrop(cfg, world_size, shared_draws=cfg.model.sync_free_forward and family.sync_free)
     check_shard_builds(cfg)
-    shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature)
-    eval_sets = {name: ShardSet.open(d) for name, d in cfg.data.eval_shards.items()}
+    cache = dict(cache_dir=cfg.data.cache_dir, cache_max_gb=cfg.data.cache_max_gb)
+    shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature, **cache)
+    eval_sets = {name: ShardSet.open(d, **cache) for name, d in cfg.data.eval_shards.items()}
     for name, s in eval_sets.items():
         if s.vocab != shards.vocab:
             raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")

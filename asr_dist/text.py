@@ -175,17 +175,24 @@ def vocab_chars(vocab: dict[str, int]) -> set[str]:
 
 def load_vocab(path) -> dict[str, int]:
     try:
-        with open(path, encoding="utf-8") as f:
-            vocab = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise PathNotFound(f"{path}: no such vocabulary file") from None
+    return vocab_from_bytes(data, path)
+
+
+def vocab_from_bytes(data: bytes, where) -> dict[str, int]:
+    """A vocab.json's content, checked; ``where`` names it in errors."""
+    try:
+        vocab = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors; RecursionError: absurdly deep nesting
-        raise InvalidValue(f"{path}: not a JSON vocabulary ({str(e)[:200] or type(e).__name__})") from None
+        raise InvalidValue(f"{where}: not a JSON vocabulary ({str(e)[:200] or type(e).__name__})") from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
-        raise InvalidValue(f"{path}: a vocabulary must be a JSON object of token -> integer id")
+        raise InvalidValue(f"{where}: a vocabulary must be a JSON object of token -> integer id")
     for token in (PAD_TOKEN, UNK_TOKEN, WORD_DELIMITER):
         if token not in vocab:
-            raise InvalidValue(f"{path}: the vocabulary lacks {token!r}, which Wav2Vec2CTCTokenizer needs")
+            raise InvalidValue(f"{where}: the vocabulary lacks {token!r}, which Wav2Vec2CTCTokenizer needs")
     return vocab
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import hashlib
 import io
 import os
@@ -335,6 +336,7 @@ def write_preview(shard_dirs: list[str], augmentation: Augmentation, out: str, c
     deliver it (KEY.original.wav, KEY.augmented.wav), and applied.tsv saying what was applied to each.
     ``every_kind``: every configured kind on every utterance (its probability taken as 1), to hear each."""
     from . import index as fmt
+    from . import remote
     from .samples import decode_audio, sample_meta
     from .shardset import ShardSet
 
@@ -347,9 +349,11 @@ def write_preview(shard_dirs: list[str], augmentation: Augmentation, out: str, c
     target.mkdir(parents=True, exist_ok=True)
     rows = []
     for shard in shards.shards:
-        for key, files in fmt.iter_shard(shard.path):
-            if len(rows) >= count:
-                break
+        if len(rows) >= count:
+            break
+        with remote.open_stream(shard) as f:
+            samples = list(itertools.islice(fmt.iter_shard(shard.path, fileobj=f), count - len(rows)))
+        for key, files in samples:
             audio = decode_audio(files[shards.audio_format], f"{shard.path} sample {key}")
             text = sample_meta(files["json"])["text"]
             changed, applied = augmentation(audio, key, epoch)
@@ -358,8 +362,6 @@ def write_preview(shard_dirs: list[str], augmentation: Augmentation, out: str, c
             sf.write(target / f"{name}.augmented.wav", np.clip(changed, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
             rows.append({"key": key, "text": text, "seconds": round(len(audio) / SAMPLE_RATE, 3),
                          "augmented_seconds": round(len(changed) / SAMPLE_RATE, 3), "applied": applied})
-        if len(rows) >= count:
-            break
     import json
 
     lines = ["key\tseconds\taugmented_seconds\tapplied\ttext"]

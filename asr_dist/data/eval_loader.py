@@ -11,29 +11,45 @@ B: utterances; the other keys and shapes as asr_dist.data.samples draws them.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import logging
 import os
+import shutil
+import tempfile
 from typing import Iterator
 
 import torch
 
 from ..audio import SAMPLE_RATE, normalize
 from . import index as fmt
+from . import remote
 from .batching import cut_by_seconds
 from .samples import LabelEncoder, collate, decode_audio, sample_meta
-from .shardset import LoaderError, ShardSet
+from .shardset import LoaderError, ShardInfo, ShardSet, list_samples
 from .worker_signals import loader_worker_init, worker_context
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _temporary_cache() -> str:
+    """A cache directory of this process for sets at URLs read without ranges or data.cache_dir; removed at exit."""
+    path = tempfile.mkdtemp(prefix="asr-dist-shards-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class EvalBatches(torch.utils.data.Dataset):
     """Map-style: item i is this rank's i-th micro-batch (a filler when i is past its share)."""
 
     def __init__(self, batches: list[list[fmt.SampleLocation]], filler: list[fmt.SampleLocation], num_fillers: int,
-                 vocab: dict[str, int], audio_format: str, featurize=normalize):
+                 vocab: dict[str, int], audio_format: str, featurize=normalize, shards: dict | None = None):
         self.batches, self.filler, self.num_fillers = batches, filler, num_fillers
         self.vocab, self.audio_format, self.featurize = vocab, audio_format, featurize
-        self._fds: dict[str, int] = {}
+        self.shards = shards or {}  # each location's shard path -> its ShardInfo (how to read it)
+        self._readers: dict[str, remote.LocalFile | remote.RangeFile] = {}
 
     def __len__(self) -> int:
         return len(self.batches) + self.num_fillers
@@ -44,11 +60,12 @@ class EvalBatches(torch.utils.data.Dataset):
         encode = LabelEncoder(self.vocab)
         samples, seconds = [], []
         for loc in locs:
-            fd = self._fds.get(loc.shard)
-            if fd is None:
-                fd = self._fds[loc.shard] = os.open(loc.shard, os.O_RDONLY)
+            reader = self._readers.get(loc.shard)
+            if reader is None:
+                shard = self.shards.get(loc.shard) or ShardInfo(loc.shard, 0, 0.0)
+                reader = self._readers[loc.shard] = remote.open_reader(shard)
             text = json.loads(loc.meta)["text"]
-            audio = decode_audio(loc.read(fd, self.audio_format), f"{loc.shard} sample {loc.key}")
+            audio = decode_audio(loc.read(reader, self.audio_format), f"{loc.shard} sample {loc.key}")
             samples.append((loc.key, self.featurize(audio), encode(text), text))
             seconds.append(len(audio) / SAMPLE_RATE)
         batch = collate(samples, seconds=seconds)
@@ -65,10 +82,16 @@ class EvalLoader:
                  num_workers: int = 2, pin_memory: bool = False, micro_batch_seconds: float | None = None,
                  featurize=normalize):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+        if not self.shards.random_access:
+            # a web server without byte ranges and no data.cache_dir: the set is fetched once into a temporary
+            # cache that this process removes at exit (evaluation sets are small; set data.cache_dir to keep it)
+            self.shards = self.shards.cached(_temporary_cache())
+            log.info("evaluation set %s: no byte ranges and no data.cache_dir; its shards are fetched to %s",
+                     ", ".join(self.shards.dirs), self.shards.shards[0].fetch.cache_dir)
         if micro_batch_seconds is not None and not micro_batch_seconds > 0:
             raise LoaderError(f"evaluation micro-batches of {micro_batch_seconds:g} seconds: give more than 0")
         self.rank, self.world_size, self.num_workers, self.pin_memory = rank, world_size, num_workers, pin_memory
-        locs = [loc for s in self.shards.shards for loc in fmt.list_shard(s.path)]
+        locs = [loc for s in self.shards.shards for loc in list_samples(s)]
         if len(locs) != self.shards.num_samples:
             raise LoaderError(f"{self.shards.dirs}: {len(locs)} samples in the shards, index.json says "
                               f"{self.shards.num_samples}; run `asr-dist shards verify`")
@@ -90,7 +113,8 @@ class EvalLoader:
         self.num_utterances = sum(len(b) for b in self.mine)
         self.total_utterances = len(locs)
         self.dataset = EvalBatches(self.mine, locs[:1], self.num_batches_per_rank - len(self.mine),
-                                   self.shards.vocab, self.shards.audio_format, featurize)
+                                   self.shards.vocab, self.shards.audio_format, featurize,
+                                   {s.path: s for s in self.shards.shards})
 
     def __len__(self) -> int:
         return self.num_batches_per_rank

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InvalidValue, PathNotFound, UserError
+from . import remote
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -94,14 +95,16 @@ def fields_summary(per_shard) -> dict:
     }
 
 
-def iter_shard(path: str | os.PathLike, data: bytes | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_shard(path: str | os.PathLike, data: bytes | None = None, fileobj=None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) for each sample of a shard (read from ``data`` when the
-    caller already holds its bytes), refusing anything but plain files with safe relative names
-    (no "..", no absolute paths, no links or devices)."""
-    path = Path(path)
+    caller already holds its bytes, or from the file object ``fileobj``: a stream from a URL), refusing
+    anything but plain files with safe relative names (no "..", no absolute paths, no links or devices).
+    ``path`` names the shard in errors."""
     last = "(start of shard)"
+    if data is not None:
+        fileobj = io.BytesIO(data)
     try:
-        opened = tarfile.open(path, mode="r|") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r|")
+        opened = tarfile.open(path, mode="r|") if fileobj is None else tarfile.open(fileobj=fileobj, mode="r|")
         with opened as tar:
             key, files = None, {}
             for m in tar:
@@ -118,6 +121,8 @@ def iter_shard(path: str | os.PathLike, data: bytes | None = None) -> Iterator[t
                 files[ext] = data
             if key is not None:
                 yield key, files
+    except UserError:
+        raise  # a URL that cannot be read (asr_dist.data.remote) stops: it is no damage to skip
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{path}: unreadable after sample {last}: {e}") from None
 
@@ -149,21 +154,23 @@ class SampleLocation:
     members: dict[str, tuple[int, int]]
     meta: bytes = b""  # the JSON member's bytes
 
-    def read(self, fd: int, ext: str) -> bytes:
+    def read(self, reader, ext: str) -> bytes:
+        """The bytes of its ``ext`` file, from ``reader`` (asr_dist.data.remote.open_reader of its shard)."""
         offset, size = self.members[ext]
-        data = os.pread(fd, size, offset)
+        data = reader.pread(size, offset)
         if len(data) != size:
             raise ShardError(f"{self.shard}: sample {self.key} is cut short ({len(data)} of {size} bytes of .{ext})")
         return data
 
 
-def list_shard(path: str | os.PathLike, data: bytes | None = None) -> list[SampleLocation]:
+def list_shard(path: str | os.PathLike, data: bytes | None = None, source: str | None = None) -> list[SampleLocation]:
     """Every sample of a shard, located without reading its audio (tar headers and JSON only); from
-    ``data``, the shard's bytes, where the caller holds them already."""
-    path = Path(path)
+    ``data``, the shard's bytes, where the caller holds them already, or from the local file ``source``
+    (a cached copy) with ``path`` naming the shard."""
     out: list[SampleLocation] = []
     try:
-        with (tarfile.open(path, mode="r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
+        with (tarfile.open(source or path, mode="r:") if data is None
+              else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as tar:
             for m in tar:
                 key, ext = _check_member(path, m)
                 end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -201,14 +208,16 @@ def sample_table_lines(name: str, locs: list[SampleLocation], audio_format: str)
 def read_sample_table(directory: str | os.PathLike, index: dict) -> dict[str, tuple[list[str], list[tuple]]]:
     """samples.tsv as {shard name: (keys, [(num_samples, audio offset, audio size, JSON offset, JSON size)])},
     holding only the shards it can speak for: none where the set has no table (built by an older asr-dist)
-    or the table is not the one index.json records, and no shard whose file size is not index.json's."""
+    or the table is not the one index.json records, and no local shard whose file size is not index.json's.
+    ``directory``: a directory or a URL (asr_dist.data.remote)."""
     entry = index.get("samples_table")
-    path = Path(directory) / SAMPLES_NAME
+    if not entry:
+        return {}
     try:
-        data = path.read_bytes() if entry else b""
-    except OSError:
+        data = remote.read_file(directory, SAMPLES_NAME)
+    except (OSError, remote.RemoteError, PathNotFound):
         data = b""
-    if not entry or len(data) != entry.get("bytes"):
+    if len(data) != entry.get("bytes"):
         return {}
     out: dict[str, tuple[list[str], list[tuple]]] = {}
     try:
@@ -220,8 +229,8 @@ def read_sample_table(directory: str | os.PathLike, index: dict) -> dict[str, tu
     except ValueError:  # not ours after all: the shards are listed instead
         return {}
     for s in index["shards"]:
-        try:
-            ok = os.stat(Path(directory) / s["name"]).st_size == s["bytes"]
+        try:  # a shard at a URL is checked when it is read (its size by the ranged reads, the cache's checksum)
+            ok = remote.is_url(directory) or os.stat(Path(remote.local_path(directory)) / s["name"]).st_size == s["bytes"]
         except OSError:
             ok = False
         if not ok or len(out.get(s["name"], ((), ()))[1]) != s["num_samples"]:
@@ -230,17 +239,25 @@ def read_sample_table(directory: str | os.PathLike, index: dict) -> dict[str, tu
 
 
 def read_index(directory: str | os.PathLike) -> dict:
-    """index.json of a complete shard set, with a clear error when it is missing or foreign."""
-    d = Path(directory)
-    p = d / INDEX_NAME
-    if not d.is_dir():
-        raise PathNotFound(f"{d}: no such shard directory")
-    if not p.exists():
-        hint = " (a build was interrupted here: re-run it with the same arguments to finish)" if (d / STATE_NAME).exists() else ""
-        raise PathNotFound(f"{d}: no {INDEX_NAME}; not a complete shard set{hint}")
+    """index.json of a complete shard set (a directory or a URL), with a clear error when it is missing or foreign."""
+    if remote.is_url(directory):
+        p = remote.join(str(directory), INDEX_NAME)
+        try:
+            data = remote.read_url(p)
+        except PathNotFound:
+            raise PathNotFound(f"{p}: not found; {directory} is not a complete shard set (index.json is written "
+                               f"last: an upload that stopped has none), or the URL is wrong") from None
+    else:
+        d = Path(remote.local_path(directory))
+        p = d / INDEX_NAME
+        if not d.is_dir():
+            raise PathNotFound(f"{d}: no such shard directory")
+        if not p.exists():
+            hint = " (a build was interrupted here: re-run it with the same arguments to finish)" if (d / STATE_NAME).exists() else ""
+            raise PathNotFound(f"{d}: no {INDEX_NAME}; not a complete shard set{hint}")
+        data = p.read_bytes()
     try:
-        with open(p, encoding="utf-8") as f:
-            index = json.load(f)
+        index = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors; RecursionError: absurdly deep nesting
         raise InvalidValue(f"{p}: not valid JSON ({str(e)[:200] or type(e).__name__}); rebuild the shard set") from None
     version = index.get("format_version") if isinstance(index, dict) else None

@@ -19,7 +19,7 @@ So micro-batch g of every rank comes from one group of world x micro neighbours 
 the ranks' padded lengths differ by at most the group's spread, and so does a micro-batch's padding
 (on 480 utterances, 8 x 4: 1.02x the mean's padded work with 4 % padding, where contiguous slices gave
 1.06x and 0.5 %; on 3,438, bench/rank_balance.py: 1.012x, 1.9 %). Micro-batch g is read by worker g % workers, sample by sample at its offset in the
-shard (``os.pread`` of its JSON and audio), so the streams no longer read shards from start to end. Every utterance of the
+shard (a local read, or one ranged read of a shard at a URL: asr_dist.data.remote), so the streams no longer read shards from start to end. Every utterance of the
 epoch's share is delivered once, every rank runs the same number of micro-batches, and the stream's
 position is its count of delivered micro-batches (with the skips and reserve stand-ins so far): a
 restored loader recomputes the plan and goes on from there.
@@ -40,10 +40,12 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import UserError
 from . import index as fmt
 from .order import StreamLayout, epoch_sequence
 from .samples import BatchMaker, sample_meta
-from .shardset import LoaderError, ShardSet
+from . import remote
+from .shardset import LoaderError, ShardSet, list_samples
 from .streams import TrainStream
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class Catalogue:
         listed = 0
         for shard in shards.shards:
             n = shard.num_samples
-            directory, name = os.path.split(shard.path)
+            directory, name = shard.directory or os.path.dirname(shard.path), shard.name or os.path.basename(shard.path)
             if directory not in tables:
                 tables[directory] = fmt.read_sample_table(directory, fmt.read_index(directory))
             known = tables[directory].get(name)
@@ -82,7 +84,7 @@ class Catalogue:
             listed += 1
             k, ln, pl = [""] * n, np.zeros(n, dtype=np.int64), np.full((n, 4), -1, dtype=np.int64)
             try:
-                locs = fmt.list_shard(shard.path)
+                locs = list_samples(shard)
             except fmt.ShardError as e:
                 if on_corrupt == "stop":
                     raise fmt.ShardError(f"{e} (data.on_corrupt=skip skips such samples)") from None
@@ -161,27 +163,27 @@ class PlannedStream(TrainStream):
         # cursor: (0, reserve utterances taken as stand-ins so far); skipped_before_buffer: damaged samples so far
         stand_ins = state.cursor[1]
         maker = self.batch_maker(layout, state.skipped_before_buffer)
-        fds: dict[int, int] = {}
+        readers: dict[int, remote.LocalFile | remote.RangeFile] = {}
         try:
             while state.delivered < len(mine):
                 for s, i in mine[state.delivered]:
-                    self._read(layout, int(s), int(i), maker, fds)
+                    self._read(layout, int(s), int(i), maker, readers)
                 while not maker.samples:  # every utterance of it was damaged: a stand-in from the reserve
                     if stand_ins >= len(reserve):
                         raise LoaderError(f"rank {layout.rank}: no readable utterance left to stand in for a "
                                           f"damaged micro-batch (every one of the epoch was tried)")
                     s, i = reserve[(stand_ins + w * len(reserve) // layout.num_workers) % len(reserve)]
                     stand_ins += 1
-                    self._read(layout, int(s), int(i), maker, fds)
+                    self._read(layout, int(s), int(i), maker, readers)
                 batch = maker.take()
                 state.delivered += 1
                 yield self._deliver(batch, w, state, maker.skipped, cursor=(0, stand_ins),
                                     skipped_before_buffer=maker.skipped)
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for reader in readers.values():
+                reader.close()
 
-    def _read(self, layout, s: int, i: int, maker: BatchMaker, fds: dict[int, int]) -> None:
+    def _read(self, layout, s: int, i: int, maker: BatchMaker, readers: dict) -> None:
         """Add sample i of shard s to the micro-batch being formed, or count it as skipped."""
         path, cat = layout.shards[s].path, self.catalogue
         key = cat.keys[s][i]
@@ -195,16 +197,18 @@ class PlannedStream(TrainStream):
         try:
             if audio_at < 0 or json_at < 0:
                 raise KeyError(self.audio_format if audio_at < 0 else "json")
-            fd = fds.get(s)
-            if fd is None:
-                fd = fds[s] = os.open(path, os.O_RDONLY)
-            meta_bytes, audio_bytes = os.pread(fd, json_size, json_at), os.pread(fd, audio_size, audio_at)
+            reader = readers.get(s)
+            if reader is None:
+                reader = readers[s] = remote.open_reader(layout.shards[s])
+            meta_bytes, audio_bytes = reader.pread_spans([(json_size, json_at), (audio_size, audio_at)])
             if len(meta_bytes) != json_size or len(audio_bytes) != audio_size:
                 raise fmt.ShardError(f"{path}: sample {key} is cut short (the shard changed since it was listed?)")
             meta = sample_meta(meta_bytes)
         except (KeyError, ValueError) as e:
             maker.bad(path, key, f"no .{self.audio_format} or unreadable JSON ({e})")
             return
+        except UserError:
+            raise  # a URL that cannot be read stops the run (asr_dist.data.remote); it is no damaged sample
         except (fmt.ShardError, OSError) as e:
             maker.bad(path, key, str(e))
             return

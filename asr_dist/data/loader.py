@@ -29,13 +29,12 @@ import numpy as np
 import torch
 
 from ..audio import SAMPLE_RATE, normalize
-from . import index as fmt
 from .batching import accumulation_steps, default_bucket_batches
 from .length_plan import Catalogue, PlannedStream
 from .order import StreamLayout
 from .packing import choose_capacities, largest_need, micro_batch_needs
 from .samples import LabelEncoder
-from .shardset import LoaderError, ShardSet
+from .shardset import LoaderError, ShardSet, list_samples
 from .streams import StreamState, TrainStream
 from .worker_signals import loader_worker_init, worker_context
 
@@ -104,6 +103,11 @@ class TrainLoader:
         if length_plan and micro_batch_seconds is not None:
             raise LoaderError("data.length_plan=true plans a fixed utterance count per micro-batch (data.micro_batch_size); "
                               "leave data.micro_batch_seconds out, or set data.length_plan=false")
+        if length_plan and not self.shards.random_access:
+            log.warning("%s: the server gives no byte ranges, so the length plan cannot read utterances at their "
+                        "offsets; the loader streams whole shards instead (data.length_plan=false). Set data.cache_dir "
+                        "to a node-local directory to fetch each shard once and plan by length", where)
+            length_plan = False
         self.length_plan = length_plan
         self._catalogue = None  # length plan: every shard's samples, listed once (asr_dist.data.length_plan)
         # packed micro-batches (data.pack): utterances start on multiples of pack_align samples, and each
@@ -340,7 +344,7 @@ def unalignable(shards: ShardSet, alignable) -> list[tuple[str, int, int]]:
     encode = LabelEncoder(shards.vocab)
     out = []
     for shard in shards.shards:
-        for loc in fmt.list_shard(shard.path):
+        for loc in list_samples(shard):
             try:
                 meta = json.loads(loc.meta)
                 frames, need = alignable(meta["num_samples"], encode(meta["text"]))

@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..text import load_vocab
+from ..text import load_vocab, vocab_from_bytes
 from . import index as fmt
+from . import remote
 
 
 class LoaderError(UserError):
@@ -26,9 +27,14 @@ class LoaderError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
-    path: str
+    path: str  # a local path, or a URL (asr_dist.data.remote)
     num_samples: int
     audio_seconds: float
+    directory: str = ""  # the location of the set it belongs to, as given
+    name: str = ""  # its file name in the set (shard-NNNNNN.tar)
+    bytes: int = -1  # index.json's size and checksum of the file
+    sha256: str = ""
+    fetch: remote.Fetch | None = None  # how a shard at a URL is read; None: a local file
 
 
 @dataclasses.dataclass
@@ -55,12 +61,27 @@ class ShardSet:
     def audio_seconds(self) -> float:
         return sum(s.audio_seconds for s in self.shards)
 
+    @property
+    def random_access(self) -> bool:
+        """Whether every shard can be read at an offset (local, cached, or a store that serves byte ranges)."""
+        return all(s.fetch is None or s.fetch.random_access for s in self.shards)
+
+    def cached(self, cache_dir: str, cache_max_gb: float | None = None) -> "ShardSet":
+        """This set with its shards at URLs read through the node-local cache at ``cache_dir``."""
+        fetch = remote.Fetch(cache_dir, None if cache_max_gb is None else int(cache_max_gb * 1e9))
+        shards = [s if s.fetch is None else dataclasses.replace(s, fetch=dataclasses.replace(fetch, ranges=s.fetch.ranges))
+                  for s in self.shards]
+        return dataclasses.replace(self, shards=shards)
+
     @classmethod
-    def open(cls, dirs: str | os.PathLike | list | dict, temperature: float | None = None) -> "ShardSet":
-        """One or more shard directories read as one, or a mix {name: {"path": DIR, "weight": W}} whose
-        probabilities are the weights normalised, or hours ** ``temperature`` normalised when it is given."""
+    def open(cls, dirs: str | os.PathLike | list | dict, temperature: float | None = None,
+             cache_dir: str | None = None, cache_max_gb: float | None = None) -> "ShardSet":
+        """One or more shard directories (or URLs: asr_dist.data.remote) read as one, or a mix
+        {name: {"path": DIR, "weight": W}} whose probabilities are the weights normalised, or hours **
+        ``temperature`` normalised when it is given. Shards at URLs are read through the node-local cache at
+        ``cache_dir`` when it is given (at most ``cache_max_gb``), else by ranged reads or streamed."""
         if isinstance(dirs, dict):
-            return cls._open_mix(dirs, temperature)
+            return cls._open_mix(dirs, temperature, cache_dir, cache_max_gb)
         dirs = [str(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
         if not dirs:
             raise LoaderError("no shard directory given")
@@ -70,24 +91,30 @@ class ShardSet:
             hist = index.get("duration_histogram") or {}
             if hist.get("counts"):
                 longest.append((max(int(b) for b in hist["counts"]) + 1) * hist["bin_seconds"])
-            vocab = load_vocab(Path(d) / fmt.VOCAB_NAME)
+            vocab = load_vocab_at(d)
             if first is None:
                 first = (index, vocab)
             elif index["vocab_sha256"] != first[0]["vocab_sha256"] or index["audio_format"] != first[0]["audio_format"]:
                 raise LoaderError(f"{d} has another vocab.json or audio format than {dirs[0]}; build them with the same --vocab")
-            shards += [ShardInfo(str(Path(d) / s["name"]), s["num_samples"], s["audio_seconds"]) for s in index["shards"]]
+            fetch = None
+            if remote.is_url(d):
+                ranges = remote.serves_ranges(d, fmt.INDEX_NAME)
+                fetch = remote.Fetch(cache_dir, None if cache_max_gb is None else int(cache_max_gb * 1e9), ranges)
+            shards += [ShardInfo(remote.join(d, s["name"]), s["num_samples"], s["audio_seconds"], d, s["name"],
+                                 s.get("bytes", -1), s.get("sha256", ""), fetch) for s in index["shards"]]
         return cls(dirs, shards, first[1], first[0]["audio_format"], first[0]["text_normalizer"],
                    max(longest) if len(longest) == len(dirs) else None)
 
     @classmethod
-    def _open_mix(cls, mix: dict, temperature: float | None) -> "ShardSet":
+    def _open_mix(cls, mix: dict, temperature: float | None, cache_dir: str | None = None,
+                  cache_max_gb: float | None = None) -> "ShardSet":
         if not mix:
             raise LoaderError("a mix that names no shard set: give {name: {path: DIR, weight: W}, …}")
-        names, paths = list(mix), [mix[n]["path"] if isinstance(mix[n], dict) else mix[n] for n in mix]
-        whole = cls.open(paths)
+        names, paths = list(mix), [str(mix[n]["path"] if isinstance(mix[n], dict) else mix[n]) for n in mix]
+        whole = cls.open(paths, cache_dir=cache_dir, cache_max_gb=cache_max_gb)
         sets, start = [], 0
         for name, path in zip(names, paths):
-            shards = [s for s in whole.shards if Path(s.path).parent == Path(path)]
+            shards = [s for s in whole.shards if s.directory == path]
             hours = sum(s.audio_seconds for s in shards) / 3600
             weight = hours ** temperature if temperature is not None else float(mix[name]["weight"])
             if not weight > 0:
@@ -99,3 +126,20 @@ class ShardSet:
         total = sum(s[3] for s in sets)
         whole.mix = tuple((n, a, b, w / total) for n, a, b, w in sets)
         return whole
+
+
+def load_vocab_at(location: str) -> dict[str, int]:
+    """vocab.json of the shard set at ``location`` (a directory or a URL)."""
+    if not remote.is_url(location):
+        return load_vocab(Path(remote.local_path(location)) / fmt.VOCAB_NAME)
+    return vocab_from_bytes(remote.read_file(location, fmt.VOCAB_NAME), remote.join(location, fmt.VOCAB_NAME))
+
+
+def list_samples(shard: ShardInfo) -> list[fmt.SampleLocation]:
+    """Every sample of ``shard``, located (tar headers and JSON), read from its file, its cached copy, or
+    fetched whole from its URL; each location names the shard as the set does (its path or URL)."""
+    if shard.fetch is None:
+        return fmt.list_shard(remote.local_path(shard.path))
+    if shard.fetch.cache_dir is not None:
+        return fmt.list_shard(shard.path, source=remote.cached_copy(shard))
+    return fmt.list_shard(shard.path, remote.read_url(shard.path))

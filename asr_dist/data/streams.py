@@ -33,7 +33,9 @@ from typing import Iterator
 import torch
 
 from ..audio import SAMPLE_RATE, normalize
+from ..errors import UserError
 from . import index as fmt
+from . import remote
 from .augment import EpochAugment
 from .batching import cut_by_seconds
 from .order import StreamLayout, _units
@@ -48,15 +50,16 @@ def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int, int], skip: i
     first, stop, step = unit[1:]
     j = 0
     try:
-        for n, (key, files) in enumerate(fmt.iter_shard(shard.path)):
-            if n >= stop:
-                break
-            if n < first or (n - first) % step:
-                continue
-            j += 1
-            if j <= skip:
-                continue
-            yield key, files
+        with _open_shard(shard) as f:
+            for n, (key, files) in enumerate(fmt.iter_shard(shard.path, fileobj=f)):
+                if n >= stop:
+                    break
+                if n < first or (n - first) % step:
+                    continue
+                j += 1
+                if j <= skip:
+                    continue
+                yield key, files
     except fmt.ShardError as e:
         if on_corrupt == "stop":
             raise
@@ -64,6 +67,17 @@ def _unit_samples(layout: StreamLayout, unit: tuple[int, int, int, int], skip: i
         lost = max(0, in_unit - max(j, skip))
         maker.skipped += lost
         log.warning("skipping the rest of a damaged shard (%d samples of this stream): %s", lost, e)
+
+
+def _open_shard(shard):
+    """The shard as a stream from its start (asr_dist.data.remote.open_stream); a local file that cannot be
+    opened is a damaged shard (data.on_corrupt), a URL that cannot be read stops the run."""
+    try:
+        return remote.open_stream(shard)
+    except UserError:
+        raise
+    except OSError as e:
+        raise fmt.ShardError(f"{shard.path}: unreadable after sample (start of shard): {e}") from None
 
 
 @dataclasses.dataclass

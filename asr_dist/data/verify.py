@@ -9,27 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE, AudioError, decode
-from ..text import load_vocab, vocab_chars, vocab_hash
+from ..text import vocab_chars, vocab_hash
 from . import index as fmt
+from . import remote
+from .shardset import load_vocab_at
 
 
 def verify(directory: str, progress: bool = True) -> list[str]:
-    """Every problem found in the shard set at ``directory`` (an empty list means it is sound)."""
-    d = Path(directory)
+    """Every problem found in the shard set at ``directory`` (a directory or a URL; an empty list means it is
+    sound)."""
+    d = str(directory)
     index = fmt.read_index(d)
     problems: list[str] = []
     try:
-        vocab = load_vocab(d / fmt.VOCAB_NAME)
+        vocab = load_vocab_at(d)
     except (OSError, ValueError) as e:
-        problems.append(f"{d / fmt.VOCAB_NAME}: {e}")
+        problems.append(f"{remote.join(d, fmt.VOCAB_NAME)}: {e}")
         vocab = None
     if vocab is not None and vocab_hash(vocab) != index["vocab_sha256"]:
-        problems.append(f"{d / fmt.VOCAB_NAME}: does not match the vocab_sha256 recorded in index.json")
+        problems.append(f"{remote.join(d, fmt.VOCAB_NAME)}: does not match the vocab_sha256 recorded in index.json")
     allowed = vocab_chars(vocab) if vocab else None
     audio_ext = index["audio_format"]
     keys: dict[str, str] = {}
@@ -37,12 +39,13 @@ def verify(directory: str, progress: bool = True) -> list[str]:
     table = [fmt.SAMPLES_HEADER]  # samples.tsv as these shards give it; None once a shard cannot
     with tqdm(total=index["num_samples"], unit="utt", desc="verifying", disable=not progress, mininterval=1.0) as bar:
         for shard in index["shards"]:
-            path = d / shard["name"]
-            if not path.exists():
+            path = remote.join(d, shard["name"])
+            try:
+                data = remote.read_file(d, shard["name"])  # read once: checksummed, then parsed from memory
+            except FileNotFoundError:
                 problems.append(f"{shard['name']}: missing")
                 table = None
                 continue
-            data = path.read_bytes()  # read once: checksummed, then parsed from memory
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{shard['name']}: checksum differs from index.json (the file changed or is damaged)")
             count = 0
@@ -71,15 +74,15 @@ def verify(directory: str, progress: bool = True) -> list[str]:
     return problems
 
 
-def _check_sample_table(d: Path, index: dict, expected: bytes | None) -> list[str]:
+def _check_sample_table(d: str, index: dict, expected: bytes | None) -> list[str]:
     """samples.tsv, where index.json records one, is ``expected``: what the shards hold (None: a shard is
     damaged, reported already). Sets built by an older asr-dist have none: their readers list the shards."""
     entry = index.get("samples_table")
     if not entry:
         return []
     try:
-        data = (d / fmt.SAMPLES_NAME).read_bytes()
-    except OSError as e:
+        data = remote.read_file(d, fmt.SAMPLES_NAME)
+    except (OSError, remote.RemoteError) as e:
         return [f"{fmt.SAMPLES_NAME}: unreadable ({e}); readers list the shards instead"]
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         return [f"{fmt.SAMPLES_NAME}: checksum differs from index.json (the file changed or is damaged)"]
@@ -132,7 +135,7 @@ INFO_VALUES_SHOWN = 12
 
 def info(directory: str) -> str:
     """Counts, hours, a duration histogram and the character inventory, as text."""
-    d = Path(directory)
+    d = str(directory)
     index = fmt.read_index(d)
     lines = [
         f"{d}: {index['num_samples']} utterances, {index['audio_hours']:.3f} h in {index['num_shards']} shards "

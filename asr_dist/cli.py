@@ -60,7 +60,12 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-commands", action="store_true",
                    help="run the shell commands of Kaldi wav.scp entries ending in '|' (only for manifests you trust)")
     g = p.add_argument_group("output")
-    g.add_argument("--output", "-o", required=True, metavar="DIR", help="shard set directory")
+    g.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="shard set directory, or an object-store URL (s3://bucket/prefix/set: built in --stage-dir, "
+                        "verified, then uploaded with index.json last; credentials from the environment)")
+    g.add_argument("--stage-dir", metavar="DIR",
+                   help="with --output s3://…: where the set is built before the upload (default: a directory under "
+                        "$TMPDIR named after the URL; a stopped build resumes there; removed after the upload)")
     g.add_argument("--audio-format", choices=("flac", "wav"), default="flac", help="stored audio, 16 kHz mono 16-bit (default: flac)")
     g.add_argument("--shard-size", type=int, default=1000, help="utterances per shard; only the last may be short (default: 1000)")
     g.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default: 0)")
@@ -109,9 +114,13 @@ def build_options_from_args(args):
 
 
 def cmd_shards_build(args) -> int:
-    from .data.writer import build
+    from .data.remote import is_url
+    from .data.writer import build, build_to_url
 
-    summary = build(build_options_from_args(args))
+    opts = build_options_from_args(args)
+    if args.stage_dir and not is_url(opts.output):
+        raise UserError("--stage-dir is for an --output at a URL (s3://…); a local --output is built in place")
+    summary = build_to_url(opts, args.stage_dir) if is_url(opts.output) else build(opts)
     print(summary.render())
     return EXIT_FAILED if summary.failed else EXIT_OK
 

@@ -24,6 +24,7 @@ from .config import shard_dirs
 from .data import index as fmt
 from .errors import InvalidValue
 from .evaluation import POOLED
+from .text import vocab_json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ def make_processor(vocab_path: Path, family=None):
     return (family or FAMILIES["wav2vec2"]).processor(vocab_path)
 
 
+def write_processor(vocab: dict[str, int], family, out: Path) -> None:
+    """The processor of ``family`` over ``vocab`` (the training set's, which may live at a URL) into ``out``."""
+    (out / fmt.VOCAB_NAME).write_bytes(vocab_json_bytes(vocab))
+    make_processor(out / fmt.VOCAB_NAME, family).save_pretrained(str(out))
+
+
 def export(trainer, out: Path) -> None:
     """Every rank calls this (ZeRO-3 gathers the weights collectively); rank 0 writes ``out``."""
     engine = trainer.engine
@@ -71,7 +78,7 @@ def export(trainer, out: Path) -> None:
         config.save_pretrained(str(tmp))
         if trainer.cfg.model.train_adapters_only:  # also the adapter alone, for load_adapter on another copy of the base
             trainer.family.write_adapter(state, model, trainer.cfg.model.adapter_language, tmp)
-        make_processor(Path(trainer.shards.dirs[0]) / fmt.VOCAB_NAME, trainer.family).save_pretrained(str(tmp))
+        write_processor(trainer.shards.vocab, trainer.family, tmp)
         (tmp / "asr_dist.json").write_text(json.dumps({
             "asr_dist_version": __version__, "text_normalizer": trainer.shards.text_normalizer,
             "train_shards": trainer.cfg.data.train_shards, "steps": engine.global_steps,
@@ -211,11 +218,12 @@ def write_model_dir(cfg, weights: dict, out: str | Path, record: dict, card: str
     from .models import build_model
 
     out = Path(out)
-    shard_dir = Path(shard_dirs(cfg.data.train_shards)[0])
-    if not (shard_dir / fmt.VOCAB_NAME).exists():
+    shard_dir = str(shard_dirs(cfg.data.train_shards)[0])
+    try:
+        shards = ShardSet.open(shard_dir)
+    except FileNotFoundError:
         raise InvalidValue(f"the run's training shards {shard_dir} (for vocab.json and the text normaliser) are gone; "
-                           f"evaluate the exported model directory instead")
-    shards = ShardSet.open(str(shard_dir))
+                           f"evaluate the exported model directory instead") from None
     model, family = build_model(cfg.model, shards.vocab, seed=cfg.seed)
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
@@ -231,7 +239,7 @@ def write_model_dir(cfg, weights: dict, out: str | Path, record: dict, card: str
     model.save_pretrained(str(out), safe_serialization=True)
     if cfg.model.train_adapters_only:
         family.write_adapter(model.state_dict(), model, cfg.model.adapter_language, out)
-    make_processor(shard_dir / fmt.VOCAB_NAME, family).save_pretrained(str(out))
+    write_processor(shards.vocab, family, out)
     (out / "asr_dist.json").write_text(json.dumps({
         "asr_dist_version": __version__, "text_normalizer": shards.text_normalizer,
         "train_shards": cfg.data.train_shards, **record}, indent=1) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import logging
 import os
 import shutil
 import socket
@@ -160,6 +161,7 @@ def s3_server(bucket: str = "shards"):
     variables in this process's environment point at it while it runs."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -167,7 +167,7 @@ def read_url(url: str, start: int | None = None, end: int | None = None) -> byte
 
     def read():
         fs = _fs(url)
-        data = fs.cat_file(url, start, end)
+        data = fs.cat_file(url, start=start, end=end)
         if start is not None and end is not None and len(data) != end - start:
             raise RangeError(f"{url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes")
         return data
@@ -194,7 +194,7 @@ def serves_ranges(location: str, probe_name: str) -> bool:
         return False
     url = join(location, probe_name)
     try:
-        return len(_fs(url).cat_file(url, 1, 2)) == 1
+        return len(_fs(url).cat_file(url, start=1, end=2)) == 1
     except Exception as e:  # noqa: BLE001 - a store that fails a probe is read without ranges
         stop = _permanent(url, e)
         if isinstance(stop, PathNotFound):
@@ -467,6 +467,11 @@ class ShardCache:
             p.unlink(missing_ok=True)  # a process reading it keeps its open file
             used -= n
             log.info("cache: removed %s (least recently used) to stay under %.2f GB", p.name, self.max_bytes / 1e9)
+
+
+def remove(url: str) -> None:
+    """Delete the file at ``url`` (an object store's key)."""
+    retrying(url, "deleting", lambda: _fs(url).rm_file(url))
 
 
 def upload_set(local_dir: str | os.PathLike, url: str, progress: bool = True) -> None:

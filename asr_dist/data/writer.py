@@ -44,6 +44,7 @@ from ..text import (
     vocab_json_bytes,
 )
 from . import index as fmt
+from . import remote
 from .hub import Spill
 from .items import RESERVED_FIELDS, InputError, Item, Reject
 from .sources import item_audio, read_input, resolve_input, table_fields
@@ -140,7 +141,7 @@ class BuildSummary:
             f"{self.output}: {verb} {self.num_kept} utterances ({self.audio_seconds / 3600:.2f} h)"
             + ("" if self.dry_run else f" in {self.num_shards} shards"),
             f"rejected {self.num_rejected} ({100 * self.reject_fraction:.1f} %)"
-            + (f", listed in {Path(self.output) / fmt.REJECTS_NAME}" if self.num_rejected and not self.dry_run else ""),
+            + (f", listed in {remote.join(self.output, fmt.REJECTS_NAME)}" if self.num_rejected and not self.dry_run else ""),
         ]
         for reason, n in self.rejects.most_common():
             lines.append(f"  {reason:<22} {n}")
@@ -533,8 +534,52 @@ def _summary_from_index(index: dict, opts_out: str, max_frac: float) -> BuildSum
     )
 
 
+def default_stage_dir(url: str) -> str:
+    """Where `shards build --output URL` builds before the upload: one directory per URL, so that a build that
+    stopped resumes there."""
+    return os.path.join(tempfile.gettempdir(), f"asr-dist-stage-{hashlib.sha256(url.encode()).hexdigest()[:16]}")
+
+
+def build_to_url(opts: BuildOptions, stage_dir: str | None = None) -> BuildSummary:
+    """`shards build --output s3://…`: the set is built in ``stage_dir`` (resumable there), verified, and
+    uploaded with index.json last; the staging directory is removed once the upload is whole. A set already at
+    the URL with another index.json needs ``opts.overwrite`` (its index.json goes first, so no reader meets a
+    half-replaced set)."""
+    from .verify import verify
+
+    url = opts.output
+    stage = stage_dir or default_stage_dir(url)
+    log.info("building in %s, then uploading to %s", stage, url)
+    summary = build(dataclasses.replace(opts, output=stage))
+    summary.output = url
+    if opts.dry_run:
+        return summary
+    problems = verify(stage, progress=opts.progress)
+    if problems:
+        raise fmt.ShardError(f"{stage}: the staged set failed verification, so nothing was uploaded to {url}: "
+                             f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    built = (Path(stage) / fmt.INDEX_NAME).read_bytes()
+    try:
+        there = remote.read_file(url, fmt.INDEX_NAME)
+    except FileNotFoundError:
+        there = None
+    if there == built:
+        log.info("%s already holds this shard set; nothing uploaded", url)
+    else:
+        if there is not None:
+            if not opts.overwrite:
+                raise InputError(f"{url} already holds another shard set; pass --overwrite to replace it, or "
+                                 f"choose another --output")
+            remote.remove(remote.join(url, fmt.INDEX_NAME))
+        remote.upload_set(stage, url, progress=opts.progress)
+    shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
 def build(opts: BuildOptions) -> BuildSummary:
     """Build (or finish, or confirm) the shard set that ``opts`` describe."""
+    if remote.is_url(opts.output):
+        raise InputError(f"--output {opts.output}: a URL; build_to_url builds locally and uploads")
     t0 = time.time()
     normalizer = Normalizer(opts.normalizer, **opts.normalizer_settings)
     vocab = load_vocab(opts.vocab) if opts.vocab else None

@@ -1,6 +1,6 @@
 """The `asr-dist` command: one entry point, subcommands per task.
 
-  asr-dist shards build|verify|info|merge    shard sets (asr_dist.data)
+  asr-dist shards build|verify|info|merge|upload    shard sets (asr_dist.data), local or at URLs
   asr-dist train                             fine-tune with DeepSpeed (asr_dist.engine)
   asr-dist export-onnx                       ONNX for CPU serving; transcribe --onnx runs it
   asr-dist average                           the mean of several checkpoints, as one model
@@ -126,12 +126,26 @@ def cmd_shards_build(args) -> int:
 
 
 def cmd_shards_merge(args) -> int:
+    from .data.remote import is_url
     from .data.writer import merge
 
+    if is_url(args.output):
+        raise UserError(f"--output {args.output}: shards merge writes a local directory; merge there, then "
+                        f"`asr-dist shards upload DIR {args.output}`")
     summary = merge(args.parts, args.output, overwrite=args.overwrite, progress=not args.no_progress,
                     workers=args.workers, max_reject_fraction=args.max_reject_fraction)
     print(summary.render())
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def cmd_shards_upload(args) -> int:
+    from .data.writer import publish
+
+    if publish(args.dir, args.url, overwrite=args.overwrite, progress=not args.no_progress):
+        print(f"{args.url}: uploaded, verified first, index.json last")
+    else:
+        print(f"{args.url}: already holds this shard set; nothing uploaded")
+    return EXIT_OK
 
 
 def cmd_shards_verify(args) -> int:
@@ -399,6 +413,15 @@ def make_parser() -> argparse.ArgumentParser:
                                               "with {name})")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_shards_verify)
+    p = ssub.add_parser("upload", help="verify a local shard set and copy it to an object store, index.json last",
+                        description="Verify the shard set in DIR, then upload every file to URL (s3://bucket/prefix/"
+                                    "set; credentials from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                    "AWS_ENDPOINT_URL), index.json last so that no reader finds a partial set complete.")
+    p.add_argument("dir", metavar="DIR", help="a finished shard set (shards build or shards merge)")
+    p.add_argument("url", metavar="URL", help="where it goes: s3://bucket/prefix/set")
+    p.add_argument("--overwrite", action="store_true", help="replace another shard set already at URL")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_shards_upload)
     p = ssub.add_parser("info", help="counts, hours, duration histogram and characters of a shard set")
     p.add_argument("dir", metavar="DIR", help="the shard set: a directory or a URL")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the duration histogram into this PNG")

@@ -138,7 +138,7 @@ def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, mi
                 failed = UserError(box[1])
         if failed is not None:
             raise failed
-        shards = ShardSet.open(shards_dir, cache_dir=cache_dir)
+        shards = ShardSet.open(shards_dir, cache_dir=cache_dir).for_evaluation()
         if shards.vocab != vocab:
             raise ModelDirError(f"{shards_dir}: its vocab.json differs from the model's; build it with "
                                 f"--vocab {Path(model_dir) / 'vocab.json'} (or give the corpus itself)")

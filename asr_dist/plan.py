@@ -194,7 +194,7 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     check_shard_builds(cfg)
     cache = dict(cache_dir=cfg.data.cache_dir, cache_max_gb=cfg.data.cache_max_gb)
     shards = ShardSet.open(cfg.data.train_shards, cfg.data.mix_temperature, **cache)
-    eval_sets = {name: ShardSet.open(d, **cache) for name, d in cfg.data.eval_shards.items()}
+    eval_sets = {name: ShardSet.open(d, **cache).for_evaluation() for name, d in cfg.data.eval_shards.items()}
     for name, s in eval_sets.items():
         if s.vocab != shards.vocab:
             raise ConfigError(f"data.eval_shards.{name}: its vocab.json differs from the training set's")

@@ -62,6 +62,19 @@ def test_catalogue_benchmark_reads_every_utterance_both_ways():
     assert set(r["microseconds_per_utterance"]) == {"listing", "samples_tsv"}
 
 
+def test_remote_loader_benchmark_reads_from_web_servers_against_local_disk():
+    r = run_bench("remote_loader.py", "--utterances", "64", "--workers", "1")
+    rows = ["baseline_local_length_plan", "baseline_local_streamed", "python_http_no_ranges_streamed"]
+    if "nginx" not in r:  # nginx is installed: its ranged and cached rows are there
+        rows += ["nginx_ranged_length_plan", "nginx_cache_length_plan"]
+        assert r["nginx_ranged_length_plan"]["length_plan"] and r["nginx_cache_length_plan"]["length_plan"]
+        assert positive(r["ratio_nginx_ranged_vs_local"], r["ratio_nginx_cache_warm_epoch_vs_local"])
+    for row in rows:
+        assert positive(r[row]["audio_seconds_per_second"], *r[row]["epoch_audio_seconds_per_second"]), row
+    assert not r["python_http_no_ranges_streamed"]["length_plan"]  # no ranges: the loader fell back to streaming
+    assert positive(r["ratio_python_http_streamed_vs_local_streamed"])
+
+
 @pytest.mark.slow  # builds and decodes two shard sets several times (about 20 s)
 def test_loader_benchmark_shows_bucketing_cuts_padding_and_seconds_fill_evenly():
     # 128 utterances: a buffer holds at most what an epoch's share takes, so from 8 micro-batches of 16 on

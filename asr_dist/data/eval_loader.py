@@ -11,13 +11,9 @@ B: utterances; the other keys and shapes as asr_dist.data.samples draws them.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
-import logging
 import os
-import shutil
-import tempfile
 from typing import Iterator
 
 import torch
@@ -29,16 +25,6 @@ from .batching import cut_by_seconds
 from .samples import LabelEncoder, collate, decode_audio, sample_meta
 from .shardset import LoaderError, ShardInfo, ShardSet, list_samples
 from .worker_signals import loader_worker_init, worker_context
-
-log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _temporary_cache() -> str:
-    """A cache directory of this process for sets at URLs read without ranges or data.cache_dir; removed at exit."""
-    path = tempfile.mkdtemp(prefix="asr-dist-shards-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 class EvalBatches(torch.utils.data.Dataset):
@@ -82,12 +68,7 @@ class EvalLoader:
                  num_workers: int = 2, pin_memory: bool = False, micro_batch_seconds: float | None = None,
                  featurize=normalize):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
-        if not self.shards.random_access:
-            # a web server without byte ranges and no data.cache_dir: the set is fetched once into a temporary
-            # cache that this process removes at exit (evaluation sets are small; set data.cache_dir to keep it)
-            self.shards = self.shards.cached(_temporary_cache())
-            log.info("evaluation set %s: no byte ranges and no data.cache_dir; its shards are fetched to %s",
-                     ", ".join(self.shards.dirs), self.shards.shards[0].fetch.cache_dir)
+        self.shards = self.shards.for_evaluation()
         if micro_batch_seconds is not None and not micro_batch_seconds > 0:
             raise LoaderError(f"evaluation micro-batches of {micro_batch_seconds:g} seconds: give more than 0")
         self.rank, self.world_size, self.num_workers, self.pin_memory = rank, world_size, num_workers, pin_memory

@@ -17,7 +17,8 @@ Locations:
 
 A dropped connection, a timeout or a 5xx is retried with backoff (``RETRIES`` times, the log names the URL);
 a 404, a refused credential or a checksum that differs from index.json stops with the URL and what to check.
-Every network wait has a timeout below the hang watchdog's default, so a dead server is an error, not a hang.
+Every network wait has a timeout, and all the tries of one read end before the hang watchdog's floor
+(distributed.watchdog_floor_s, 600 s), so a dead server is an error naming its URL, not a hang.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 RETRIES = 6  # tries after the first: 0.5, 1, 2, 4, 8, 16 s apart (about 30 s in all)
 BACKOFF_SECONDS = 0.5
 CONNECT_TIMEOUT_SECONDS = 30
-READ_TIMEOUT_SECONDS = 120  # no byte for this long: the connection is dead (the watchdog's default is 30 min)
+READ_TIMEOUT_SECONDS = 60  # no byte for this long: the connection is dead
+# so a dead server fails every try (7 x 60 s + 31.5 s of backoff) before the hang watchdog's 600 s floor
 CHUNK_BYTES = 8 << 20  # ranged reads of a stream, and the cache's download buffer
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

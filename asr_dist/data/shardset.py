@@ -11,14 +11,21 @@ with; its message says what to change.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import UserError
 from ..text import load_vocab, vocab_from_bytes
 from . import index as fmt
 from . import remote
+
+log = logging.getLogger(__name__)
 
 
 class LoaderError(UserError):
@@ -65,6 +72,17 @@ class ShardSet:
     def random_access(self) -> bool:
         """Whether every shard can be read at an offset (local, cached, or a store that serves byte ranges)."""
         return all(s.fetch is None or s.fetch.random_access for s in self.shards)
+
+    def for_evaluation(self) -> "ShardSet":
+        """This set as evaluation reads it: every shard is listed (tar headers and JSON) and read at offsets, so
+        shards at URLs without data.cache_dir are fetched once, whole, into a temporary cache of this process
+        (removed at exit) rather than listed over the network and read again by ranges."""
+        if all(s.fetch is None or s.fetch.cache_dir is not None for s in self.shards):
+            return self
+        cached = self.cached(_temporary_cache())
+        log.info("%s: no data.cache_dir; the shards are fetched once to %s (removed at exit)", ", ".join(self.dirs),
+                 cached.shards[0].fetch.cache_dir if cached.shards[0].fetch else "")
+        return cached
 
     def cached(self, cache_dir: str, cache_max_gb: float | None = None) -> "ShardSet":
         """This set with its shards at URLs read through the node-local cache at ``cache_dir``."""
@@ -126,6 +144,14 @@ class ShardSet:
         total = sum(s[3] for s in sets)
         whole.mix = tuple((n, a, b, w / total) for n, a, b, w in sets)
         return whole
+
+
+@functools.lru_cache(maxsize=None)
+def _temporary_cache() -> str:
+    """A cache directory of this process for sets at URLs read without data.cache_dir; removed at exit."""
+    path = tempfile.mkdtemp(prefix="asr-dist-shards-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def load_vocab_at(location: str) -> dict[str, int]:

@@ -543,10 +543,7 @@ def default_stage_dir(url: str) -> str:
 def build_to_url(opts: BuildOptions, stage_dir: str | None = None) -> BuildSummary:
     """`shards build --output s3://…`: the set is built in ``stage_dir`` (resumable there), verified, and
     uploaded with index.json last; the staging directory is removed once the upload is whole. A set already at
-    the URL with another index.json needs ``opts.overwrite`` (its index.json goes first, so no reader meets a
-    half-replaced set)."""
-    from .verify import verify
-
+    the URL with another index.json needs ``opts.overwrite`` (``publish``)."""
     url = opts.output
     stage = stage_dir or default_stage_dir(url)
     log.info("building in %s, then uploading to %s", stage, url)
@@ -554,26 +551,37 @@ def build_to_url(opts: BuildOptions, stage_dir: str | None = None) -> BuildSumma
     summary.output = url
     if opts.dry_run:
         return summary
-    problems = verify(stage, progress=opts.progress)
+    publish(stage, url, overwrite=opts.overwrite, progress=opts.progress)
+    shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def publish(directory: str | os.PathLike, url: str, overwrite: bool = False, progress: bool = True) -> bool:
+    """Verify the finished shard set in ``directory`` and upload it to ``url`` with index.json last (`shards
+    upload`); False when ``url`` holds this very set already (nothing is uploaded). Another set there needs
+    ``overwrite``: its index.json is deleted first, so no reader meets a half-replaced set."""
+    from .verify import verify
+
+    fmt.read_index(directory)  # a complete set, or the reason it is not
+    problems = verify(str(directory), progress=progress)
     if problems:
-        raise fmt.ShardError(f"{stage}: the staged set failed verification, so nothing was uploaded to {url}: "
+        raise fmt.ShardError(f"{directory}: the set failed verification, so nothing was uploaded to {url}: "
                              f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    built = (Path(stage) / fmt.INDEX_NAME).read_bytes()
+    built = (Path(directory) / fmt.INDEX_NAME).read_bytes()
     try:
         there = remote.read_file(url, fmt.INDEX_NAME)
     except FileNotFoundError:
         there = None
     if there == built:
         log.info("%s already holds this shard set; nothing uploaded", url)
-    else:
-        if there is not None:
-            if not opts.overwrite:
-                raise InputError(f"{url} already holds another shard set; pass --overwrite to replace it, or "
-                                 f"choose another --output")
-            remote.remove(remote.join(url, fmt.INDEX_NAME))
-        remote.upload_set(stage, url, progress=opts.progress)
-    shutil.rmtree(stage, ignore_errors=True)
-    return summary
+        return False
+    if there is not None:
+        if not overwrite:
+            raise InputError(f"{url} already holds another shard set; pass --overwrite to replace it, or "
+                             f"choose another --output")
+        remote.remove(remote.join(url, fmt.INDEX_NAME))
+    remote.upload_set(directory, url, progress=progress)
+    return True
 
 
 def build(opts: BuildOptions) -> BuildSummary:

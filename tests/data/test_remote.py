@@ -213,6 +213,14 @@ def test_s3_build_upload_read_and_verify(www, tmp_path, capsys):
         assert main(args + ["--shard-size", "4"]) == 2
         assert "already holds another shard set; pass --overwrite" in capsys.readouterr().err
         assert json.loads(remote.read_file(url, "index.json"))["shard_size"] == 8
+        # a set built locally goes up the same way; merge refuses a URL and says what to do instead
+        assert main(["shards", "upload", local, f"{bucket}/sets/local", "--no-progress"]) == 0
+        assert "uploaded" in capsys.readouterr().out
+        assert main(["shards", "upload", local, f"{bucket}/sets/local", "--no-progress"]) == 0
+        assert "already holds this shard set" in capsys.readouterr().out
+        assert ShardSet.open(f"{bucket}/sets/local").num_samples == 48
+        assert main(["shards", "merge", local, "-o", f"{bucket}/sets/merged"]) == 2
+        assert "shards upload DIR" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -74,3 +74,35 @@ def test_transcribe_onnx_writes_the_pytorch_transcripts(train_shards, exported, 
         OnnxCTC(model_dir)
     assert main(["transcribe", "--model", str(model_dir), "--int8", paths[0]]) == 2
     assert "give --onnx too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,position", [("wavlm", None), ("wav2vec2-conformer", "relative"),
+                                             ("wav2vec2-conformer", "rotary"), ("wav2vec2-bert", None)])
+def test_every_family_exports_and_its_chunked_logits_equal_pytorch(train_shards, tmp_path, family, position):
+    """The other families export too (WavLM's gated relative-position bias, the conformer's positions, w2v-BERT's
+    fbank input and per-frame mask), checked at lengths other than the traced one: the chunked logits of a
+    long recording, as `transcribe --onnx` computes them, equal PyTorch's."""
+    from asr_dist.config import ModelArgs
+    from asr_dist.decode import chunked_logits
+    from asr_dist.export import write_processor
+    from asr_dist.models import build_model, load_for_inference
+    from asr_dist.text import load_vocab
+
+    vocab = load_vocab(train_shards / "s-train" / "vocab.json")
+    model, fam = build_model(ModelArgs(preset="tiny", family=family), vocab, seed=0)
+    if position is not None:
+        model.config.position_embeddings_type = position
+        model = type(model)(model.config)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(str(model_dir))
+    write_processor(vocab, fam, model_dir)
+    assert main(["export-onnx", "--model", str(model_dir), "--output", str(tmp_path / "onnx")]) == 0
+    record = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
+    assert record["family"] == family and record["files"]["model.onnx"]["max_logit_difference"] < 1e-4
+    torch_model, _ = load_for_inference(model_dir, torch.device("cpu"))
+    onnx_model = OnnxCTC(tmp_path / "onnx")
+    for audio in sorted(dev_audio(train_shards).values(), key=len)[:2]:
+        x = np.concatenate([audio, audio, audio])  # several overlapping windows, the last one short
+        want = chunked_logits(torch_model, x, 32000, 4000, 4, torch.device("cpu"))
+        got = chunked_logits(onnx_model, x, 32000, 4000, 4, torch.device("cpu"))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -139,8 +139,11 @@ def cmd_shards_merge(args) -> int:
 
 
 def cmd_shards_upload(args) -> int:
+    from .data.remote import is_url
     from .data.writer import publish
 
+    if not is_url(args.url):
+        raise UserError(f"{args.url}: not a URL; shards upload copies a set to an object store (s3://bucket/prefix/set)")
     if publish(args.dir, args.url, overwrite=args.overwrite, progress=not args.no_progress):
         print(f"{args.url}: uploaded, verified first, index.json last")
     else:

@@ -73,9 +73,9 @@ def _as_shards(source: str, vocab_path: Path, meta: dict, tmp: Path, subset: str
                split: str | None = None) -> str:
     """A shard set as is; any other corpus (its ``subset`` and ``split`` where it has them) is built into a
     temporary one with the model's normaliser."""
-    from .data.remote import is_url
+    from .data.remote import is_url, local_path
 
-    if is_url(source) or (Path(source) / fmt.INDEX_NAME).exists():
+    if is_url(source) or (Path(local_path(source)) / fmt.INDEX_NAME).exists():
         if subset or split:
             raise ModelDirError(f"{source} is a shard set, which has no subsets or splits; leave out "
                                 f"--subset and --split, or give the corpus itself")

@@ -84,7 +84,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opse
     # a length the trace froze into the graph (a position table, a mask's size) shows as a difference
     args = _batch(featurize, (24000, 14000), masked)
     other = _batch(featurize, (37000, 9000, 20500), masked, seed=1)
-    axes = {name: {0: "batch", 1: "frames" if name != "input_values" else "samples"} for name in names}
+    axes = {name: {0: "batch", 1: "length"} for name in names}  # the input's time axis: samples, or fbank frames
     axes["logits"] = {0: "batch", 1: "frames"}
 
     with whole_dir(out, ".onnx-") as tmp:

@@ -63,7 +63,7 @@ def test_catalogue_benchmark_reads_every_utterance_both_ways():
 
 
 def test_remote_loader_benchmark_reads_from_web_servers_against_local_disk():
-    r = run_bench("remote_loader.py", "--utterances", "64", "--workers", "1")
+    r = run_bench("remote_loader.py", "--utterances", "32", "--workers", "1")
     rows = ["baseline_local_length_plan", "baseline_local_streamed", "python_http_no_ranges_streamed"]
     if "nginx" not in r:  # nginx is installed: its ranged and cached rows are there
         rows += ["nginx_ranged_length_plan", "nginx_cache_length_plan"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -215,7 +216,9 @@ def read_sample_table(directory: str | os.PathLike, index: dict) -> dict[str, tu
         return {}
     try:
         data = remote.read_file(directory, SAMPLES_NAME)
-    except (OSError, remote.RemoteError, PathNotFound):
+    except (OSError, remote.RemoteError, PathNotFound) as e:
+        logging.getLogger(__name__).warning("%s: %s unreadable (%s); its shards are listed instead (each read "
+                                            "whole where the set is at a URL)", directory, SAMPLES_NAME, e)
         data = b""
     if len(data) != entry.get("bytes"):
         return {}

@@ -207,9 +207,11 @@ class PlannedStream(TrainStream):
         except (KeyError, ValueError) as e:
             maker.bad(path, key, f"no .{self.audio_format} or unreadable JSON ({e})")
             return
+        except fmt.ShardError as e:
+            maker.bad(path, key, str(e))
         except UserError:
             raise  # a URL that cannot be read stops the run (asr_dist.data.remote); it is no damaged sample
-        except (fmt.ShardError, OSError) as e:
+        except OSError as e:
             maker.bad(path, key, str(e))
             return
         maker.add(path, s, key, audio_bytes, meta)

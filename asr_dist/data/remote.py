@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 RETRIES = 6  # tries after the first: 0.5, 1, 2, 4, 8, 16 s apart (about 30 s in all)
 BACKOFF_SECONDS = 0.5
 CONNECT_TIMEOUT_SECONDS = 30
-READ_TIMEOUT_SECONDS = 60  # no byte for this long: the connection is dead
-# so a dead server fails every try (7 x 60 s + 31.5 s of backoff) before the hang watchdog's 600 s floor
+READ_TIMEOUT_SECONDS = 45  # no byte for this long: the connection is dead
+# so a dead server fails every try (7 x (30 + 45) s + 31.5 s of backoff) before the hang watchdog's 600 s floor;
+# a pipe: command has no timeout of ours (the watchdog names a hung one)
 CHUNK_BYTES = 8 << 20  # ranged reads of a stream, and the cache's download buffer
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -78,7 +79,8 @@ def join(location: str, name: str) -> str:
 def _http_options() -> dict:
     import aiohttp
 
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_SECONDS, sock_read=READ_TIMEOUT_SECONDS)
+    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_SECONDS, sock_connect=CONNECT_TIMEOUT_SECONDS,
+                                    sock_read=READ_TIMEOUT_SECONDS)
     return {"client_kwargs": {"timeout": timeout}}
 
 
@@ -89,7 +91,14 @@ def _filesystem(protocol: str, pid: int):
         import fsspec
 
         options = _http_options() if protocol in ("http", "https") else {}
-        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if protocol in ("s3", "s3a"):  # one try each in s3fs and botocore: the tries and their backoff are ours
+            options = {"config_kwargs": {"retries": {"max_attempts": 1},
+                                                        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                                                        "read_timeout": READ_TIMEOUT_SECONDS}}
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs's own tries (5 by default) would multiply ours
+        return fs
     except ImportError as e:
         how = "'asr-dist[s3]'" if protocol in ("s3", "s3a") else e.name
         raise RemoteError(f"{protocol}:// locations need {e.name}: pip install {how}") from None
@@ -120,12 +129,13 @@ def _permanent(url: str, e: BaseException) -> UserError | None:
     if isinstance(e, FileNotFoundError) or status == 404:
         return PathNotFound(f"{url}: not found (404); check the URL and that the shard set was uploaded whole "
                             f"(index.json is written last)")
-    if isinstance(e, PermissionError) or status in (401, 403):
+    if isinstance(e, PermissionError) or status in (401, 403) or type(e).__name__ in (
+            "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         return RemoteError(f"{url}: access refused ({status or e}); check the credentials in the environment "
                            f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the server's access rules)")
     if status is not None and 400 <= status < 500 and status not in (408, 425, 429):
         return RemoteError(f"{url}: the server refused the request ({status}: {e})")
-    if isinstance(e, (ImportError, TypeError, AttributeError, AssertionError)):
+    if isinstance(e, (ImportError, TypeError, AttributeError, AssertionError, MemoryError)):
         raise e  # a bug or a missing package, not the network
     return None
 
@@ -190,19 +200,15 @@ def read_file(location: str | os.PathLike, name: str) -> bytes:
 
 
 def serves_ranges(location: str, probe_name: str) -> bool:
-    """Whether the store at ``location`` answers ranged reads (probed on the second byte of ``probe_name``):
-    S3 does; a web server only where it honours Range headers."""
+    """Whether the store at ``location`` answers ranged reads, probed on the second byte of ``probe_name`` (a
+    small file; uncompressed, as a server that gzips JSON ignores Range on it): S3 does; a web server where it
+    honours Range headers. Retried like any read, so every rank of a job comes to the same answer or stops."""
     if location.startswith("pipe:"):
         return False
     url = join(location, probe_name)
-    try:
-        return len(_fs(url).cat_file(url, start=1, end=2)) == 1
-    except Exception as e:  # noqa: BLE001 - a store that fails a probe is read without ranges
-        stop = _permanent(url, e)
-        if isinstance(stop, PathNotFound):
-            raise stop from None
-        log.warning("%s: ranged reads failed (%s); reading whole files", url, e)
-        return False
+    http = url.split("://", 1)[0].lower() in ("http", "https")
+    extra = {"headers": {"Accept-Encoding": "identity"}} if http else {}
+    return retrying(url, "probing for byte ranges", lambda: len(_fs(url).cat_file(url, start=1, end=2, **extra)) == 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +271,7 @@ def open_reader(shard) -> LocalFile | RangeFile:
     if fetch is None:
         return LocalFile(local_path(shard.path))
     if fetch.cache_dir is not None:
-        return LocalFile(cached_copy(shard))
+        return _open_cached(shard, LocalFile)
     if fetch.ranges:
         return RangeFile(shard.path)
     raise RemoteError(f"{shard.path}: the server gives no byte ranges; set data.cache_dir (a node-local directory) "
@@ -278,6 +284,18 @@ def cached_copy(shard) -> str:
     return ShardCache(fetch.cache_dir, fetch.cache_max_bytes).get(shard.path, shard.bytes, shard.sha256, fetch.ranges)
 
 
+def _open_cached(shard, opener):
+    """``opener`` of the cached copy of ``shard``; fetched again where another process of the node removed the
+    copy (to stay under data.cache_max_gb) between its lookup and the opening."""
+    for _ in range(3):
+        try:
+            return opener(cached_copy(shard))
+        except FileNotFoundError:
+            continue
+    raise RemoteError(f"{shard.path}: its cached copy was removed three times before it could be opened; "
+                      f"data.cache_max_gb is too small for the shards the node's processes read at once")
+
+
 def open_stream(shard):
     """A file object reading ``shard`` from its start: its file, its cached copy, or the URL, reconnecting
     where a dropped connection broke off."""
@@ -285,7 +303,7 @@ def open_stream(shard):
     if fetch is None:
         return open(local_path(shard.path), "rb")
     if fetch.cache_dir is not None:
-        return open(cached_copy(shard), "rb")
+        return _open_cached(shard, lambda path: open(path, "rb"))
     return Stream(shard.path, shard.bytes, fetch.ranges)
 
 
@@ -309,17 +327,22 @@ class Stream:
             f = gopen(self.name, "rb")
         else:
             fs = _fs(self.name)
-            f = fs.open(self.name, "rb", block_size=CHUNK_BYTES if self.ranges else 0)
-            if pos and self.ranges:
+            extra = {"size": self.size} if self.size >= 0 and self.name.split("://", 1)[0] in ("http", "https") else {}
+            f = fs.open(self.name, "rb", block_size=CHUNK_BYTES if self.ranges else 0, **extra)
+        try:
+            if pos and self.ranges and not self.name.startswith("pipe:"):
                 f.seek(pos)
                 return f
-        left = pos
-        while left:  # no ranges: what was delivered already is read again and dropped
-            got = f.read(min(left, CHUNK_BYTES))
-            if not got:
-                raise ConnectionError(f"the file ended at byte {pos - left}, before byte {pos} that was read before")
-            left -= len(got)
-        return f
+            left = pos
+            while left:  # no ranges: what was delivered already is read again and dropped
+                got = f.read(min(left, CHUNK_BYTES))
+                if not got:
+                    raise ConnectionError(f"the file ended at byte {pos - left}, before byte {pos} that was read before")
+                left -= len(got)
+            return f
+        except BaseException:
+            _close_quietly(f)
+            raise
 
     def _read_once(self, n: int) -> bytes:
         if self._f is None:
@@ -330,8 +353,13 @@ class Stream:
         return data
 
     def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = (self.size - self.pos) if self.size >= 0 else 1 << 62
+        if n is None or n < 0:  # the rest, read in bounded pieces (a stream's read() returns what is buffered)
+            parts = []
+            while True:
+                part = self.read(CHUNK_BYTES)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
         if 0 <= self.size <= self.pos or n == 0:
             return b""
 
@@ -349,12 +377,12 @@ class Stream:
     def _drop(self) -> None:
         f, self._f = self._f, None
         if f is not None:
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001 - a broken connection's close may fail too; it is gone either way
-                pass
+            _close_quietly(f)
 
     def close(self) -> None:
+        if self._f is not None and 0 <= self.pos < self.size:
+            self._drop()  # left before the end (a reader that took what it needed): nothing to check
+            return
         f, self._f = self._f, None
         if f is not None:
             f.close()  # a pipe: command that failed says so here
@@ -369,6 +397,17 @@ class Stream:
             self._drop()
 
 
+def _close_quietly(f) -> None:
+    """Close a connection or a pipe: command that is given up on (a command still running is killed first)."""
+    proc = getattr(f, "proc", None)  # webdataset's Pipe
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - a broken connection's close may fail too; it is gone either way
+        pass
+
+
 class ShardCache:
     """A node-local directory of verified shard copies, named by their sha256: every process of the node
     that asks for a shard gets the same file, fetched once (an flock per shard), checked against
@@ -381,6 +420,15 @@ class ShardCache:
 
     def get(self, url: str, size: int, sha256: str, ranges: bool = False) -> str:
         """The local path of the verified copy of the shard at ``url`` (fetched now if the cache lacks it)."""
+        try:
+            return self._get(url, size, sha256, ranges)
+        except (UserError, FileNotFoundError):
+            raise
+        except OSError as e:  # the cache's own disk, not the shard: never taken for a damaged shard
+            raise RemoteError(f"data.cache_dir {self.dir}: {e}; give a writable node-local directory with room "
+                              f"for the shards") from None
+
+    def _get(self, url: str, size: int, sha256: str, ranges: bool) -> str:
         if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
             raise RemoteError(f"{url}: index.json gives no sha256 for this shard; rebuild the set with "
                               f"`asr-dist shards build` to cache it")
@@ -453,6 +501,11 @@ class ShardCache:
         if size > self.max_bytes:
             raise RemoteError(f"data.cache_max_gb={self.max_bytes / 1e9:g}: a shard of {size / 1e9:.2f} GB does not "
                               f"fit; raise it")
+        with open(self.dir / ".evict.lock", "a") as lock:  # one process of the node evicts at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._evict(size, keep)
+
+    def _evict(self, size: int, keep: Path) -> None:
         copies = []
         for p in self.dir.glob("*.tar"):
             try:

@@ -227,26 +227,57 @@ def test_s3_build_upload_read_and_verify(www, tmp_path, capsys):
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
 def test_training_reads_its_shards_from_urls(train_shards, tmp_path):
     """A run whose training set is at an nginx URL (fetched into data.cache_dir) and whose evaluation set is on
-    a server without byte ranges trains and evaluates as it does from disk."""
+    a server without byte ranges trains, evaluates and exports (the loaders' batches from URLs equal those from
+    disk: the tests above)."""
     site = tmp_path / "site"
     site.mkdir()
     for name in ("s-train", "s-dev"):
         (site / name).symlink_to(Path(train_shards) / name)
+    run = tmp_path / "url"
     with nginx(site, tmp_path / "nginx") as base, python_http(site) as (plain, _):
-        url_run, disk_run = tmp_path / "url", tmp_path / "disk"
-        extra = ("train.max_steps=3", "eval.every_steps=3", "distributed.zero_stage=0")
-        r = launch("python", overrides(Path(train_shards), url_run, *extra) + [
+        r = launch("python", overrides(Path(train_shards), run, "train.max_steps=3", "eval.every_steps=3",
+                                       "distributed.zero_stage=0") + [
             f"data.train_shards=[{base}/s-train]", f"data.eval_shards.dev={plain}/s-dev",
             f"data.cache_dir={tmp_path / 'cache'}"])
         assert r.returncode == 0, r.stderr[-3000:]
-    r = launch("python", overrides(Path(train_shards), disk_run, *extra))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert losses(url_run) == losses(disk_run)
-    evals = [json.loads(line) for line in (url_run / "metrics.jsonl").read_text().splitlines()]
-    disk = [json.loads(line) for line in (disk_run / "metrics.jsonl").read_text().splitlines()]
-    key = "eval/dev/wer"
-    assert [e[key] for e in evals if key in e] == [e[key] for e in disk if key in e] != []
+    assert sorted(losses(run)) == [1, 2, 3]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval/dev/wer" in row]
+    assert [row["step"] for row in evals] == [3] and 0 <= evals[0]["eval/dev/cer"] and evals[0]["eval/dev/loss"] > 0
+    assert (run / "model" / "vocab.json").exists()  # the processor, from the vocabulary read at the URL
     # the training shards the 3 steps read, fetched on first use, and the evaluation set's
     fetched = {p.stem for p in (tmp_path / "cache").glob("*.tar")}
     sums = {name: {s["sha256"] for s in fmt.read_index(Path(train_shards) / name)["shards"]} for name in ("s-train", "s-dev")}
     assert fetched & sums["s-train"] and sums["s-dev"] <= fetched <= sums["s-train"] | sums["s-dev"]
+
+
+def test_a_cut_short_shard_is_still_damage_to_skip(www, tmp_path):
+    """A shard cut short on disk is damage that data.on_corrupt=skip skips (the length plan reads past its
+    end), while an unreadable URL stops the run: the two are not confused."""
+    site = tmp_path / "site"
+    shutil.copytree(www / "www" / "set", site / "set")
+    shard = site / "set" / "shard-000004.tar"
+    shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
+    loader = TrainLoader(str(site / "set"), rank=0, world_size=1, micro_batch_size=2, global_batch_size=4,
+                         num_workers=0, bucket_batches=4, length_plan=True, on_corrupt="skip")
+    assert len([b["keys"] for b in loader]) == 24 and loader.skipped_samples > 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_a_pipe_left_before_its_end_closes_quietly(www):
+    """A reader that takes what it needs and leaves (a unit that ends mid-shard) closes a pipe: command whose
+    writer then fails (curl exits 23 on a closed pipe) without an error; one read to its end checks the status."""
+    shard = www / "www" / "set" / "shard-000000.tar"
+    stream = remote.Stream(f"pipe:curl -s file://{shard}", shard.stat().st_size)
+    assert len(stream.read(100)) == 100
+    stream.close()
+    whole = remote.Stream(f"pipe:curl -s file://{shard}", shard.stat().st_size)
+    assert whole.read() == shard.read_bytes()
+    whole.close()
+    failing = remote.Stream("pipe:cat /nonexistent/shard.tar", 1000)
+    remote_retries, remote.RETRIES = remote.RETRIES, 1
+    try:
+        with pytest.raises(remote.RemoteError, match="failed 2 times"):
+            failing.read(10)
+    finally:
+        remote.RETRIES = remote_retries

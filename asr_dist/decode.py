@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .data import index as fmt
 from .data.eval_loader import EvalLoader
+from .data.samples import padded_inputs
 from .data.shardset import ShardSet
 from .config import DistributedArgs
 from .distributed import DistEnv, device_index, get_env, init_torch_process_group
@@ -244,13 +245,7 @@ def chunked_logits(model, x: np.ndarray, chunk: int, stride: int, batch_size: in
     pieces = []
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
-        inputs = [featurize(x[a:b]) for a, b, _, _ in group]  # (T,) samples, or (F, D) feature frames
-        width = max(len(f) for f in inputs)
-        batch = np.zeros((len(group), width, *inputs[0].shape[1:]), np.float32)
-        mask = np.zeros((len(group), width), np.int64)
-        for j, f in enumerate(inputs):
-            batch[j, :len(f)] = f
-            mask[j, :len(f)] = 1
+        batch, mask = padded_inputs([featurize(x[a:b]) for a, b, _, _ in group])
         with torch.no_grad():
             logits = model(**{family.input_name: torch.from_numpy(batch).to(device)},
                            attention_mask=torch.from_numpy(mask).to(device)).logits.float().cpu()

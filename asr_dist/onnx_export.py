@@ -124,14 +124,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, int8: bool = False, opse
 def _batch(featurize, lengths: tuple[int, ...], masked: bool, seed: int = 0) -> tuple:
     """A padded batch of random audio of ``lengths`` samples, featurised as the family's model takes it: the
     input and, where the model takes one, its attention mask (per sample, or per feature frame)."""
+    from .data.samples import padded_inputs
+
     rng = np.random.default_rng(seed)
-    inputs = [featurize(rng.standard_normal(n).astype(np.float32)) for n in lengths]  # (T,) or (F, D)
-    width = max(len(f) for f in inputs)
-    batch = np.zeros((len(inputs), width, *inputs[0].shape[1:]), np.float32)
-    mask = np.zeros((len(inputs), width), np.int64)
-    for i, f in enumerate(inputs):
-        batch[i, :len(f)] = f
-        mask[i, :len(f)] = 1
+    batch, mask = padded_inputs([featurize(rng.standard_normal(n).astype(np.float32)) for n in lengths])
     return (torch.from_numpy(batch),) + ((torch.from_numpy(mask),) if masked else ())
 
 

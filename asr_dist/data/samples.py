@@ -202,3 +202,14 @@ class BatchMaker:
             raise fmt.ShardError(f"{path} sample {key}: {why} (data.on_corrupt=skip skips such samples)")
         self.skipped += 1
         log.warning("skipping %s sample %s: %s", path, key, why)
+
+
+def padded_inputs(inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Featurised inputs ((T,) samples, or (F, D) feature frames) as one zero-padded batch and its mask (B, T)."""
+    width = max(len(f) for f in inputs)
+    batch = np.zeros((len(inputs), width, *inputs[0].shape[1:]), np.float32)
+    mask = np.zeros((len(inputs), width), np.int64)
+    for j, f in enumerate(inputs):
+        batch[j, :len(f)] = f
+        mask[j, :len(f)] = 1
+    return batch, mask

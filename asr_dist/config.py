@@ -25,6 +25,9 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 from .errors import UserError
 
 
+AUTO = "auto"  # data.micro_batch_size chosen at start-up (asr_dist.memory)
+
+
 class ConfigError(UserError, ValueError):
     """A config that cannot work; the message names the key and what to change."""
 
@@ -35,7 +38,7 @@ class DataArgs:
     mix_temperature: Optional[float] = None  # a mix's weights from its sets' hours instead: weight = hours ** τ (1: by size, 0: equal; NeMo's and Omnilingual ASR's re-weighting); then give the sets without weights
     eval_shards: dict = field(default_factory=dict)  # named evaluation sets: {name: shard-set directory}
     global_batch_size: int = 32  # utterances per optimizer step, over all ranks and accumulation
-    micro_batch_size: int = 16  # utterances per forward pass on one rank
+    micro_batch_size: Any = 16  # utterances per forward pass on one rank; or auto: on a GPU, the largest that divides data.global_batch_size / ranks and whose longest micro-batch (the longest utterances together, packed at the largest capacity or padded) fits the GPU's memory with the optimizer's state, found by a forward and backward at start-up (logged; a resume keeps the run's first choice); on CPU the largest of those up to 16
     eval_micro_batch_size: int = 16  # utterances per evaluation forward pass
     eval_micro_batch_seconds: Optional[float] = None  # or evaluation forward passes of as many utterances as fit in this many seconds of audio, padding included
     micro_batch_seconds: Optional[float] = None  # large-batch mode: fill each micro-batch with as many similar-length utterances as fit in this many seconds of audio, padding included (size it to the GPU's memory); then data.global_batch_seconds replaces the two batch sizes above
@@ -264,6 +267,10 @@ def merge_config(path: str | None = None, overrides: list[str] | None = None) ->
     except OmegaConfBaseException as e:
         msg = str(e).split("\n")[0]
         raise ConfigError(f"{path or 'config'}: {msg} (key {getattr(e, 'full_key', '?')})") from None
+    micro = obj.data.micro_batch_size
+    if micro != AUTO and (isinstance(micro, bool) or not isinstance(micro, int)):
+        raise ConfigError(f"data.micro_batch_size takes a whole number or auto, not {micro!r}, e.g. "
+                          f"data.micro_batch_size=16 (auto: the largest that fits the GPU)")
     return obj
 
 
@@ -373,7 +380,10 @@ def validate(cfg: Config) -> None:
             f"nothing. Use distributed.zero_stage 1 or 2, or model.layerdrop=0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
-    if cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
+    if cfg.data.micro_batch_size == AUTO and cfg.distributed.zero_stage == 3:
+        raise ConfigError("data.micro_batch_size=auto with distributed.zero_stage=3: the memory probe runs the whole "
+                          "model on each GPU, which ZeRO-3 is there to avoid; give data.micro_batch_size a number")
+    if cfg.data.micro_batch_size != AUTO and cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
     if cfg.data.cache_max_gb is not None and not cfg.data.cache_max_gb > 0:
         raise ConfigError(f"data.cache_max_gb={cfg.data.cache_max_gb}: give a size above 0 in GB, or null for no limit")

@@ -20,6 +20,7 @@ every rank takes part in saves and in the collectives.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from .logging import MetricWriter, setup_logging
 from .models import build_model
 from .plan import RunPlan, plan_run
 from .state import TrainState, early_stop, ranking_key, score
-from .step import NonFiniteStep, StepSpec, keys_text, train_step
+from .step import NonFiniteStep, StepSpec, forward, keys_text, train_step
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def seed_everything(seed: int) -> None:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at every step boundary."""
+    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at every step boundary, over a host (gloo) group: an
+    all-reduce on the GPU would wait for the step's kernels, a host sync at every step."""
 
     def __init__(self):
         self.requested = False
@@ -74,11 +76,13 @@ class Preemption:
         log.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)
         self.requested = True
 
-    def agreed(self, device, world_size: int) -> bool:
+    def agreed(self, world_size: int, group=None) -> bool:
+        """Whether any rank was asked to stop; ``group``: a gloo group of every rank (None: the default group,
+        which must then be gloo)."""
         if world_size == 1:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
 
@@ -136,13 +140,14 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.rank, self.world = denv.rank, denv.world_size
         self.shards, self.family = plan.shards, plan.family
-        self.loader = plan.loader(self.rank)
-        self.total_steps, self.ds_config = plan.total_steps, plan.ds_config
         # the evaluation sets' loaders and groups, read (sample JSON only) before any model work
         self.writer = MetricWriter(self.out, enabled=denv.is_main, sinks=cfg.log.trackers)
         self.evaluation = TrainingEvaluation(cfg, plan.eval_sets, plan.vocab, self.rank, self.world, plan.featurize, self.writer)
 
         init_process_group(denv, cfg.distributed.timeout_minutes)
+        # the step boundary's agreements run on the host: a gloo group beside NCCL's (the default one on CPU)
+        self.host_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes))
+                           if self.world > 1 and dist.get_backend() != "gloo" else None)
         self._start_trackers()
         self.heartbeat = (Heartbeat(self.rank, self.world, cfg.distributed.heartbeat_timeout_s)
                           if self.world > 1 and cfg.distributed.heartbeat_timeout_s > 0 else None)
@@ -155,20 +160,12 @@ class Trainer:
             torch.cuda.set_device(self.device)
         seed_everything(cfg.seed)
         model, _ = build_model(cfg.model, plan.vocab, seed=cfg.seed, family=plan.family, config=plan.model_config)
-        if cfg.model.compile:
-            self.family.compile(model)
         sync_free = cfg.model.sync_free_forward and self.family.use_sync_free_forward(model)
         check_layerdrop(cfg, self.world, shared_draws=sync_free)
-        if cfg.distributed.zero_stage == 3 and sync_free:
-            for p in self.family.zero3_external_parameters(model):
-                deepspeed.zero.register_external_parameter(model, p)
-        params = self.family.trainable_parameters(model)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
-        ckpt.use_safe_loading(self.engine)
-        front = self.family.front_end(model)
-        self.frozen_encoder = front is not None and not any(p.requires_grad for p in front.parameters())
+        if plan.pack_align is not None and not sync_free:
+            raise ConfigError("data.pack=true: this model has no sync-free forward, which runs packed micro-batches; "
+                              "set data.pack=false")
         self.layers = self.family.num_layers(model.config)
-        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.input_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.distributed.precision, torch.float32)
         self.spec = StepSpec(
             input_name=self.family.input_name, device=self.device, input_dtype=self.input_dtype, sync_free=sync_free,
@@ -179,9 +176,21 @@ class Trainer:
             samples_per_input=getattr(plan.featurize, "samples_per_frame", 1),
             micro_batch_key="data.micro_batch_" + ("size" if cfg.data.micro_batch_seconds is None else "seconds"),
             rank=self.rank, world_size=self.world)
-        if plan.pack_align is not None and not sync_free:
-            raise ConfigError("data.pack=true: this model has no sync-free forward, which runs packed micro-batches; "
-                              "set data.pack=false")
+        if plan.micro_candidates:  # data.micro_batch_size=auto on a GPU
+            self._choose_micro_batch_size(model)
+        self.loader = plan.loader(self.rank)
+        self.total_steps, self.ds_config = plan.total_steps, plan.ds_config
+        if cfg.model.compile:
+            self.family.compile(model)
+        if cfg.distributed.zero_stage == 3 and sync_free:
+            for p in self.family.zero3_external_parameters(model):
+                deepspeed.zero.register_external_parameter(model, p)
+        params = self.family.trainable_parameters(model)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        ckpt.use_safe_loading(self.engine)
+        front = self.family.front_end(model)
+        self.frozen_encoder = front is not None and not any(p.requires_grad for p in front.parameters())
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         if plan.pack_align is not None and denv.is_main:
             log.info("packed micro-batches: utterances start on multiples of %d samples; attention %s with a "
                      "document mask; capacities %s samples", plan.pack_align, model.config._attn_implementation,
@@ -193,6 +202,26 @@ class Trainer:
         self.preemption = preemption or Preemption()
         self._pending: list[dict] = []  # micro-batches of a step that an epoch's end cut (carried into the next)
         self._skipped_run, self._last_skipped = 0, 0
+
+    def _choose_micro_batch_size(self, model) -> None:
+        """data.micro_batch_size=auto: the largest candidate whose longest micro-batch fits every rank's GPU
+        (asr_dist.memory), before DeepSpeed holds any memory; the plan is made again for it."""
+        from . import memory
+
+        d, plan = self.cfg.distributed, self.plan
+        extra = memory.held_by_training(sum(p.numel() for p in self.family.trainable_parameters(model)),
+                                        d.precision, d.zero_stage, self.world, d.reduce_bucket_size)
+        t0 = time.perf_counter()
+        micro, probes, budget = memory.choose(
+            model, plan.micro_candidates, plan.probe_batch, lambda m, batch: forward(m, batch, self.spec),
+            self.device, self.input_dtype, extra, self.rank, self.world)
+        plan.use_micro_batch_size(micro)
+        if self.denv.is_main:
+            log.info("data.micro_batch_size=auto: %d x accumulation %d (a forward and backward of the longest "
+                     "micro-batch of each size peaked at %s; with %.1f GiB that training adds for the optimizer, "
+                     "it must stay under %.1f GiB of this GPU; probed in %.0f s). data.micro_batch_size=N chooses "
+                     "another", micro, plan.accumulation, "; ".join(p.describe() for p in probes), extra / memory.GiB,
+                     budget / memory.GiB, time.perf_counter() - t0)
 
     def _start_trackers(self) -> None:
         """log.trackers' MLflow and W&B runs, on rank 0; one that cannot start stops every rank with its reason."""
@@ -319,7 +348,7 @@ class Trainer:
                 if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < self.total_steps
                         or evaluated and cfg.train.average_best):  # average_best: each evaluation's weights kept
                     self.save(step)
-                if self.preemption.agreed(self.device, self.world):
+                if self.preemption.agreed(self.world, self.host_group):
                     self._save_unless_saved(step)
                     log.warning("preempted at step %d: checkpoint saved; exiting with code %d", step, EXIT_PREEMPTED)
                     raise SystemExit(EXIT_PREEMPTED)

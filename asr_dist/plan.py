@@ -23,7 +23,10 @@ import json
 import logging
 from typing import Any, Callable
 
-from .config import Config, ConfigError, length_plan, load_config, shard_dirs
+from pathlib import Path
+
+from . import memory
+from .config import AUTO, Config, ConfigError, length_plan, load_config, shard_dirs
 from .data.augment import Augmentation
 from .data.index import build_failure, read_index
 from .data.loader import TrainLoader, unalignable
@@ -94,6 +97,9 @@ class RunPlan:
     total_steps: int  # optimizer steps of the whole run
     ds_config: dict  # the DeepSpeed JSON, as every rank gets it
     augment: Augmentation | None = None  # the training audio's augmentation (the augment section); None: none
+    # data.micro_batch_size=auto on a GPU: the sizes the Trainer probes (asr_dist.memory), largest first; until
+    # then the plan's arithmetic is the first's. Empty: the size is settled
+    micro_candidates: list[int] = dataclasses.field(default_factory=list)
     _loaders: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -128,6 +134,31 @@ class RunPlan:
                 augment=self.augment)
         return self._loaders[rank]
 
+    def settle_batches(self) -> None:
+        """The batch arithmetic of data.* as it stands: steps per epoch, accumulation, total steps, DeepSpeed's
+        JSON (every rank's loader agrees; the first checks)."""
+        listed = self._loaders[0].catalogue() if 0 in self._loaders else None
+        self._loaders.clear()
+        first = self.loader(0)
+        first.use_catalogue(listed)  # the shards are listed once, whatever the batch sizes
+        self.steps_per_epoch, self.accumulation = first.steps_per_epoch, first.accumulation
+        self.total_steps = self.cfg.train.max_steps or self.cfg.train.num_epochs * self.steps_per_epoch
+        self.ds_config = deepspeed_config(self.cfg, self.world_size, self.total_steps, cuda=self.cuda)
+
+    def use_micro_batch_size(self, micro: int) -> None:
+        """data.micro_batch_size=auto settled (by the start-up probe): the plan made again for ``micro``."""
+        self.cfg.data.micro_batch_size = micro
+        self.micro_candidates = []
+        self.settle_batches()
+
+    def probe_batch(self, micro: int) -> dict:
+        """The longest micro-batch of ``micro`` utterances this run can meet, as the loader collates it (silence
+        of its longest utterances' lengths; asr_dist.memory.worst_batch)."""
+        loader = self.loader(0)
+        return memory.worst_batch(
+            loader.lengths(), micro, self.featurize, self.alignable.frames, len(self.vocab), self.pack_align,
+            self.cfg.data.pad_to_multiple_of)
+
     def model_name(self) -> str:
         return model_name(self.cfg, self.family)
 
@@ -137,6 +168,9 @@ class RunPlan:
         d = self.cfg.data
         batch = (f"{d.global_batch_size} = micro {d.micro_batch_size}" if d.micro_batch_seconds is None else
                  f"{d.global_batch_seconds:g} s = micro {d.micro_batch_seconds:g} s")
+        if self.micro_candidates:
+            batch += (f" (data.micro_batch_size=auto: the largest of {', '.join(map(str, self.micro_candidates))} "
+                      f"that fits the GPU, probed at start-up; the arithmetic is {self.micro_candidates[0]}'s)")
         lines = [json.dumps(self.ds_config, indent=1),
                  f"world size {self.world_size}: {self.shards.num_samples} utterances, "
                  f"{self.shards.audio_seconds / 3600:.2f} h of audio; {self.steps_per_epoch} steps per epoch (global "
@@ -181,11 +215,55 @@ def resolve_precision(cfg: Config, cuda: bool) -> None:
     cfg.distributed.precision = chosen
 
 
+def recorded_micro_batch_size(cfg: Config) -> int | None:
+    """data.micro_batch_size in the run's own record (output_dir/config.yaml), when it is a number."""
+    path = Path(cfg.output_dir) / "config.yaml"
+    if cfg.train.resume == "never" or not path.is_file():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(OmegaConf.load(path), "data.micro_batch_size")
+    except Exception:  # an unreadable record: the resume says so; the probe chooses afresh
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def resolve_micro_batch_size(cfg: Config, world_size: int, cuda: bool) -> list[int]:
+    """data.micro_batch_size=auto made concrete in ``cfg`` where no GPU need be asked: the run's earlier choice on
+    a resume, the largest candidate up to 16 on CPU; on a GPU the candidates the Trainer probes (the largest
+    is set meanwhile). Returns those candidates, or [] when settled."""
+    d = cfg.data
+    if d.micro_batch_size != AUTO:
+        return []
+    if d.micro_batch_seconds is not None:  # the large-batch mode counts seconds; the size is unused
+        d.micro_batch_size = 1
+        return []
+    sizes = memory.candidates(d.global_batch_size, world_size)
+    if not sizes:
+        raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of the {world_size} ranks: "
+                          f"no micro-batch size can make it up; choose a multiple of {world_size}")
+    kept = recorded_micro_batch_size(cfg)
+    if kept in sizes:
+        log.info("data.micro_batch_size=auto: %d, as this run chose at its start (%s/config.yaml), so that a resume "
+                 "forms the same micro-batches", kept, cfg.output_dir)
+        d.micro_batch_size = kept
+        return []
+    if not cuda:
+        d.micro_batch_size = memory.cpu_choice(sizes)
+        log.info("data.micro_batch_size=auto: %d (no GPU to probe: the largest that makes up the global batch, up "
+                 "to %d)", d.micro_batch_size, memory.CPU_LIMIT)
+        return []
+    d.micro_batch_size = sizes[0]
+    return sizes
+
+
 def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     """The plan of ``cfg`` on ``world_size`` ranks; anything that cannot work raises here, with what to change
     (ConfigError, LoaderError, ModelError), before a process group, a model or a GPU is touched.
     distributed.precision=auto is made concrete in ``cfg``."""
     resolve_precision(cfg, cuda)
+    micro_candidates = resolve_micro_batch_size(cfg, world_size, cuda)
     check_trackers(cfg.log)
     family = check_model(cfg)
     # LayerDrop on several ranks needs the sync-free forward's shared draws; the Trainer checks again once the
@@ -216,9 +294,7 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
     plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
                    shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),
                    alignable=family.alignment_check(model_config), steps_per_epoch=0, accumulation=0, total_steps=0,
-                   ds_config={}, augment=Augmentation.from_config(cfg.augment, cfg.seed))
-    first = plan.loader(0)  # the batch arithmetic, checked (every rank's loader agrees)
-    plan.steps_per_epoch, plan.accumulation = first.steps_per_epoch, first.accumulation
-    plan.total_steps = cfg.train.max_steps or cfg.train.num_epochs * plan.steps_per_epoch
-    plan.ds_config = deepspeed_config(cfg, world_size, plan.total_steps, cuda=cuda)
+                   ds_config={}, augment=Augmentation.from_config(cfg.augment, cfg.seed),
+                   micro_candidates=micro_candidates)
+    plan.settle_batches()
     return plan

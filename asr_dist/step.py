@@ -71,30 +71,34 @@ def keys_text(keys: list[str], limit: int = 16) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def forward(model, batch: dict, spec: StepSpec, skips: list[bool] | None = None) -> torch.Tensor:
+    """The training forward of one micro-batch through ``model`` (the DeepSpeed engine, or the bare module);
+    its loss, the mean over its utterances."""
+    inputs = batch["input_values"].to(spec.device, spec.input_dtype, non_blocking=True)
+    if "starts" in batch:  # packed by the loader (asr_dist.data.packing): each utterance's place
+        return model(**{spec.input_name: inputs}, starts=batch["starts"], lengths=batch["lengths"],
+                     labels=batch["labels"], skip_layers=skips).loss
+    if spec.sync_free:  # masks and lengths made on the host, from these
+        return model(**{spec.input_name: inputs}, lengths=batch["attention_mask"].sum(-1),
+                     labels=batch["labels"], skip_layers=skips).loss
+    return model(**{spec.input_name: inputs}, attention_mask=batch["attention_mask"].to(spec.device, non_blocking=True),
+                 labels=batch["labels"].to(spec.device, non_blocking=True)).loss
+
+
 def micro_step(engine, batch: dict, spec: StepSpec, skips: list[bool] | None) -> torch.Tensor:
     """Forward and backward of one micro-batch; its loss (the mean over its utterances)."""
-    inputs = batch["input_values"].to(spec.device, spec.input_dtype, non_blocking=True)
     try:
-        if "starts" in batch:  # packed by the loader (asr_dist.data.packing): each utterance's place
-            out = engine(**{spec.input_name: inputs}, starts=batch["starts"], lengths=batch["lengths"],
-                         labels=batch["labels"], skip_layers=skips)
-        elif spec.sync_free:  # masks and lengths made on the host, from these
-            out = engine(**{spec.input_name: inputs}, lengths=batch["attention_mask"].sum(-1),
-                         labels=batch["labels"], skip_layers=skips)
-        else:
-            out = engine(**{spec.input_name: inputs},
-                         attention_mask=batch["attention_mask"].to(spec.device, non_blocking=True),
-                         labels=batch["labels"].to(spec.device, non_blocking=True))
-        engine.backward(utterance_weighted(out.loss, len(batch["keys"]), spec.utterances_per_micro))
+        loss = forward(engine, batch, spec, skips)
+        engine.backward(utterance_weighted(loss, len(batch["keys"]), spec.utterances_per_micro))
     except torch.OutOfMemoryError:
         # one rank cannot skip a batch alone (the others would wait in its gradient reduction)
         raise TrainingError(
             f"out of memory on rank {spec.rank} in a micro-batch of {len(batch['keys'])} utterances, "
             f"{float(batch['durations'].max()):.1f} s the longest, "
-            f"{inputs.shape[1] * spec.samples_per_input / 16000:.1f} s {'packed' if 'starts' in batch else 'padded'} ({keys_text(batch['keys'])}). Lower "
+            f"{batch['input_values'].shape[1] * spec.samples_per_input / 16000:.1f} s {'packed' if 'starts' in batch else 'padded'} ({keys_text(batch['keys'])}). Lower "
             f"{spec.micro_batch_key} (accumulation makes up the global batch), set "
             f"model.gradient_checkpointing=true, or rebuild the shards with a lower --max-duration") from None
-    return out.loss
+    return loss
 
 
 def gradients_finite(engine, loss: torch.Tensor, spec: StepSpec) -> bool:

@@ -281,22 +281,29 @@ def hf_trainer(shards: str, preset: str, precision: str, steps: int, warmup: int
     return {"audio_seconds_per_second": per_batch * 2 * steps / wall, "step_seconds": wall / steps}
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "xlsr300m-danish.yaml"
+
+
 def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int, warmup: int, out: Path,
-                 extra: list[str], workers: int = 2) -> dict:
-    """asr-dist's engine (DeepSpeed, bucketing loader), throughput from its own metrics.jsonl."""
+                 extra: list[str], workers: int = 2, shipped: bool = False) -> dict:
+    """asr-dist's engine (DeepSpeed, bucketing loader), throughput from its own metrics.jsonl. ``shipped``:
+    configs/xlsr300m-danish.yaml as it is (its batches, precision, packing, SpecAugment), on the synthetic
+    shards and a random model of ``preset``."""
     from asr_dist.config import load_config
     from asr_dist.engine import train
     from asr_dist.models import FAMILIES
 
-    cfg = load_config(None, [f"output_dir={out}", f"data.train_shards=[{shards}]", f"model.preset={preset}",
-                             f"model.family={FAMILY}",
-                             *(["model.freeze_feature_encoder=true"] if FAMILIES[FAMILY].has_front_end else []),
-                             "model.mask_time_prob=0.0",
-                             f"train.max_steps={warmup + steps}", f"train.log_every={max(1, min(3, warmup))}",
-                             "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never",
-                             f"distributed.precision={precision}", f"distributed.zero_stage={zero}",
-                             "data.micro_batch_size=16", "data.global_batch_size=32", f"data.num_workers={workers}",
-                             *extra])
+    run = [f"output_dir={out}", f"data.train_shards=[{shards}]", f"model.preset={preset}", f"model.family={FAMILY}",
+           *(["model.freeze_feature_encoder=true"] if FAMILIES[FAMILY].has_front_end else []),
+           f"train.max_steps={warmup + steps}", f"train.log_every={max(1, min(3, warmup))}",
+           "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never", f"data.num_workers={workers}"]
+    if shipped:
+        cfg = load_config(str(SHIPPED), [*run, "model.pretrained=null", "data.eval_shards={}", "train.num_epochs=null",
+                                         *extra])
+    else:
+        cfg = load_config(None, [*run, "model.mask_time_prob=0.0", f"distributed.precision={precision}",
+                                 f"distributed.zero_stage={zero}", "data.micro_batch_size=16", "data.global_batch_size=32",
+                                 *extra])
     train(cfg)
     shapes = epoch_shapes(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -305,6 +312,7 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
     # train.profile_steps: the engine's own table of the top kernels (or CPU ops) of those steps
     top = [line.rstrip() for f in sorted((out / "profile").glob("rank0-*-top.txt")) for line in f.read_text().splitlines()[:40]]
     return {"audio_seconds_per_second": float(np.median([r["perf/audio_seconds_per_second"] for r in rows])),
+            "micro_batch_size": cfg.data.micro_batch_size, "precision": cfg.distributed.precision,
             **({"profile_top": top} if top else {}),
             "windows": [round(r["perf/audio_seconds_per_second"], 1) for r in rows],
             "data_wait_fraction": float(np.median([r["perf/data_wait_fraction"] for r in rows])),
@@ -345,6 +353,9 @@ def variants(args, cuda: bool) -> dict:
     p, fast = args.precision, ("bf16" if cuda else args.precision)
     v = {"baseline_plain_loop": ("plain", {"precision": p}),
          "baseline_hf_trainer": ("trainer", {"precision": p})}
+    # configs/xlsr300m-danish.yaml as shipped: its precision (auto), packing, micro-batch size (auto: probed on
+    # a GPU), SpecAugment and ZeRO stage
+    v["asr_dist_shipped"] = ("asr_dist", {"precision": None, "zero": None, "extra": [], "shipped": True})
     for z in args.zero:  # the recipe as a user would first write it: fp16, 16 x 2
         v[f"asr_dist_zero{z}"] = ("asr_dist", {"precision": p, "zero": z, "extra": []})
     # the seed recipe tuned: one micro-batch of 32 bucketed utterances, bf16 on a GPU (no loss-scale checks)
@@ -450,7 +461,7 @@ def run_one(args, name: str, kind: str, kw: dict, shards: str, tmp: Path) -> dic
     if kind == "profile":
         return profile(shards, args.preset, device=device, **kw)
     return asr_dist_run(shards, args.preset, kw["precision"], kw["zero"], args.steps, warmup, tmp / name,
-                        kw["extra"], workers=args.workers)
+                        kw["extra"], workers=args.workers, shipped=kw.get("shipped", False))
 
 
 def main() -> None:

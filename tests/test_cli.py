@@ -49,7 +49,7 @@ def test_only_the_projects_own_errors_are_short(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", str(REPO / "configs" / "test.yaml"), "output_dir=o", "data.train_shards=[s]",
                  "data.micro_batch_size=four", "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert "data.micro_batch_size takes a whole number, not 'four', e.g. data.micro_batch_size=" in err
+    assert "data.micro_batch_size takes a whole number or auto, not 'four', e.g. data.micro_batch_size=" in err
 
     def a_bug(*args, **kwargs):
         raise ValueError("a bug, not the user's mistake")

@@ -32,7 +32,7 @@ def test_defaults_yaml_overrides(yaml):
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
     (["data.micro_batch_size=abc"],
-     "data.micro_batch_size takes a whole number, not 'abc', e.g. data.micro_batch_size=16"),
+     "data.micro_batch_size takes a whole number or auto, not 'abc', e.g. data.micro_batch_size=16"),
     (["model.freeze_feature_encoder=maybe"], "model.freeze_feature_encoder takes true or false, not 'maybe'"),
     (["train.profile_steps=5"], "train.profile_steps takes a list: write train.profile_steps=[5]"),
     (["data.eval_shards=/x"], "data.eval_shards takes a map of names to values: write data.eval_shards.NAME=/x"),
@@ -186,12 +186,14 @@ def test_shipped_configs_load(tmp_path):
     (tmp_path / "xlsr").mkdir()
     (tmp_path / "xlsr" / "config.json").write_text('{"model_type": "wav2vec2"}')  # what XLS-R-300M's says
     seed = load_config(str(REPO / "configs" / "xlsr300m-danish.yaml"), [f"model.pretrained={tmp_path / 'xlsr'}"])
-    assert seed.distributed.precision == "auto"  # the GPU's fastest precision for the seed's recipe
+    # the GPU's fastest precision, packed micro-batches, and the largest micro-batch that fits, for the seed's recipe
+    assert (seed.distributed.precision, seed.data.pack, seed.data.micro_batch_size) == ("auto", True, "auto")
     with pytest.raises(ValueError, match="distributed.precision=auto"):
         deepspeed_config(seed, 1, 15 * 1000)  # the plan resolves it first
-    from asr_dist.plan import resolve_precision
+    from asr_dist.plan import resolve_micro_batch_size, resolve_precision
 
     resolve_precision(seed, cuda=False)
+    assert resolve_micro_batch_size(seed, 1, cuda=False) == []  # settled without a GPU: the seed's 16
     assert seed.distributed.precision == "fp32"
     ds = deepspeed_config(seed, 1, 15 * 1000)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2)

@@ -176,6 +176,19 @@ class TrainLoader:
             self._catalogue = Catalogue.list(self.shards, self.on_corrupt)
         return self._catalogue
 
+    def use_catalogue(self, catalogue: Catalogue | None) -> None:
+        """Take the shards' listing another loader of the same set made (None: list them when needed)."""
+        self._catalogue = catalogue or self._catalogue
+
+    def lengths(self) -> np.ndarray:
+        """Every utterance's length in samples as an epoch may deliver it: at the slowest speed perturbation
+        (augment.speed_*), so that the longest any epoch holds; damaged samples (length unknown) left out."""
+        lengths = np.concatenate(self.catalogue().lengths)
+        lengths = lengths[lengths > 0]  # a damaged sample's length is unknown (0): it is skipped when read
+        if self.augment is not None and self.augment.changes_lengths:
+            lengths = np.ceil(lengths * self.augment.longest_stretch).astype(np.int64)
+        return lengths
+
     @property
     def capacities(self) -> tuple[int, ...] | None:
         """data.pack: the packed micro-batches' sizes in samples (at most MAX_SHAPES, the same on every rank and
@@ -183,10 +196,7 @@ class TrainLoader:
         if self.pack_align is None:
             return None
         if self._capacities is None:
-            lengths = np.concatenate(self.catalogue().lengths)
-            lengths = lengths[lengths > 0]  # a damaged sample's length is unknown (0): it is skipped when read
-            if self.augment is not None and self.augment.changes_lengths:  # every epoch fits: the slowest speed
-                lengths = np.ceil(lengths * self.augment.longest_stretch).astype(np.int64)
+            lengths = self.lengths()
             args = dict(micro_batch_size=self.micro_batch_size, micro_batch_seconds=self.micro_batch_seconds)
             self._capacities = choose_capacities(micro_batch_needs(lengths, self.pack_align, **args),
                                                  largest_need(lengths, self.pack_align, **args), self.pack_align)

@@ -81,6 +81,50 @@ def test_zero3_export_is_the_full_model(synthetic_shards, tmp_path):
     assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("weight"))
 
 
+def test_auto_micro_batch_takes_the_largest_that_fits(synthetic_shards, tmp_path):
+    """data.micro_batch_size=auto: the probe measures the longest micro-batch of each size on this GPU (packed,
+    bf16), takes the largest under the budget, and a budget with less room takes a smaller one; a run with
+    auto records its choice and trains."""
+    from asr_dist import memory
+    from asr_dist.config import load_config
+    from asr_dist.models import build_model
+    from asr_dist.plan import plan_run
+    from asr_dist.step import StepSpec, forward
+
+    cfg = load_config(str(REPO / "configs" / "test.yaml"), [
+        f"output_dir={tmp_path / 'probe'}", f"data.train_shards=[{synthetic_shards}]", "data.eval_shards={}",
+        "data.global_batch_size=32", "data.micro_batch_size=auto", "data.pack=true", "model.preset=base",
+        "distributed.precision=bf16", "train.max_steps=2"])
+    plan = plan_run(cfg, 1, cuda=True)
+    assert plan.micro_candidates == [32, 16, 8, 4, 2, 1]
+    model, family = build_model(cfg.model, plan.vocab, family=plan.family, config=plan.model_config)
+    assert family.use_sync_free_forward(model)
+    device = torch.device("cuda")
+    spec = StepSpec(input_name=family.input_name, device=device, input_dtype=torch.bfloat16, sync_free=True)
+
+    def fwd(m, batch):
+        return forward(m, batch, spec)
+
+    with memory.on_device(model.train(), device, torch.bfloat16):
+        peaks = {m: memory.measure(model, plan.probe_batch(m), fwd, device) for m in (32, 16, 8)}
+    print(f"probe peaks, GiB: { {m: round(p / memory.GiB, 2) for m, p in peaks.items()} }")
+    assert peaks[32] > peaks[16] > peaks[8] > 0
+    chosen, probes, budget = memory.choose(model, plan.micro_candidates, plan.probe_batch, fwd, device,
+                                           torch.bfloat16, extra=0)
+    assert chosen == 32 and len(probes) == 1  # the base layout at 16 s at most: far under a GPU's memory
+    room = budget - (peaks[16] + peaks[8]) // 2  # what training adds leaves room for 8, not 16
+    chosen, probes, _ = memory.choose(model, plan.micro_candidates, plan.probe_batch, fwd, device, torch.bfloat16,
+                                      extra=room)
+    assert chosen == 8 and [p.micro for p in probes] == [32, 16, 8]
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+
+    rows = train(synthetic_shards, tmp_path / "auto", "model.preset=base", "distributed.precision=bf16",
+                 "data.micro_batch_size=auto", "data.pack=true", "train.max_steps=4", "train.log_every=2")
+    assert [r for r in rows if "train/loss" in r]
+    recorded = (tmp_path / "auto" / "config.yaml").read_text()
+    assert "micro_batch_size: 32" in recorded, recorded
+
+
 @pytest.mark.parametrize("cudnn_attention", [False, True])
 def test_cudnn_attention_switch_decides_the_kernel(cudnn_attention):
     """model.cudnn_attention=false (the default) keeps SDPA off cuDNN's attention, which builds a graph per

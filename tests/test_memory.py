@@ -1,0 +1,148 @@
+"""data.micro_batch_size=auto (asr_dist.memory, asr_dist.plan): the candidates, the batch the probe runs, and
+what it leaves behind. The probe's measurement itself needs a GPU's allocator: tests/gpu runs it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asr_dist import memory
+from asr_dist.config import ConfigError, load_config
+from asr_dist.models import build_model
+from asr_dist.plan import plan_run
+from asr_dist.step import StepSpec, forward
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(shards: Path, tmp_path: Path, *extra: str):
+    return load_config(str(REPO / "configs" / "test.yaml"),
+                       [f"output_dir={tmp_path / 'run'}", f"data.train_shards=[{shards / 's-train'}]",
+                        "data.eval_shards={}", "data.global_batch_size=8", "data.micro_batch_size=auto",
+                        "distributed.precision=fp32", "train.max_steps=null", "train.num_epochs=1", *extra])
+
+
+def test_candidates_make_up_the_global_batch():
+    assert memory.candidates(32, 1) == [32, 16, 8, 4, 2, 1]
+    assert memory.candidates(32, 2) == [16, 8, 4, 2, 1]
+    assert memory.candidates(48, 1) == [48, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+    assert memory.candidates(32, 3) == []
+    assert memory.cpu_choice(memory.candidates(48, 1)) == 16 and memory.cpu_choice(memory.candidates(40, 1)) == 10
+
+
+def test_what_training_adds_to_the_probe():
+    """XLS-R-300M's 311 M trainable parameters in bf16 on one rank: 16 bytes each (fp32 master, Adam's two
+    moments, fp32 gradients) and DeepSpeed's 200 M-element bucket in bf16; fp32 keeps no master copy; from
+    ZeRO-1 on the optimizer's part is divided over the ranks."""
+    p = 311_000_000
+    assert memory.held_by_training(p, "bf16", 1, 1, 200_000_000) == 16 * p + 2 * 200_000_000
+    assert memory.held_by_training(p, "fp32", 1, 1, 200_000_000) == 8 * p + 4 * 200_000_000
+    assert memory.held_by_training(p, "bf16", 1, 8, 200_000_000) == 2 * p + 2 * 200_000_000
+    assert memory.held_by_training(p, "bf16", 0, 8, 200_000_000) == 16 * p + 2 * 200_000_000
+    assert memory.held_by_training(1000, "fp16", 2, 1, 200_000_000) == 16 * 1000 + 2 * 1000
+
+
+def test_auto_takes_the_largest_up_to_16_without_a_gpu(train_shards, tmp_path):
+    plan = plan_run(config(train_shards, tmp_path), world_size=1)
+    assert (plan.cfg.data.micro_batch_size, plan.accumulation, plan.micro_candidates) == (8, 1, [])
+    plan = plan_run(config(train_shards, tmp_path, "data.global_batch_size=48"), world_size=2)
+    assert (plan.cfg.data.micro_batch_size, plan.accumulation) == (12, 2)
+    assert plan.ds_config["train_micro_batch_size_per_gpu"] == 12
+
+
+def test_auto_on_a_gpu_plans_the_largest_until_the_probe_settles_it(train_shards, tmp_path):
+    plan = plan_run(config(train_shards, tmp_path), world_size=1, cuda=True)
+    assert plan.micro_candidates == [8, 4, 2, 1] and plan.accumulation == 1
+    assert "data.micro_batch_size=auto: the largest of 8, 4, 2, 1 that fits the GPU" in plan.describe(check_alignment=False)
+    plan.use_micro_batch_size(2)
+    assert (plan.cfg.data.micro_batch_size, plan.accumulation, plan.micro_candidates) == (2, 4, [])
+    assert plan.ds_config["train_micro_batch_size_per_gpu"] == 2 and plan.ds_config["gradient_accumulation_steps"] == 4
+    assert plan.loader(1).micro_batch_size == 2 and plan.loader(1).accumulation == 4
+
+
+def test_a_resume_keeps_the_runs_first_choice(train_shards, tmp_path):
+    """output_dir/config.yaml records the size auto chose; a resume takes it without probing (the same
+    micro-batches, so the resume is exact); train.resume=never, or a size that no longer makes up the
+    global batch on this many ranks, probes anew."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  micro_batch_size: 2\n")
+    plan = plan_run(config(train_shards, tmp_path), world_size=1, cuda=True)
+    assert (plan.cfg.data.micro_batch_size, plan.micro_candidates, plan.accumulation) == (2, [], 4)
+    plan = plan_run(config(train_shards, tmp_path, "train.resume=never"), world_size=1, cuda=True)
+    assert plan.micro_candidates == [8, 4, 2, 1]
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  micro_batch_size: 8\n")
+    plan = plan_run(config(train_shards, tmp_path), world_size=2, cuda=True)
+    assert plan.micro_candidates == [4, 2, 1]
+
+
+def test_config_says_what_auto_takes(train_shards, tmp_path):
+    with pytest.raises(ConfigError, match="data.micro_batch_size takes a whole number or auto, not 'two'"):
+        config(train_shards, tmp_path, "data.micro_batch_size=two")
+    with pytest.raises(ConfigError, match="data.micro_batch_size takes a whole number or auto, not 2.5"):
+        config(train_shards, tmp_path, "data.micro_batch_size=2.5")
+    with pytest.raises(ConfigError, match="auto with distributed.zero_stage=3"):
+        config(train_shards, tmp_path, "distributed.zero_stage=3")
+    with pytest.raises(ConfigError, match="not a multiple of the 3 ranks"):
+        plan_run(config(train_shards, tmp_path), world_size=3)
+    # the large-batch mode counts seconds: auto is left unused there
+    cfg = config(train_shards, tmp_path, "data.micro_batch_seconds=20", "data.global_batch_seconds=40")
+    assert plan_run(cfg, world_size=1, cuda=True).micro_candidates == []
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_the_probe_runs_the_longest_micro_batch_through_the_training_forward(train_shards, tmp_path, pack):
+    """The probe's batch is the longest the run can meet: packed, exactly the largest packing capacity; padded,
+    its size's longest utterances at the longest length. Every micro-batch of an epoch fits in it, and it runs
+    through the step's forward and backward (a finite loss: its labels can be aligned)."""
+    extra = ["data.pack=true"] if pack else ["data.pad_to_multiple_of=160"]
+    plan = plan_run(config(train_shards, tmp_path, *extra), world_size=1, cuda=True)
+    lengths = plan.loader(0).lengths()
+    batch = plan.probe_batch(4)
+    assert len(batch["keys"]) == 4 and math.isclose(float(batch["durations"].sum()), np.sort(lengths)[-4:].sum() / 16000,
+                                                    rel_tol=1e-6)
+    plan.use_micro_batch_size(4)
+    loader = plan.loader(0)
+    if pack:
+        assert batch["input_values"].shape == (1, loader.capacities[-1])
+        assert sorted(batch["lengths"].tolist()) == sorted(np.sort(lengths)[-4:].tolist())
+    else:
+        longest = -(-int(lengths.max()) // 160) * 160
+        assert batch["input_values"].shape == (4, longest)
+    loader.set_epoch(0)
+    for b in loader.plan():  # no micro-batch of the epoch is longer than the probe's
+        n = b["num_samples"]
+        assert (sum(-(-x // 320) * 320 for x in n) if pack else len(n) * max(n)) <= batch["input_values"].numel()
+
+    model, family = build_model(plan.cfg.model, plan.vocab, family=plan.family, config=plan.model_config)
+    assert family.use_sync_free_forward(model)
+    spec = StepSpec(input_name=family.input_name, device=torch.device("cpu"), input_dtype=torch.float32, sync_free=True)
+    model.train()
+    loss = forward(model, batch, spec)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_the_probe_leaves_the_model_and_the_random_generators_as_they_were(train_shards, tmp_path):
+    plan = plan_run(config(train_shards, tmp_path, "model.mask_time_prob=0.3", "model.hidden_dropout=0.1"), world_size=1)
+    model, family = build_model(plan.cfg.model, plan.vocab, family=plan.family, config=plan.model_config)
+    family.use_sync_free_forward(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    places = [(p.data_ptr(), p.dtype, p.device) for p in model.parameters()]
+    state, np_state = torch.get_rng_state(), np.random.get_state()
+    spec = StepSpec(input_name=family.input_name, device=torch.device("cpu"), input_dtype=torch.bfloat16, sync_free=True)
+    model.train()
+    with memory.on_device(model, torch.device("cpu"), torch.bfloat16):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        # SpecAugment draws from numpy's generator, dropout from torch's
+        forward(model, plan.probe_batch(2), spec).backward()
+        assert not torch.equal(torch.get_rng_state(), state) and np.random.get_state()[2] != np_state[2]
+    assert [(p.data_ptr(), p.dtype, p.device) for p in model.parameters()] == places  # the very tensors
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(np.random.get_state(), np_state))

@@ -5,6 +5,9 @@
 2. positional_conv: the positional convolution (1024 channels, kernel 128, 16 groups), forward and
    backward: PyTorch's conv1d (cuDNN on a GPU), the same with cuDNN's autotuning
    (`model.cudnn_benchmark`), and `model.fft_positional_conv`.
+3. relative_key_bias: w2v-BERT 2.0's relative-key attention bias (16 heads of 64, distances -64..8), forward
+   and backward: transformers' einsum over every pair's distance embedding against asr-dist's per-distance
+   product and gather (asr_dist.models.wav2vec2_bert.relative_key_bias), at 50 frames per audio second.
 
 Random data at several batch lengths; prints one JSON object: milliseconds for each, ratios, and the
 largest difference from the baseline.
@@ -99,7 +102,44 @@ def main() -> None:
         "speedup_fft": round(d / sum(r["fft_ms"] for r in rows), 3),
         "speedup_cudnn_benchmark": round(d / sum(r["direct_cudnn_benchmark_ms"] for r in rows), 3),
         "max_relative_difference_fft": worst}
+    result["relative_key_bias"] = relative_key(args, batch, device, dtype, sync)
     print(json.dumps(result, indent=1))
+
+
+def relative_key(args, batch: int, device, dtype, sync) -> dict:
+    """transformers' relative-key bias against asr-dist's, forward + backward, at w2v-BERT 2.0's sizes."""
+    from transformers.models.wav2vec2_bert.modeling_wav2vec2_bert import Wav2Vec2BertSelfAttention
+
+    from asr_dist.models import wav2vec2_bert
+
+    config = FAMILIES["wav2vec2-bert"].preset_config("600m", vocab_size=40)
+    wav2vec2_bert.use_relative_key_bias()
+    ways = {"transformers": wav2vec2_bert.transformers_relative_key_bias, "per_distance": wav2vec2_bert.relative_key_bias}
+    module = Wav2Vec2BertSelfAttention(config).to(device, dtype)
+    rows, worst = [], 0.0
+    for seconds in args.seconds:
+        frames = int(seconds * 50)
+        q = torch.randn(batch, 16, frames, 64, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch, 16, frames, frames, device=device, dtype=dtype)
+        row, outs = {"seconds": seconds}, {}
+        for name, fn in ways.items():
+            def step():
+                out = fn(module, q, q)[1]
+                out.backward(grad)
+                return out
+
+            outs[name] = step().detach().float()
+            sync()
+            t = time.time()
+            for _ in range(args.repeats):
+                step()
+            sync()
+            row[f"{name}_ms"] = round((time.time() - t) / args.repeats * 1000, 2)
+        worst = max(worst, float((outs["per_distance"] - outs["transformers"]).abs().max()))
+        rows.append(row)
+    t, p = (sum(r[f"{k}_ms"] for r in rows) / len(rows) for k in ways)
+    return {"lengths": rows, "transformers_ms": round(t, 2), "per_distance_ms": round(p, 2), "speedup": round(t / p, 3),
+            "max_abs_difference": worst}
 
 
 if __name__ == "__main__":

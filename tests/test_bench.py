@@ -119,6 +119,8 @@ def test_kernel_levers_compute_what_the_eager_blocks_do():
     ways = ("direct_ms", "direct_cudnn_benchmark_ms", "fft_ms")
     assert positive(*(pc[k] for k in ways), pc["speedup_fft"], pc["speedup_cudnn_benchmark"],
                     *(x[k] for x in pc["lengths"] for k in ways)), pc
+    rk = r["relative_key_bias"]  # w2v-BERT's bias both ways: the same numbers
+    assert rk["max_abs_difference"] < 1e-4 and positive(rk["transformers_ms"], rk["per_distance_ms"], rk["speedup"]), rk
 
 
 def test_train_throughput_names_its_variants_and_refuses_unknown_ones():

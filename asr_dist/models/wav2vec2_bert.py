@@ -31,6 +31,40 @@ log = logging.getLogger(__name__)
 WINDOW, HOP, STACK = 400, 160, 2
 
 
+def relative_key_bias(module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w2v-BERT's relative-key attention bias, (B, H, L, R): each query's dot product with the distance
+    embedding of its distance to each key (clamped to [-left, right]), times the attention's scaling.
+
+    transformers computes it as einsum("bhld,lrd->bhlr", query, E[distance]): an (L, R, D) tensor of the
+    embeddings of every pair, and a product as large as the attention scores themselves (2·B·H·L·R·D FLOPs),
+    with as large a backward. A distance takes one of K = left + right + 1 values (73 in w2v-BERT 2.0), so
+    here each query meets the K embeddings once (B, H, L, K) and the bias gathers from that: the same
+    numbers (each one the same D-term dot product), K/R of the product (at 15 s, 73 against 750 keys),
+    and no (L, R, D) tensor. Installed in place of transformers' by the family (``use_relative_key_bias``)."""
+    left, right = module.left_max_position_embeddings, module.right_max_position_embeddings
+    per_distance = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t())  # (B, H, L, K)
+    rows = torch.arange(query.shape[2], device=query.device).view(-1, 1)
+    cols = torch.arange(key.shape[2], device=query.device).view(1, -1)
+    index = (torch.clamp(cols - rows, -left, right) + left).expand(*query.shape[:2], -1, -1)  # (B, H, L, R)
+    return query, torch.gather(per_distance, 3, index) * module.scaling
+
+
+def use_relative_key_bias() -> None:
+    """Compute w2v-BERT's relative-key bias with ``relative_key_bias`` (the same values, a tenth of the work at
+    15 s) in every wav2vec2-bert model of this process; a transformers without the function it replaces is
+    left as it is."""
+    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as m
+
+    global transformers_relative_key_bias
+    own = getattr(m, "_apply_relative_key_position_encoding", None)
+    if own is not None and own is not relative_key_bias:
+        transformers_relative_key_bias = own
+        m._apply_relative_key_position_encoding = relative_key_bias
+
+
+transformers_relative_key_bias = None  # what use_relative_key_bias replaced (the tests compare with it)
+
+
 class FeatureError(UserError):
     """Audio the featuriser cannot turn into w2v-BERT's input."""
 
@@ -91,6 +125,10 @@ class Wav2Vec2BertFamily(ModelFamily):
     }
 
     # ── build ──
+
+    def build(self, args: ModelArgs, vocab: dict[str, int], config=None):
+        use_relative_key_bias()
+        return super().build(args, vocab, config)
 
     def overrides(self, args: ModelArgs, vocab: dict[str, int]) -> dict:
         known = self.config_class().to_dict()
@@ -181,8 +219,8 @@ class Wav2Vec2BertFamily(ModelFamily):
         h, f, k = config.hidden_size, config.intermediate_size, config.conv_depthwise_kernel_size
         ffn = 2 * 2.0 * frames * 2 * h * f
         attention = 2.0 * frames * 4 * h * h + 4.0 * frames * frames * h
-        if config.position_embeddings_type == "relative_key":  # query x distance embedding, every pair
-            attention += 2.0 * frames * frames * h
+        if config.position_embeddings_type == "relative_key":  # query x each distance's embedding (relative_key_bias)
+            attention += 2.0 * frames * (config.left_max_position_embeddings + config.right_max_position_embeddings + 1) * h
         elif config.position_embeddings_type == "relative":  # projected positions and their scores
             attention += 2.0 * (2 * frames) * h * h + 2.0 * frames * frames * h
         conv = 2.0 * frames * h * (2 * h + k + h)

@@ -178,6 +178,50 @@ def test_a_train_step_through_transformers_forward(adapter):
     assert torch.isfinite(half.loss) and half.loss.item() == pytest.approx(out.loss.item(), rel=0.1)
 
 
+def test_the_relative_key_bias_is_transformers_own_computed_per_distance():
+    """asr-dist's relative-key bias (each query against the K distance embeddings, then gathered) gives
+    transformers' einsum over every pair's embedding: the bias within float rounding, and the same logits,
+    loss and gradients of a whole model over a padded batch longer than the clamp's reach (64 frames)."""
+    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as m
+
+    from asr_dist.models import wav2vec2_bert as ours
+    from asr_dist.models.wav2vec2_bert import relative_key_bias
+
+    args = ModelArgs(preset="tiny", family="wav2vec2-bert", mask_time_prob=0.0)
+    model, family = build_model(args, VOCAB)
+    assert m._apply_relative_key_position_encoding is relative_key_bias  # the family installs it when it builds
+    original = ours.transformers_relative_key_bias
+    assert original.__module__ == m.__name__
+    attention = model.wav2vec2_bert.encoder.layers[0].self_attn
+    q, k = torch.randn(2, 4, 90, 48, dtype=torch.float64), torch.randn(2, 4, 90, 48, dtype=torch.float64)
+    attention.double()
+    assert torch.allclose(relative_key_bias(attention, q, k)[1], original(attention, q, k)[1], rtol=0, atol=1e-12)
+    attention.float()
+    batch = _batch([48000, 30000, 20000])  # 150 frames at 50 Hz: past the left and right clamps
+
+    def run(bias):
+        m._apply_relative_key_position_encoding = bias
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout
+        out = model(input_features=batch["input_values"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    try:
+        ours, ours_grads = run(relative_key_bias)
+        theirs, theirs_grads = run(original)
+    finally:
+        m._apply_relative_key_position_encoding = relative_key_bias
+    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5) and ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-6)
+    distance = [n for n in ours_grads if "distance_embedding" in n]
+    assert distance and ours_grads.keys() == theirs_grads.keys()
+    largest = max(float(g.abs().max()) for g in theirs_grads.values())
+    for n in ours_grads:  # within 1e-4 of each tensor's own scale (a key bias's is rounding: softmax ignores it)
+        scale = max(float(theirs_grads[n].abs().max()), 1e-3 * largest)
+        assert float((ours_grads[n] - theirs_grads[n]).abs().max()) < 1e-4 * scale, n
+
+
 def test_the_loader_delivers_feature_frames_and_resumes_exactly(tmp_path):
     from asr_dist.data.writer import BuildOptions, build
     from asr_dist.synth import write_corpus

@@ -211,10 +211,17 @@ class Trainer:
         d, plan = self.cfg.distributed, self.plan
         extra = memory.held_by_training(sum(p.numel() for p in self.family.trainable_parameters(model)),
                                         d.precision, d.zero_stage, self.world, d.reduce_bucket_size)
+        trainable = sum(p.numel() for p in self.family.trainable_parameters(model))
+        accumulated = trainable * self.input_dtype.itemsize  # gradients held between the micro-batches of a step
+        every_layer = [False] * self.layers if self.spec.sync_free else None  # the worst case: no layer skipped
         t0 = time.perf_counter()
-        micro, probes, budget = memory.choose(
-            model, plan.micro_candidates, plan.probe_batch, lambda m, batch: forward(m, batch, self.spec),
-            self.device, self.input_dtype, extra, self.rank, self.world)
+        layerdrop, model.config.layerdrop = getattr(model.config, "layerdrop", 0.0), 0.0  # transformers' forward
+        try:
+            micro, probes, budget = memory.choose(
+                model, plan.micro_candidates, plan.probe_batch, lambda m, batch: forward(m, batch, self.spec, every_layer),
+                self.device, self.input_dtype, extra, self.rank, self.world, accumulated, self.host_group)
+        finally:
+            model.config.layerdrop = layerdrop
         plan.use_micro_batch_size(micro)
         if self.denv.is_main:
             log.info("data.micro_batch_size=auto: %d x accumulation %d (a forward and backward of the longest "

@@ -9,7 +9,8 @@
   every rank probes its own GPU; the smallest choice over the ranks is taken (one all-reduce)
 
 No later micro-batch is longer than the one probed (the packing capacities and the length plan hold every
-epoch's), so a run that starts does not run out of memory an hour in on a long batch; the margin covers
+epoch's): the probe answers for the run's longest batch, not its first; LayerDrop is off while it runs,
+so every layer's activations count; the margin covers
 the allocator's fragmentation, cuDNN's workspaces and NCCL's buffers. The model is left as it was: its
 parameters are moved back where they were, and the random generators are restored, so a run with auto
 trains exactly as one given the chosen size. The run's first choice is recorded in output_dir/config.yaml
@@ -76,9 +77,10 @@ def worst_batch(lengths: np.ndarray, micro: int, featurize, frames, vocab_size: 
 
 def held_by_training(trainable: int, precision: str, zero_stage: int, world_size: int, bucket: int) -> int:
     """Bytes a rank holds in training beyond the probe's (parameters and gradients in the run's precision,
-    activations): Adam's two fp32 moments, and in fp16/bf16 the fp32 master weights and gradients, divided
-    over the ranks from ZeRO-1 on; DeepSpeed's reduction bucket of ``bucket`` elements."""
-    per_param = 8 if precision == "fp32" else 16
+    activations): Adam's two fp32 moments, and fp32 master weights and gradients (ZeRO 1-2 keeps its own
+    partitions of both even in fp32; stage 0 in fp32 keeps neither), divided over the ranks from ZeRO-1 on;
+    DeepSpeed's reduction bucket of ``bucket`` elements."""
+    per_param = 8 if precision == "fp32" and zero_stage == 0 else 16
     share = world_size if zero_stage >= 1 else 1
     element = 4 if precision == "fp32" else 2
     return -(-trainable * per_param // share) + min(bucket, trainable) * element
@@ -135,30 +137,50 @@ def measure(model, batch: dict, forward, device: torch.device) -> int | None:
         torch.cuda.empty_cache()
 
 
+RAISED = -2  # what a rank whose probe raised sends to the others
+
+
 def choose(model, sizes: list[int], make_batch, forward, device: torch.device, dtype: torch.dtype | None,
-           extra: int, rank: int = 0, world_size: int = 1) -> tuple[int, list[Probe], int]:
+           extra: int, rank: int = 0, world_size: int = 1, accumulated: int = 0,
+           group=None) -> tuple[int, list[Probe], int]:
     """(the chosen micro-batch size, what was measured, the budget in bytes): the first of ``sizes`` (largest
-    first) whose ``make_batch(size)`` peaks at most the budget less ``extra`` on this GPU; the smallest choice
-    over the ranks."""
+    first) whose ``make_batch(size)`` peaks at most the budget less ``extra`` on this GPU (less ``accumulated``
+    too for a size below the first: its later micro-batches run with the gradients of the earlier ones); the
+    smallest choice over the ranks, agreed over ``group`` (gloo; None: the default group). A rank whose probe
+    raises tells the others, so that every rank stops."""
     free, total = torch.cuda.mem_get_info(device)
     budget = free + torch.cuda.memory_reserved(device) - max(int(MARGIN * total), MIN_MARGIN)
-    probes, chosen = [], 0
+    probes, chosen, error = [], 0, None
     model.train()
-    with on_device(model, device, dtype):
-        for m in sizes:
-            batch = make_batch(m)
-            probe = Probe(m, measure(model, batch, forward, device), float(batch["durations"].sum()))
-            probes.append(probe)
-            if probe.peak is not None and probe.peak + extra <= budget:
-                chosen = m
-                break
+    try:
+        with on_device(model, device, dtype):
+            for m in sizes:
+                batch = make_batch(m)
+                probe = Probe(m, measure(model, batch, forward, device), float(batch["durations"].sum()))
+                probes.append(probe)
+                if probe.peak is not None and probe.peak + extra + (accumulated if m < sizes[0] else 0) <= budget:
+                    chosen = m
+                    break
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error = e
     if world_size > 1:
-        agreed = torch.tensor([chosen if chosen else -1], device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        mine = RAISED if error is not None else chosen if chosen else -1
+        agreed = torch.tensor([mine], dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
         theirs = int(agreed.item())
+        if error is not None:
+            raise error
+        if theirs == RAISED:
+            raise TrainingError("data.micro_batch_size=auto: the memory probe failed on another rank (its log says "
+                                "why); give data.micro_batch_size a number to start without it")
         if theirs != chosen and chosen:
             log.info("rank %d: micro-batch %d fits here; another rank's GPU takes %s", rank, chosen,
                      theirs if theirs > 0 else "none")
+        if theirs < 0 and chosen:
+            raise TrainingError(f"data.micro_batch_size=auto: no candidate size fits another rank's GPU (its log "
+                                f"says what each measured); rank {rank} fits {chosen}")
         chosen = max(0, theirs)
     if not chosen:
         raise TrainingError(

@@ -30,6 +30,7 @@ from .config import AUTO, Config, ConfigError, length_plan, load_config, shard_d
 from .data.augment import Augmentation
 from .data.index import build_failure, read_index
 from .data.loader import TrainLoader, unalignable
+from .data.samples import input_padding
 from .data.shardset import ShardSet
 from .deepspeed_config import check_layerdrop, deepspeed_config
 from .evaluation import check_group_fields
@@ -157,7 +158,7 @@ class RunPlan:
         loader = self.loader(0)
         return memory.worst_batch(
             loader.lengths(), micro, self.featurize, self.alignable.frames, len(self.vocab), self.pack_align,
-            self.cfg.data.pad_to_multiple_of)
+            input_padding(self.featurize, self.cfg.data.pad_to_multiple_of))
 
     def model_name(self) -> str:
         return model_name(self.cfg, self.family)
@@ -216,9 +217,12 @@ def resolve_precision(cfg: Config, cuda: bool) -> None:
 
 
 def recorded_micro_batch_size(cfg: Config) -> int | None:
-    """data.micro_batch_size in the run's own record (output_dir/config.yaml), when it is a number."""
+    """data.micro_batch_size in the run's own record (output_dir/config.yaml), when it is a number and there is a
+    checkpoint to resume (a run stopped before its first checkpoint probes again)."""
+    from .checkpoint import latest
+
     path = Path(cfg.output_dir) / "config.yaml"
-    if cfg.train.resume == "never" or not path.is_file():
+    if cfg.train.resume == "never" or not path.is_file() or latest(Path(cfg.output_dir) / "checkpoints") is None:
         return None
     try:
         from omegaconf import OmegaConf

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from asr_dist import memory
+from asr_dist.checkpoint import MARKER
 from asr_dist.config import ConfigError, load_config
 from asr_dist.models import build_model
 from asr_dist.plan import plan_run
@@ -40,7 +41,8 @@ def test_what_training_adds_to_the_probe():
     ZeRO-1 on the optimizer's part is divided over the ranks."""
     p = 311_000_000
     assert memory.held_by_training(p, "bf16", 1, 1, 200_000_000) == 16 * p + 2 * 200_000_000
-    assert memory.held_by_training(p, "fp32", 1, 1, 200_000_000) == 8 * p + 4 * 200_000_000
+    assert memory.held_by_training(p, "fp32", 1, 1, 200_000_000) == 16 * p + 4 * 200_000_000  # ZeRO's own partitions
+    assert memory.held_by_training(p, "fp32", 0, 1, 200_000_000) == 8 * p + 4 * 200_000_000
     assert memory.held_by_training(p, "bf16", 1, 8, 200_000_000) == 2 * p + 2 * 200_000_000
     assert memory.held_by_training(p, "bf16", 0, 8, 200_000_000) == 16 * p + 2 * 200_000_000
     assert memory.held_by_training(1000, "fp16", 2, 1, 200_000_000) == 16 * 1000 + 2 * 1000
@@ -65,11 +67,16 @@ def test_auto_on_a_gpu_plans_the_largest_until_the_probe_settles_it(train_shards
 
 
 def test_a_resume_keeps_the_runs_first_choice(train_shards, tmp_path):
-    """output_dir/config.yaml records the size auto chose; a resume takes it without probing (the same
-    micro-batches, so the resume is exact); train.resume=never, or a size that no longer makes up the
-    global batch on this many ranks, probes anew."""
+    """output_dir/config.yaml records the size auto chose; a resume from a checkpoint takes it without probing
+    (the same micro-batches, so the resume is exact); no checkpoint, train.resume=never, or a size that no
+    longer makes up the global batch on this many ranks, probes anew."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("data:\n  micro_batch_size: 2\n")
+    plan = plan_run(config(train_shards, tmp_path), world_size=1, cuda=True)
+    assert plan.micro_candidates == [8, 4, 2, 1]  # no checkpoint to resume: probed again
+    saved = tmp_path / "run" / "checkpoints" / "step-00000003"
+    saved.mkdir(parents=True)
+    (saved / MARKER).write_text("{}")
     plan = plan_run(config(train_shards, tmp_path), world_size=1, cuda=True)
     assert (plan.cfg.data.micro_batch_size, plan.micro_candidates, plan.accumulation) == (2, [], 4)
     plan = plan_run(config(train_shards, tmp_path, "train.resume=never"), world_size=1, cuda=True)
@@ -146,3 +153,13 @@ def test_the_probe_leaves_the_model_and_the_random_generators_as_they_were(train
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(np.random.get_state(), np_state))
+
+
+def test_the_probe_pads_feature_frames_in_frames(train_shards, tmp_path):
+    """w2v-BERT's input is fbank frames (320 samples each): data.pad_to_multiple_of=16000 pads its probe to
+    whole seconds of frames (50), as its loader does, not to 16000 frames."""
+    plan = plan_run(config(train_shards, tmp_path, "model.family=wav2vec2-bert", "data.pad_to_multiple_of=16000"),
+                    world_size=1, cuda=True)
+    batch = plan.probe_batch(2)
+    frames = batch["input_values"].shape[1]
+    assert batch["input_values"].shape[2] == 160 and frames % 50 == 0 and frames <= 50 * 20, frames

@@ -39,10 +39,12 @@ def relative_key_bias(module, query: torch.Tensor, key: torch.Tensor) -> tuple[t
     embeddings of every pair, and a product as large as the attention scores themselves (2·B·H·L·R·D FLOPs),
     with as large a backward. A distance takes one of K = left + right + 1 values (73 in w2v-BERT 2.0), so
     here each query meets the K embeddings once (B, H, L, K) and the bias gathers from that: the same
-    numbers (each one the same D-term dot product), K/R of the product (at 15 s, 73 against 750 keys),
+    numbers within float rounding (each one the same D-term dot product), K/R of the product (at 15 s, 73 against 750 keys),
     and no (L, R, D) tensor. Installed in place of transformers' by the family (``use_relative_key_bias``)."""
     left, right = module.left_max_position_embeddings, module.right_max_position_embeddings
-    per_distance = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t())  # (B, H, L, K)
+    # through the embedding's forward, not its weight: ZeRO-3 gathers a parameter in its owner's forward
+    table = module.distance_embedding(torch.arange(left + right + 1, device=query.device)).to(query.dtype)
+    per_distance = torch.matmul(query, table.t())  # (B, H, L, K)
     rows = torch.arange(query.shape[2], device=query.device).view(-1, 1)
     cols = torch.arange(key.shape[2], device=query.device).view(1, -1)
     index = (torch.clamp(cols - rows, -left, right) + left).expand(*query.shape[:2], -1, -1)  # (B, H, L, R)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import complete_checkpoints
+from .checkpoint import CHECKPOINTS, complete_checkpoints
 from .errors import InvalidValue
 from .export import checkpoint_state, checkpoint_weights, whole_dir, write_model_dir
 from .state import best_steps, ranking_key, score
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
     """The complete checkpoints of a run (an output_dir, or its checkpoints/ directory), oldest first."""
     run = Path(run_dir)
-    found = complete_checkpoints(run / "checkpoints") or complete_checkpoints(run)
+    found = complete_checkpoints(run / CHECKPOINTS) or complete_checkpoints(run)
     if not found:
         raise InvalidValue(f"{run_dir}: no complete checkpoints in {run / 'checkpoints'}; give a training output_dir "
                            f"whose run saved some (train.checkpoint_every), or --checkpoints DIR …")

@@ -24,6 +24,7 @@ from .state import best_steps, ranking_key
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
+CHECKPOINTS = "checkpoints"  # the checkpoints' directory in output_dir
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
@@ -165,7 +166,7 @@ class Checkpointer:
     def __init__(self, engine, state, denv, cfg):
         self.engine, self.state, self.cfg = engine, state, cfg
         self.rank, self.world, self.is_main = denv.rank, denv.world_size, denv.is_main
-        self.dir = Path(cfg.output_dir) / "checkpoints"
+        self.dir = Path(cfg.output_dir) / CHECKPOINTS
 
     def barrier(self) -> None:
         if self.world > 1:

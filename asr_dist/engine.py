@@ -44,7 +44,7 @@ from .evaluation import TrainingEvaluation
 from .flops import peak_flops, train_flops_per_audio_second
 from .logging import MetricWriter, setup_logging
 from .models import build_model
-from .plan import RunPlan, plan_run
+from .plan import CONFIG_NAME, RunPlan, plan_run
 from .state import TrainState, early_stop, ranking_key, score
 from .step import NonFiniteStep, StepSpec, forward, keys_text, train_step
 from .watchdog import Watchdog
@@ -209,9 +209,8 @@ class Trainer:
         from . import memory
 
         d, plan = self.cfg.distributed, self.plan
-        extra = memory.held_by_training(sum(p.numel() for p in self.family.trainable_parameters(model)),
-                                        d.precision, d.zero_stage, self.world, d.reduce_bucket_size)
         trainable = sum(p.numel() for p in self.family.trainable_parameters(model))
+        extra = memory.held_by_training(trainable, d.precision, d.zero_stage, self.world, d.reduce_bucket_size)
         accumulated = trainable * self.input_dtype.itemsize  # gradients held between the micro-batches of a step
         every_layer = [False] * self.layers if self.spec.sync_free else None  # the worst case: no layer skipped
         t0 = time.perf_counter()
@@ -565,7 +564,6 @@ class Trainer:
 
 
 RESULTS_NAME = "eval_results.json"
-CONFIG_NAME = "config.yaml"  # the resolved config of the run, in output_dir
 
 
 def train(cfg: Config, denv: DistEnv | None = None) -> dict:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, Callable
-
 from pathlib import Path
+from typing import Any, Callable
 
 from . import memory
 from .config import AUTO, Config, ConfigError, length_plan, load_config, shard_dirs
@@ -216,13 +215,16 @@ def resolve_precision(cfg: Config, cuda: bool) -> None:
     cfg.distributed.precision = chosen
 
 
+CONFIG_NAME = "config.yaml"  # the resolved config of the run, in output_dir (written by the Trainer)
+
+
 def recorded_micro_batch_size(cfg: Config) -> int | None:
     """data.micro_batch_size in the run's own record (output_dir/config.yaml), when it is a number and there is a
     checkpoint to resume (a run stopped before its first checkpoint probes again)."""
-    from .checkpoint import latest
+    from .checkpoint import CHECKPOINTS, latest
 
-    path = Path(cfg.output_dir) / "config.yaml"
-    if cfg.train.resume == "never" or not path.is_file() or latest(Path(cfg.output_dir) / "checkpoints") is None:
+    path = Path(cfg.output_dir) / CONFIG_NAME
+    if cfg.train.resume == "never" or not path.is_file() or latest(Path(cfg.output_dir) / CHECKPOINTS) is None:
         return None
     try:
         from omegaconf import OmegaConf

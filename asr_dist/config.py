@@ -41,7 +41,7 @@ class DataArgs:
     micro_batch_size: Any = 16  # utterances per forward pass on one rank; or auto: on a GPU, the largest that divides data.global_batch_size / ranks and whose longest micro-batch (the longest utterances together, packed at the largest capacity or padded) fits the GPU's memory with the optimizer's state, found by a forward and backward at start-up (logged; a resume keeps the run's first choice); on CPU the largest of those up to 16
     eval_micro_batch_size: int = 16  # utterances per evaluation forward pass
     eval_micro_batch_seconds: Optional[float] = None  # or evaluation forward passes of as many utterances as fit in this many seconds of audio, padding included
-    micro_batch_seconds: Optional[float] = None  # large-batch mode: fill each micro-batch with as many similar-length utterances as fit in this many seconds of audio, padding included (size it to the GPU's memory); then data.global_batch_seconds replaces the two batch sizes above
+    micro_batch_seconds: Any = None  # large-batch mode: fill each micro-batch with as many similar-length utterances as fit in this many seconds of audio, padding included; then data.global_batch_seconds replaces the two batch sizes above. auto: on a GPU, the largest that divides data.global_batch_seconds / ranks and whose worst micro-batch (the longest utterances, as many as it holds) fits the GPU's memory with the optimizer's state, found at start-up (logged; a resume keeps the run's first choice); on CPU the largest of those up to 16 of the longest utterances
     global_batch_seconds: Optional[float] = None  # large-batch mode: audio seconds (padding included) per optimizer step over all ranks and accumulation; a multiple of data.micro_batch_seconds x ranks
     num_workers: int = 2  # DataLoader worker processes per rank
     bucket_batches: Optional[int] = None  # length bucketing buffer, in micro-batches (1 = no bucketing); default: 32, and with a fixed utterance count enough for 1024 utterances (more agree closer across ranks, less padding; about 100 kB of FLAC an utterance per loader worker)
@@ -267,10 +267,25 @@ def merge_config(path: str | None = None, overrides: list[str] | None = None) ->
     except OmegaConfBaseException as e:
         msg = str(e).split("\n")[0]
         raise ConfigError(f"{path or 'config'}: {msg} (key {getattr(e, 'full_key', '?')})") from None
+    # both keys also take auto, so OmegaConf leaves a number that arrives as text (${oc.env:MICRO}, a quoted
+    # YAML value) a string: it is read as that number
     micro = obj.data.micro_batch_size
+    if isinstance(micro, str) and micro.strip().isdigit():
+        micro = obj.data.micro_batch_size = int(micro)
     if micro != AUTO and (isinstance(micro, bool) or not isinstance(micro, int)):
         raise ConfigError(f"data.micro_batch_size takes a whole number or auto, not {micro!r}, e.g. "
                           f"data.micro_batch_size=16 (auto: the largest that fits the GPU)")
+    seconds = obj.data.micro_batch_seconds
+    if isinstance(seconds, str) and seconds != AUTO:
+        try:
+            seconds = obj.data.micro_batch_seconds = float(seconds)
+        except ValueError:
+            pass
+    if seconds is not None and seconds != AUTO and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
+        raise ConfigError(f"data.micro_batch_seconds takes a number of seconds or auto, not {seconds!r}, e.g. "
+                          f"data.micro_batch_seconds=600 (auto: the largest that fits the GPU)")
+    if isinstance(seconds, int) and not isinstance(seconds, bool):
+        obj.data.micro_batch_seconds = float(seconds)
     return obj
 
 
@@ -380,9 +395,10 @@ def validate(cfg: Config) -> None:
             f"nothing. Use distributed.zero_stage 1 or 2, or model.layerdrop=0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas takes two numbers, e.g. [0.9, 0.999]")
-    if cfg.data.micro_batch_size == AUTO and cfg.distributed.zero_stage == 3:
-        raise ConfigError("data.micro_batch_size=auto with distributed.zero_stage=3: the memory probe runs the whole "
-                          "model on each GPU, which ZeRO-3 is there to avoid; give data.micro_batch_size a number")
+    for key in ("micro_batch_size", "micro_batch_seconds"):
+        if getattr(cfg.data, key) == AUTO and cfg.distributed.zero_stage == 3:
+            raise ConfigError(f"data.{key}=auto with distributed.zero_stage=3: the memory probe runs the whole "
+                              f"model on each GPU, which ZeRO-3 is there to avoid; give data.{key} a number")
     if cfg.data.micro_batch_size != AUTO and cfg.data.micro_batch_size < 1 or cfg.data.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be at least 1")
     if cfg.data.cache_max_gb is not None and not cfg.data.cache_max_gb > 0:
@@ -392,7 +408,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.eval_micro_batch_seconds is not None and not cfg.data.eval_micro_batch_seconds > 0:
         raise ConfigError("data.eval_micro_batch_seconds must be above 0 (or null: data.eval_micro_batch_size)")
     seconds = (cfg.data.micro_batch_seconds, cfg.data.global_batch_seconds)
-    if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and not x > 0 for x in seconds):
+    if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and x != AUTO and not x > 0 for x in seconds):
         raise ConfigError("the large-batch mode takes both data.micro_batch_seconds and data.global_batch_seconds, "
                           "above 0 (e.g. 600 and 1200 for one GPU: two micro-batches of up to 600 s per step)")
     gb = list(cfg.eval.group_by)

@@ -20,6 +20,7 @@ every rank takes part in saves and in the collectives.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -174,9 +175,9 @@ class Trainer:
             # ZeRO 1-3 and fp16 skip steps with inf/NaN gradients themselves; stage 0 in fp32/bf16 does not
             check_finite=cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16",
             samples_per_input=getattr(plan.featurize, "samples_per_frame", 1),
-            micro_batch_key="data.micro_batch_" + ("size" if cfg.data.micro_batch_seconds is None else "seconds"),
+            micro_batch_key=plan.micro_key,
             rank=self.rank, world_size=self.world)
-        if plan.micro_candidates:  # data.micro_batch_size=auto on a GPU
+        if plan.micro_candidates:  # data.micro_batch_size=auto (or data.micro_batch_seconds=auto) on a GPU
             self._choose_micro_batch_size(model)
         self.loader = plan.loader(self.rank)
         self.total_steps, self.ds_config = plan.total_steps, plan.ds_config
@@ -204,8 +205,9 @@ class Trainer:
         self._skipped_run, self._last_skipped = 0, 0
 
     def _choose_micro_batch_size(self, model) -> None:
-        """data.micro_batch_size=auto: the largest candidate whose longest micro-batch fits every rank's GPU
-        (asr_dist.memory), before DeepSpeed holds any memory; the plan is made again for it."""
+        """data.micro_batch_size=auto (or data.micro_batch_seconds=auto): the largest candidate whose longest
+        micro-batch fits every rank's GPU (asr_dist.memory), before DeepSpeed holds any memory; the plan is made
+        again for it."""
         from . import memory
 
         d, plan = self.cfg.distributed, self.plan
@@ -218,16 +220,21 @@ class Trainer:
         try:
             micro, probes, budget = memory.choose(
                 model, plan.micro_candidates, plan.probe_batch, lambda m, batch: forward(m, batch, self.spec, every_layer),
-                self.device, self.input_dtype, extra, self.rank, self.world, accumulated, self.host_group)
+                self.device, self.input_dtype, extra, self.rank, self.world, accumulated, self.host_group,
+                plan.micro_key)
         finally:
             model.config.layerdrop = layerdrop
-        plan.use_micro_batch_size(micro)
+        key = plan.micro_key
+        plan.use_micro_batch(micro)
+        # the large-batch mode weighs each micro-batch's loss by its utterances over the mean, which the choice moves
+        self.spec = dataclasses.replace(self.spec, utterances_per_micro=plan.utterances_per_micro)
         if self.denv.is_main:
-            log.info("data.micro_batch_size=auto: %d x accumulation %d (a forward and backward of the longest "
-                     "micro-batch of each size peaked at %s; with %.1f GiB that training adds for the optimizer, "
-                     "it must stay under %.1f GiB of this GPU; probed in %.0f s). data.micro_batch_size=N chooses "
-                     "another", micro, plan.accumulation, "; ".join(p.describe() for p in probes), extra / memory.GiB,
-                     budget / memory.GiB, time.perf_counter() - t0)
+            log.info("%s=auto: %s x accumulation %d (a forward and backward of the longest micro-batch of each "
+                     "candidate peaked at %s; with %.1f GiB that training adds for the optimizer, it must stay under "
+                     "%.1f GiB of this GPU; probed in %.0f s). %s=N chooses another", key,
+                     f"{micro:g} s" if isinstance(micro, float) else micro, plan.accumulation,
+                     "; ".join(p.describe() for p in probes), extra / memory.GiB, budget / memory.GiB,
+                     time.perf_counter() - t0, key)
 
     def _start_trackers(self) -> None:
         """log.trackers' MLflow and W&B runs, on rank 0; one that cannot start stops every rank with its reason."""

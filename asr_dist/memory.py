@@ -1,12 +1,17 @@
-"""data.micro_batch_size=auto: the largest micro-batch whose worst case fits the GPU, found at start-up.
+"""data.micro_batch_size=auto (and data.micro_batch_seconds=auto in the large-batch mode): the largest micro-batch
+whose worst case fits the GPU, found at start-up.
 
-  candidates: the micro-batch sizes that divide data.global_batch_size / ranks, largest first
+  candidates: the micro-batch sizes that divide data.global_batch_size / ranks, largest first (or the
+  micro-batch seconds that divide data.global_batch_seconds / ranks and still hold the longest utterance)
   for each, the longest micro-batch the run can meet: its longest utterances together (silence of their
-  lengths, after the slowest speed perturbation), packed at the largest capacity or padded to the longest
+  lengths, after the slowest speed perturbation; as many as the seconds hold), packed at the largest
+  capacity or padded to the longest
       ──forward + backward of the model in the run's precision, on this rank's GPU──> the allocator's peak
       + what training holds that the probe does not (fp32 master weights, Adam's moments, fp32 gradients,
-        DeepSpeed's reduction bucket) <= the GPU's memory less a margin?  → the first that fits
-  every rank probes its own GPU; the smallest choice over the ranks is taken (one all-reduce)
+        DeepSpeed's reduction bucket) <= the GPU's memory less a margin?
+  the largest first, then a bisection of the rest (the peak grows with the micro-batch), so that a long list
+  of seconds costs a few probes; every rank probes its own GPU; the smallest choice over the ranks is taken
+  (one all-reduce)
 
 No later micro-batch is longer than the one probed (the packing capacities and the length plan hold every
 epoch's): the probe answers for the run's longest batch, not its first; LayerDrop is off while it runs,
@@ -56,13 +61,42 @@ def cpu_choice(sizes: list[int]) -> int:
     return next((m for m in sizes if m <= CPU_LIMIT), sizes[-1])
 
 
+MAX_SECONDS_CANDIDATES = 4096  # micro-batch seconds tried at most: a bisection probes about 12 of them
+
+
+def seconds_candidates(global_batch_seconds: float, world_size: int, longest: float) -> list[float]:
+    """Micro-batch seconds that make up ``global_batch_seconds`` on ``world_size`` ranks with whole accumulation
+    steps and still hold an utterance of ``longest`` seconds, largest first (empty when none does)."""
+    per_rank = global_batch_seconds / world_size
+    return [per_rank / k for k in range(1, MAX_SECONDS_CANDIDATES + 1) if per_rank / k >= longest]
+
+
+def cpu_seconds_choice(seconds: list[float], longest: float) -> float:
+    """data.micro_batch_seconds=auto without a GPU: the largest candidate up to CPU_LIMIT of the longest
+    utterances (the seed's micro-batch count, at the worst length)."""
+    return next((s for s in seconds if s <= CPU_LIMIT * longest), seconds[-1])
+
+
+def worst_count(lengths: np.ndarray, seconds: float, pad_to_multiple_of: int = 1, packed: bool = False) -> int:
+    """How many of the longest of ``lengths`` (samples) the probe of a micro-batch of ``seconds`` (padding
+    included, asr_dist.data.batching.cut_by_seconds) takes. Padded: the fewest whose padded size reaches the
+    seconds, so that no micro-batch of shorter utterances is larger (it may be one utterance over). Packed: as
+    many as the seconds hold (the micro-batch's size is the capacity, whatever it holds)."""
+    longest = int(np.max(lengths))
+    padded = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    budget = seconds * 16000
+    count = budget // padded if packed else -(-budget // padded)
+    return int(min(len(lengths), max(1, count)))
+
+
 def worst_batch(lengths: np.ndarray, micro: int, featurize, frames, vocab_size: int, pack_align: int | None,
-                pad_to_multiple_of: int = 1) -> dict:
+                pad_to_multiple_of: int = 1, capacity: int | None = None) -> dict:
     """The longest micro-batch of ``micro`` utterances that ``lengths`` (samples of every utterance, as the
     loader will deliver them) can form, as the loader collates it: the ``micro`` longest, as silence through
     ``featurize``, with labels of half their CTC ``frames`` (more than any speech has: CTC's memory grows
-    with the labels). Packed when ``pack_align`` is set: their packed length is the largest packing capacity
-    (asr_dist.data.packing.largest_need)."""
+    with the labels). Packed when ``pack_align`` is set: at ``capacity`` samples, the largest packing capacity
+    (asr_dist.data.packing.largest_need); None: their packed length, which is that capacity when micro-batches
+    count utterances."""
     longest = np.sort(np.asarray(lengths, dtype=np.int64))[-micro:][::-1]
     samples = []
     for i, n in enumerate(longest.tolist()):
@@ -71,7 +105,7 @@ def worst_batch(lengths: np.ndarray, micro: int, featurize, frames, vocab_size: 
         samples.append((f"probe-{i}", x, labels, ""))
     seconds = [n / 16000 for n in longest.tolist()]
     if pack_align is not None:
-        return collate_packed(samples, pack_align, None, seconds)
+        return collate_packed(samples, pack_align, None if capacity is None else (capacity,), seconds)
     return collate(samples, pad_to_multiple_of, seconds)
 
 
@@ -90,13 +124,31 @@ def held_by_training(trainable: int, precision: str, zero_stage: int, world_size
 class Probe:
     """One candidate's measurement."""
 
-    micro: int
+    micro: int | float  # the candidate: utterances (int), or seconds in the large-batch mode (float)
     peak: int | None  # bytes the allocator reserved at most in its forward and backward; None: out of memory
     seconds: float  # audio seconds in the micro-batch
+    utterances: int = 0
 
     def describe(self) -> str:
         what = "out of memory" if self.peak is None else f"{self.peak / GiB:.1f} GiB"
+        if isinstance(self.micro, float):
+            return f"{self.micro:g} s ({self.utterances} utterances): {what}"
         return f"{self.micro} ({self.seconds:.0f} s of audio): {what}"
+
+
+def search(n: int, fits) -> int:
+    """The first of ``n`` candidates (largest first, the peak growing with the candidate) for which ``fits(i)``:
+    the largest, which usually fits, then a bisection of the rest; ``n`` when none fits."""
+    if n == 0 or fits(0):
+        return 0
+    lo, hi = 1, n  # the answer lies in [lo, hi]; hi == n: none fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @contextlib.contextmanager
@@ -137,55 +189,64 @@ def measure(model, batch: dict, forward, device: torch.device) -> int | None:
         torch.cuda.empty_cache()
 
 
-RAISED = -2  # what a rank whose probe raised sends to the others
+def agree(index: int, n: int, raised: bool, group=None) -> int:
+    """The ranks' choices (indexes into the same ``n`` candidates, largest first; ``n``: none fits) made one:
+    the smallest candidate any rank can take; -1 when a rank's probe raised (it tells the others so that every
+    rank stops rather than waits)."""
+    mine = torch.tensor([n + 1 if raised else index], dtype=torch.int64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
+    theirs = int(mine.item())
+    return -1 if theirs == n + 1 else theirs
 
 
-def choose(model, sizes: list[int], make_batch, forward, device: torch.device, dtype: torch.dtype | None,
-           extra: int, rank: int = 0, world_size: int = 1, accumulated: int = 0,
-           group=None) -> tuple[int, list[Probe], int]:
-    """(the chosen micro-batch size, what was measured, the budget in bytes): the first of ``sizes`` (largest
-    first) whose ``make_batch(size)`` peaks at most the budget less ``extra`` on this GPU (less ``accumulated``
-    too for a size below the first: its later micro-batches run with the gradients of the earlier ones); the
-    smallest choice over the ranks, agreed over ``group`` (gloo; None: the default group). A rank whose probe
-    raises tells the others, so that every rank stops."""
+def choose(model, sizes: list, make_batch, forward, device: torch.device, dtype: torch.dtype | None,
+           extra: int, rank: int = 0, world_size: int = 1, accumulated: int = 0, group=None,
+           key: str = "data.micro_batch_size") -> tuple[int | float, list[Probe], int]:
+    """(the chosen candidate, what was measured, the budget in bytes): the first of ``sizes`` (micro-batch
+    sizes or seconds, largest first) whose ``make_batch(candidate)`` peaks at most the budget less ``extra`` on
+    this GPU (less ``accumulated`` too below the first: its later micro-batches run with the gradients of the
+    earlier ones); the smallest choice over the ranks, agreed over ``group`` (gloo; None: the default group).
+    A rank whose probe raises tells the others, so that every rank stops. ``key`` names the setting in
+    messages."""
     free, total = torch.cuda.mem_get_info(device)
     budget = free + torch.cuda.memory_reserved(device) - max(int(MARGIN * total), MIN_MARGIN)
-    probes, chosen, error = [], 0, None
+    probes, error, n = [], None, len(sizes)
+
+    def fits(i: int) -> bool:
+        batch = make_batch(sizes[i])
+        probe = Probe(sizes[i], measure(model, batch, forward, device), float(batch["durations"].sum()),
+                      len(batch["durations"]))
+        probes.append(probe)
+        return probe.peak is not None and probe.peak + extra + (accumulated if i > 0 else 0) <= budget
+
     model.train()
+    index = n
     try:
         with on_device(model, device, dtype):
-            for m in sizes:
-                batch = make_batch(m)
-                probe = Probe(m, measure(model, batch, forward, device), float(batch["durations"].sum()))
-                probes.append(probe)
-                if probe.peak is not None and probe.peak + extra + (accumulated if m < sizes[0] else 0) <= budget:
-                    chosen = m
-                    break
+            index = search(n, fits)
     except Exception as e:
         if world_size == 1:
             raise
         error = e
     if world_size > 1:
-        mine = RAISED if error is not None else chosen if chosen else -1
-        agreed = torch.tensor([mine], dtype=torch.int64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-        theirs = int(agreed.item())
+        theirs = agree(index, n, error is not None, group)
         if error is not None:
             raise error
-        if theirs == RAISED:
-            raise TrainingError("data.micro_batch_size=auto: the memory probe failed on another rank (its log says "
-                                "why); give data.micro_batch_size a number to start without it")
-        if theirs != chosen and chosen:
-            log.info("rank %d: micro-batch %d fits here; another rank's GPU takes %s", rank, chosen,
-                     theirs if theirs > 0 else "none")
-        if theirs < 0 and chosen:
-            raise TrainingError(f"data.micro_batch_size=auto: no candidate size fits another rank's GPU (its log "
-                                f"says what each measured); rank {rank} fits {chosen}")
-        chosen = max(0, theirs)
-    if not chosen:
+        if theirs < 0:
+            raise TrainingError(f"{key}=auto: the memory probe failed on another rank (its log says why); give "
+                                f"{key} a number to start without it")
+        if theirs != index and index < n:
+            log.info("rank %d: %s=%s fits here; another rank's GPU takes %s", rank, key, sizes[index],
+                     sizes[theirs] if theirs < n else "none")
+        if theirs == n and index < n:
+            raise TrainingError(f"{key}=auto: no candidate fits another rank's GPU (its log says what each "
+                                f"measured); rank {rank} fits {sizes[index]}")
+        index = theirs
+    if index == n:
+        smallest = f"{sizes[-1]:g} s" if isinstance(sizes[-1], float) else f"{sizes[-1]} utterance(s)"
         raise TrainingError(
-            f"data.micro_batch_size=auto: not even a micro-batch of {sizes[-1]} utterance(s) fits rank {rank}'s GPU "
+            f"{key}=auto: not even a micro-batch of {smallest} fits rank {rank}'s GPU "
             f"({'; '.join(p.describe() for p in probes)}; budget {budget / GiB:.1f} GiB less {extra / GiB:.1f} GiB for "
             f"the optimizer). Set model.gradient_checkpointing=true, rebuild the shards with a lower --max-duration, "
             f"or shard the optimizer over more GPUs (distributed.zero_stage=2)")
-    return chosen, probes, budget
+    return sizes[index], probes, budget

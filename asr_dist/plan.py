@@ -9,6 +9,8 @@
       data.train_shards  ──ShardSet.open──> shards (a set, several, or a weighted mix; builds checked)
       data.eval_shards   ──> eval_sets (vocabulary equal to the training set's, eval.group_by fields present)
       batch sizes, world ──> accumulation, steps per epoch, total steps ──deepspeed_config──> ds_config
+                         (data.micro_batch_size or data.micro_batch_seconds auto: settled here on CPU or on a
+                         resume; else the candidates the Trainer probes on the GPU, asr_dist.memory)
   RunPlan ──> engine.Trainer: the loader of each rank (RunPlan.loader), the model, DeepSpeed
           ──> `asr-dist train --dry-run`: RunPlan.describe, without building a model
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +32,7 @@ from .config import AUTO, Config, ConfigError, length_plan, load_config, shard_d
 from .data.augment import Augmentation
 from .data.index import build_failure, read_index
 from .data.loader import TrainLoader, unalignable
+from .data.packing import largest_need
 from .data.samples import input_padding
 from .data.shardset import ShardSet
 from .deepspeed_config import check_layerdrop, deepspeed_config
@@ -97,9 +101,9 @@ class RunPlan:
     total_steps: int  # optimizer steps of the whole run
     ds_config: dict  # the DeepSpeed JSON, as every rank gets it
     augment: Augmentation | None = None  # the training audio's augmentation (the augment section); None: none
-    # data.micro_batch_size=auto on a GPU: the sizes the Trainer probes (asr_dist.memory), largest first; until
-    # then the plan's arithmetic is the first's. Empty: the size is settled
-    micro_candidates: list[int] = dataclasses.field(default_factory=list)
+    # data.micro_batch_size=auto on a GPU: the sizes the Trainer probes (asr_dist.memory), largest first (seconds
+    # for data.micro_batch_seconds=auto); until then the plan's arithmetic is the first's. Empty: settled
+    micro_candidates: list = dataclasses.field(default_factory=list)
     _loaders: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -145,19 +149,33 @@ class RunPlan:
         self.total_steps = self.cfg.train.max_steps or self.cfg.train.num_epochs * self.steps_per_epoch
         self.ds_config = deepspeed_config(self.cfg, self.world_size, self.total_steps, cuda=self.cuda)
 
-    def use_micro_batch_size(self, micro: int) -> None:
-        """data.micro_batch_size=auto settled (by the start-up probe): the plan made again for ``micro``."""
-        self.cfg.data.micro_batch_size = micro
+    @property
+    def micro_key(self) -> str:
+        """The setting that sizes a micro-batch: data.micro_batch_size, or data.micro_batch_seconds in the
+        large-batch mode."""
+        return "data.micro_batch_" + ("size" if self.cfg.data.micro_batch_seconds is None else "seconds")
+
+    def use_micro_batch(self, value: int | float) -> None:
+        """auto settled by the start-up probe: the plan made again for a micro-batch of ``value`` (utterances,
+        or seconds in the large-batch mode)."""
+        setattr(self.cfg.data, self.micro_key.split(".")[1], value)
         self.micro_candidates = []
         self.settle_batches()
 
-    def probe_batch(self, micro: int) -> dict:
-        """The longest micro-batch of ``micro`` utterances this run can meet, as the loader collates it (silence
-        of its longest utterances' lengths; asr_dist.memory.worst_batch)."""
-        loader = self.loader(0)
-        return memory.worst_batch(
-            loader.lengths(), micro, self.featurize, self.alignable.frames, len(self.vocab), self.pack_align,
-            input_padding(self.featurize, self.cfg.data.pad_to_multiple_of))
+    def probe_batch(self, value: int | float) -> dict:
+        """The longest micro-batch of ``value`` utterances (or, in the large-batch mode, of ``value`` seconds: the
+        longest utterances, as many as it holds) this run can meet, as the loader collates it (silence of their
+        lengths; asr_dist.memory.worst_batch)."""
+        d, lengths = self.cfg.data, self.loader(0).lengths()
+        padding = input_padding(self.featurize, d.pad_to_multiple_of)
+        capacity = None
+        if d.micro_batch_seconds is not None:
+            count = memory.worst_count(lengths, value, d.pad_to_multiple_of, packed=self.pack_align is not None)
+            if self.pack_align is not None:
+                capacity = largest_need(lengths, self.pack_align, micro_batch_seconds=value)
+            value = count
+        return memory.worst_batch(lengths, value, self.featurize, self.alignable.frames, len(self.vocab),
+                                  self.pack_align, padding, capacity)
 
     def model_name(self) -> str:
         return model_name(self.cfg, self.family)
@@ -168,9 +186,12 @@ class RunPlan:
         d = self.cfg.data
         batch = (f"{d.global_batch_size} = micro {d.micro_batch_size}" if d.micro_batch_seconds is None else
                  f"{d.global_batch_seconds:g} s = micro {d.micro_batch_seconds:g} s")
-        if self.micro_candidates:
-            batch += (f" (data.micro_batch_size=auto: the largest of {', '.join(map(str, self.micro_candidates))} "
-                      f"that fits the GPU, probed at start-up; the arithmetic is {self.micro_candidates[0]}'s)")
+        c = self.micro_candidates
+        if c:
+            among = (', '.join(map(str, c)) if d.micro_batch_seconds is None else
+                     f"{len(c)} from {c[0]:g} s down to {c[-1]:g} s")
+            batch += (f" ({self.micro_key}=auto: the largest of {among} that fits the GPU, probed at start-up; the "
+                      f"arithmetic is {c[0]:g}'s)")
         lines = [json.dumps(self.ds_config, indent=1),
                  f"world size {self.world_size}: {self.shards.num_samples} utterances, "
                  f"{self.shards.audio_seconds / 3600:.2f} h of audio; {self.steps_per_epoch} steps per epoch (global "
@@ -218,9 +239,10 @@ def resolve_precision(cfg: Config, cuda: bool) -> None:
 CONFIG_NAME = "config.yaml"  # the resolved config of the run, in output_dir (written by the Trainer)
 
 
-def recorded_micro_batch_size(cfg: Config) -> int | None:
-    """data.micro_batch_size in the run's own record (output_dir/config.yaml), when it is a number and there is a
-    checkpoint to resume (a run stopped before its first checkpoint probes again)."""
+def recorded_micro_batch(cfg: Config, key: str = "data.micro_batch_size") -> int | float | None:
+    """``key`` (data.micro_batch_size or data.micro_batch_seconds) in the run's own record (output_dir/config.yaml),
+    when it is a number and there is a checkpoint to resume (a run stopped before its first checkpoint probes
+    again)."""
     from .checkpoint import CHECKPOINTS, latest
 
     path = Path(cfg.output_dir) / CONFIG_NAME
@@ -229,10 +251,10 @@ def recorded_micro_batch_size(cfg: Config) -> int | None:
     try:
         from omegaconf import OmegaConf
 
-        value = OmegaConf.select(OmegaConf.load(path), "data.micro_batch_size")
+        value = OmegaConf.select(OmegaConf.load(path), key)
     except Exception:  # an unreadable record: the resume says so; the probe chooses afresh
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def resolve_micro_batch_size(cfg: Config, world_size: int, cuda: bool) -> list[int]:
@@ -249,8 +271,8 @@ def resolve_micro_batch_size(cfg: Config, world_size: int, cuda: bool) -> list[i
     if not sizes:
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of the {world_size} ranks: "
                           f"no micro-batch size can make it up; choose a multiple of {world_size}")
-    kept = recorded_micro_batch_size(cfg)
-    if kept in sizes:
+    kept = recorded_micro_batch(cfg)
+    if isinstance(kept, int) and kept in sizes:
         log.info("data.micro_batch_size=auto: %d, as this run chose at its start (%s/config.yaml), so that a resume "
                  "forms the same micro-batches", kept, cfg.output_dir)
         d.micro_batch_size = kept
@@ -262,6 +284,35 @@ def resolve_micro_batch_size(cfg: Config, world_size: int, cuda: bool) -> list[i
         return []
     d.micro_batch_size = sizes[0]
     return sizes
+
+
+def resolve_micro_batch_seconds(cfg: Config, world_size: int, cuda: bool, longest: float) -> list[float]:
+    """data.micro_batch_seconds=auto made concrete in ``cfg`` where no GPU need be asked (as
+    resolve_micro_batch_size, with seconds that hold an utterance of ``longest`` seconds). Returns the candidates
+    the Trainer probes, or [] when settled."""
+    d = cfg.data
+    if d.micro_batch_seconds != AUTO:
+        return []
+    seconds = memory.seconds_candidates(d.global_batch_seconds, world_size, longest)
+    if not seconds:
+        raise ConfigError(f"data.micro_batch_seconds=auto: data.global_batch_seconds={d.global_batch_seconds:g} over "
+                          f"{world_size} rank(s) is {d.global_batch_seconds / world_size:g} s per rank, less than the "
+                          f"longest utterance ({longest:g} s, after augment.speed_factors); raise "
+                          f"data.global_batch_seconds, or rebuild the shards with a lower --max-duration")
+    kept = recorded_micro_batch(cfg, "data.micro_batch_seconds")
+    kept = next((s for s in seconds if kept is not None and math.isclose(s, kept, rel_tol=1e-9)), None)
+    if kept is not None:
+        log.info("data.micro_batch_seconds=auto: %g, as this run chose at its start (%s/config.yaml), so that a "
+                 "resume forms the same micro-batches", kept, cfg.output_dir)
+        d.micro_batch_seconds = kept
+        return []
+    if not cuda:
+        d.micro_batch_seconds = memory.cpu_seconds_choice(seconds, longest)
+        log.info("data.micro_batch_seconds=auto: %g (no GPU to probe: the largest that makes up the global batch, up "
+                 "to %d of the longest utterances)", d.micro_batch_seconds, memory.CPU_LIMIT)
+        return []
+    d.micro_batch_seconds = seconds[0]
+    return seconds
 
 
 def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
@@ -297,10 +348,12 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
         if why:
             raise ConfigError(f"data.pack=true with {model_name(cfg, family)}: "
                               f"{why}. Set data.pack=false")
+    augment = Augmentation.from_config(cfg.augment, cfg.seed)
+    stretch = augment.longest_stretch if augment is not None else 1.0
+    micro_candidates += resolve_micro_batch_seconds(cfg, world_size, cuda, (shards.max_seconds or 0.0) * stretch)
     plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
                    shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),
                    alignable=family.alignment_check(model_config), steps_per_epoch=0, accumulation=0, total_steps=0,
-                   ds_config={}, augment=Augmentation.from_config(cfg.augment, cfg.seed),
-                   micro_candidates=micro_candidates)
+                   ds_config={}, augment=augment, micro_candidates=micro_candidates)
     plan.settle_batches()
     return plan

@@ -60,7 +60,7 @@ def test_auto_on_a_gpu_plans_the_largest_until_the_probe_settles_it(train_shards
     plan = plan_run(config(train_shards, tmp_path), world_size=1, cuda=True)
     assert plan.micro_candidates == [8, 4, 2, 1] and plan.accumulation == 1
     assert "data.micro_batch_size=auto: the largest of 8, 4, 2, 1 that fits the GPU" in plan.describe(check_alignment=False)
-    plan.use_micro_batch_size(2)
+    plan.use_micro_batch(2)
     assert (plan.cfg.data.micro_batch_size, plan.accumulation, plan.micro_candidates) == (2, 4, [])
     assert plan.ds_config["train_micro_batch_size_per_gpu"] == 2 and plan.ds_config["gradient_accumulation_steps"] == 4
     assert plan.loader(1).micro_batch_size == 2 and plan.loader(1).accumulation == 4
@@ -86,11 +86,16 @@ def test_a_resume_keeps_the_runs_first_choice(train_shards, tmp_path):
     assert plan.micro_candidates == [4, 2, 1]
 
 
-def test_config_says_what_auto_takes(train_shards, tmp_path):
+def test_config_says_what_auto_takes(train_shards, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="data.micro_batch_size takes a whole number or auto, not 'two'"):
         config(train_shards, tmp_path, "data.micro_batch_size=two")
     with pytest.raises(ConfigError, match="data.micro_batch_size takes a whole number or auto, not 2.5"):
         config(train_shards, tmp_path, "data.micro_batch_size=2.5")
+    # a number that arrives as text (an environment interpolation, a quoted value) is that number
+    monkeypatch.setenv("ASR_DIST_TEST_MICRO", "4")
+    from_env = config(train_shards, tmp_path, "data.micro_batch_size=${oc.env:ASR_DIST_TEST_MICRO}")
+    assert from_env.data.micro_batch_size == 4
+    assert config(train_shards, tmp_path, "data.micro_batch_size='2'").data.micro_batch_size == 2
     with pytest.raises(ConfigError, match="auto with distributed.zero_stage=3"):
         config(train_shards, tmp_path, "distributed.zero_stage=3")
     with pytest.raises(ConfigError, match="not a multiple of the 3 ranks"):
@@ -111,7 +116,7 @@ def test_the_probe_runs_the_longest_micro_batch_through_the_training_forward(tra
     batch = plan.probe_batch(4)
     assert len(batch["keys"]) == 4 and math.isclose(float(batch["durations"].sum()), np.sort(lengths)[-4:].sum() / 16000,
                                                     rel_tol=1e-6)
-    plan.use_micro_batch_size(4)
+    plan.use_micro_batch(4)
     loader = plan.loader(0)
     if pack:
         assert batch["input_values"].shape == (1, loader.capacities[-1])
@@ -163,3 +168,98 @@ def test_the_probe_pads_feature_frames_in_frames(train_shards, tmp_path):
     batch = plan.probe_batch(2)
     frames = batch["input_values"].shape[1]
     assert batch["input_values"].shape[2] == 160 and frames % 50 == 0 and frames <= 50 * 20, frames
+
+
+def test_the_search_finds_the_largest_that_fits_in_few_probes():
+    """The largest first (it usually fits: one probe), then a bisection of the rest: for every list length and
+    every point where the candidates start to fit, the first that fits, in at most 2 + log2(n) probes."""
+    for n in range(0, 70):
+        for first in range(0, n + 1):  # first == n: none fits
+            probed = []
+            found = memory.search(n, lambda i: probed.append(i) or i >= first)
+            assert found == first, (n, first, probed)
+            assert len(probed) <= 2 + math.log2(max(1, n)) and len(set(probed)) == len(probed)
+            assert n == 0 or probed[0] == 0
+
+
+def test_seconds_candidates_make_up_the_global_batch_and_hold_the_longest():
+    seconds = memory.seconds_candidates(1200, 2, 15)
+    assert seconds[:4] == [600, 300, 200, 150] and len(seconds) == 40 and seconds[-1] == 15
+    assert all(math.isclose(600 / s, round(600 / s)) for s in seconds)
+    assert memory.seconds_candidates(20, 2, 15) == []
+    assert memory.cpu_seconds_choice(seconds, 15) == 200 and memory.cpu_seconds_choice([600.0, 300.0], 15) == 300
+    lengths = np.array([16000 * 15, 16000 * 10, 16000 * 14, 16000 * 2])
+    assert memory.worst_count(lengths, 45) == 3 and memory.worst_count(lengths, 44.9) == 3  # padded: reaches it
+    assert memory.worst_count(lengths, 45, packed=True) == 3 and memory.worst_count(lengths, 44.9, packed=True) == 2
+    assert memory.worst_count(lengths, 10) == 1 and memory.worst_count(lengths, 600) == 4
+
+
+AGREEMENTS = [([0, 2], [False, False], 2), ([6, 1], [False, False], 6), ([0, 0], [True, False], -1)]
+
+
+def _agree(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    seen = [memory.agree(choices[rank], 6, raised[rank]) for choices, raised, _ in AGREEMENTS]
+    Path(f"{out}.{rank}").write_text(" ".join(map(str, seen)))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_smallest_choice(tmp_path):
+    """Two gloo ranks: the smallest candidate (the largest index) wins, none fitting on one rank (index 6 of 6)
+    is none for all, and a rank whose probe raised makes every rank see -1."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "agreed")), nprocs=2)
+    agreed = " ".join(str(a) for _, _, a in AGREEMENTS)
+    assert [(tmp_path / f"agreed.{r}").read_text() for r in range(2)] == [agreed, agreed]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_micro_batch_seconds_auto(train_shards, tmp_path, pack):
+    """data.micro_batch_seconds=auto in the large-batch mode: settled without a GPU; on one, the seconds that
+    divide the global batch and hold the longest utterance, the largest planned until the probe settles it. The
+    probe's batch is the epoch's worst (packed: exactly the largest capacity; padded: within one utterance of
+    the seconds), runs through the training forward, and a resume keeps the run's choice."""
+    extra = ["data.micro_batch_seconds=auto", "data.global_batch_seconds=64", "data.micro_batch_size=1",
+             *(["data.pack=true"] if pack else [])]
+    plan = plan_run(config(train_shards, tmp_path, *extra), world_size=1)
+    longest = plan.shards.max_seconds
+    assert plan.micro_candidates == [] and plan.cfg.data.micro_batch_seconds == memory.cpu_seconds_choice(
+        memory.seconds_candidates(64, 1, longest), longest)
+
+    plan = plan_run(config(train_shards, tmp_path, *extra), world_size=2, cuda=True)
+    assert plan.micro_candidates == memory.seconds_candidates(64, 2, longest) and plan.micro_candidates[0] == 32
+    assert (plan.cfg.data.micro_batch_seconds, plan.accumulation) == (32, 1)
+    assert (f"data.micro_batch_seconds=auto: the largest of {len(plan.micro_candidates)} from 32 s down to "
+            f"{plan.micro_candidates[-1]:g} s that fits the GPU") in plan.describe(check_alignment=False)
+    seconds = plan.micro_candidates[3]  # 8 s: 4 micro-batches per step on each of 2 ranks
+    batch = plan.probe_batch(seconds)
+    plan.use_micro_batch(seconds)
+    assert (plan.cfg.data.micro_batch_seconds, plan.accumulation, plan.micro_candidates) == (8, 4, [])
+    assert plan.ds_config["gradient_accumulation_steps"] == 4
+    loader = plan.loader(0)
+    lengths = loader.lengths()
+    budget = seconds * 16000
+    if pack:
+        assert batch["input_values"].shape == (1, loader.capacities[-1])
+    else:
+        assert budget <= batch["input_values"].numel() < budget + lengths.max()
+    loader.set_epoch(0)
+    shapes = {tuple(b["input_values"].shape) for b in loader}
+    assert shapes and all(math.prod(s) <= batch["input_values"].numel() for s in shapes), shapes
+
+    model, family = build_model(plan.cfg.model, plan.vocab, family=plan.family, config=plan.model_config)
+    assert family.use_sync_free_forward(model)
+    spec = StepSpec(input_name=family.input_name, device=torch.device("cpu"), input_dtype=torch.float32, sync_free=True)
+    loss = forward(model.train(), batch, spec)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+
+    saved = tmp_path / "run" / "checkpoints" / "step-00000003"
+    saved.mkdir(parents=True)
+    (saved / MARKER).write_text("{}")
+    (tmp_path / "run" / "config.yaml").write_text(f"data:\n  micro_batch_seconds: {64 / 2 / 4!r}\n")
+    plan = plan_run(config(train_shards, tmp_path, *extra), world_size=2, cuda=True)
+    assert (plan.cfg.data.micro_batch_seconds, plan.micro_candidates, plan.accumulation) == (8, [], 4)

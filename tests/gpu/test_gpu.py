@@ -84,7 +84,8 @@ def test_zero3_export_is_the_full_model(synthetic_shards, tmp_path):
 def test_auto_micro_batch_takes_the_largest_that_fits(synthetic_shards, tmp_path):
     """data.micro_batch_size=auto: the probe measures the longest micro-batch of each size on this GPU (packed,
     bf16), takes the largest under the budget, and a budget with less room takes a smaller one; a run with
-    auto records its choice and trains."""
+    auto records its choice and trains. The tiny preset: packing refuses the base preset's group-norm feature
+    encoder."""
     from asr_dist import memory
     from asr_dist.config import load_config
     from asr_dist.models import build_model
@@ -93,7 +94,7 @@ def test_auto_micro_batch_takes_the_largest_that_fits(synthetic_shards, tmp_path
 
     cfg = load_config(str(REPO / "configs" / "test.yaml"), [
         f"output_dir={tmp_path / 'probe'}", f"data.train_shards=[{synthetic_shards}]", "data.eval_shards={}",
-        "data.global_batch_size=32", "data.micro_batch_size=auto", "data.pack=true", "model.preset=base",
+        "data.global_batch_size=32", "data.micro_batch_size=auto", "data.pack=true", "model.preset=tiny",
         "distributed.precision=bf16", "train.max_steps=2"])
     plan = plan_run(cfg, 1, cuda=True)
     assert plan.micro_candidates == [32, 16, 8, 4, 2, 1]
@@ -111,14 +112,26 @@ def test_auto_micro_batch_takes_the_largest_that_fits(synthetic_shards, tmp_path
     assert peaks[32] > peaks[16] > peaks[8] > 0
     chosen, probes, budget = memory.choose(model, plan.micro_candidates, plan.probe_batch, fwd, device,
                                            torch.bfloat16, extra=0)
-    assert chosen == 32 and len(probes) == 1  # the base layout at 16 s at most: far under a GPU's memory
+    assert chosen == 32 and len(probes) == 1  # the tiny layout at 16 s at most: far under a GPU's memory
     room = budget - (peaks[16] + peaks[8]) // 2  # what training adds leaves room for 8, not 16
     chosen, probes, _ = memory.choose(model, plan.micro_candidates, plan.probe_batch, fwd, device, torch.bfloat16,
                                       extra=room)
-    assert chosen == 8 and [p.micro for p in probes] == [32, 16, 8]
+    # the largest first, then a bisection of the rest: 32 and 16 are over the budget, 8 and 4 under it
+    assert chosen == 8 and sorted(p.micro for p in probes) == [4, 8, 16, 32], [p.describe() for p in probes]
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
 
-    rows = train(synthetic_shards, tmp_path / "auto", "model.preset=base", "distributed.precision=bf16",
+    # the large-batch mode: micro-batch seconds that divide the global batch, the same probe
+    cfg = load_config(str(REPO / "configs" / "test.yaml"), [
+        f"output_dir={tmp_path / 'probe-seconds'}", f"data.train_shards=[{synthetic_shards}]", "data.eval_shards={}",
+        "data.micro_batch_seconds=auto", "data.global_batch_seconds=240", "data.pack=true", "model.preset=tiny",
+        "distributed.precision=bf16", "train.max_steps=2"])
+    plan = plan_run(cfg, 1, cuda=True)
+    assert plan.micro_candidates[:3] == [240, 120, 80]
+    chosen, probes, budget = memory.choose(model, plan.micro_candidates, plan.probe_batch, fwd, device,
+                                           torch.bfloat16, extra=0, key="data.micro_batch_seconds")
+    assert chosen == 240 and len(probes) == 1 and probes[0].utterances >= 240 // 16, probes[0].describe()
+
+    rows = train(synthetic_shards, tmp_path / "auto", "model.preset=tiny", "distributed.precision=bf16",
                  "data.micro_batch_size=auto", "data.pack=true", "train.max_steps=4", "train.log_every=2")
     assert [r for r in rows if "train/loss" in r]
     recorded = (tmp_path / "auto" / "config.yaml").read_text()

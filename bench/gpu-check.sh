@@ -44,7 +44,7 @@ base = {r["variant"]: r.get("audio_seconds_per_second") for r in rows}
 plain, trainer = base.get("baseline_plain_loop"), base.get("baseline_hf_trainer")
 for r in rows:
     a = r.get("audio_seconds_per_second")
-    extra = "".join(f"  {k} {r[k]}" for k in ("precision", "micro_batch_size", "shapes_per_epoch", "padding_fraction",
+    extra = "".join(f"  {k} {r[k]}" for k in ("precision", "micro_batch_size", "micro_batch_seconds", "shapes_per_epoch", "padding_fraction",
                                               "capacities_seconds") if k in r)
     extra += f"  windows {r['windows']}" if "windows" in r else ""
     if a is None:
@@ -61,14 +61,14 @@ fi
 # 1. throughput, most telling first: the baselines, configs/xlsr300m-danish.yaml as shipped (precision, packing and
 #    micro-batch size chosen for this GPU; the table shows which), asr-dist at the seed's batch (16 x 2, ZeRO-1: fp16, then
 #    packed at the fast precision), 32 x 1 packed (compiled, flex attention, sdpa), the large-batch mode packed
-#    and padded, then 32 x 1 padded. Variant names say no precision (--list names them; VARIANTS="a b" runs others).
+#    (600 s micro-batches, then the seconds the memory probe chooses) and padded, then 32 x 1 padded. Variant names say no precision (--list names them; VARIANTS="a b" runs others).
 if [[ "$parts" == *" bench "* ]]; then
   timeout ${BENCH_S:-270} python3 bench/train_throughput.py --preset ${PRESET:-xlsr-300m} --precision ${PRECISION:-fp16} \
     --utterances ${UTTS:-1536} --steps ${STEPS:-12} --warmup ${WARMUP:-4} --zero 1 --large-micro 0 --timeout 75 \
     --jsonl "$out/bench.jsonl" \
     --only ${VARIANTS:-baseline_hf_trainer baseline_plain_loop asr_dist_shipped asr_dist_zero1 asr_dist_zero1_packed \
            asr_dist_seed_fast_packed_compiled asr_dist_seed_fast_packed_flex asr_dist_seed_fast_packed \
-           asr_dist_large_seconds_packed asr_dist_large_seconds asr_dist_seed_fast} \
+           asr_dist_large_seconds_packed asr_dist_large_seconds_packed_auto asr_dist_large_seconds asr_dist_seed_fast} \
     > "$out/bench.json" 2> "$out/bench.err"
   echo "bench exit $?"
   table "$out/bench.jsonl"

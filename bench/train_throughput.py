@@ -313,6 +313,7 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
     top = [line.rstrip() for f in sorted((out / "profile").glob("rank0-*-top.txt")) for line in f.read_text().splitlines()[:40]]
     return {"audio_seconds_per_second": float(np.median([r["perf/audio_seconds_per_second"] for r in rows])),
             "micro_batch_size": cfg.data.micro_batch_size, "precision": cfg.distributed.precision,
+            **({"micro_batch_seconds": cfg.data.micro_batch_seconds} if cfg.data.micro_batch_seconds else {}),
             **({"profile_top": top} if top else {}),
             "windows": [round(r["perf/audio_seconds_per_second"], 1) for r in rows],
             "data_wait_fraction": float(np.median([r["perf/data_wait_fraction"] for r in rows])),
@@ -443,6 +444,10 @@ def variants(args, cuda: bool) -> dict:
         v["asr_dist_large_seconds"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": filled})
         v["asr_dist_large_seconds_pad1s"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*filled, sec]})
         v["asr_dist_large_seconds_packed"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [*filled, pack]})
+        # the same global batch, its micro-batch seconds chosen by the start-up memory probe (on CPU: as many as
+        # 16 of the longest utterances)
+        v["asr_dist_large_seconds_packed_auto"] = ("asr_dist", {"precision": fast, "zero": 1, "extra": [
+            *filled, pack, "data.micro_batch_seconds=auto"]})
         v["asr_dist_large_seconds_packed_compiled"] = ("asr_dist", {"precision": fast, "zero": 1,
                                                                     "extra": [*filled, pack, "model.compile=true"]})
     v["profile_seed_fast"] = ("profile", {"precision": fast})  # by default on a GPU only

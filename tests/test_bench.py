@@ -130,6 +130,16 @@ def test_train_throughput_names_its_variants_and_refuses_unknown_ones():
     assert set(TRAIN_VARIANTS) <= set(names), names
     wrong = bench("train_throughput.py", "--only", "baseline_plain_loop", "no_such_variant")
     assert wrong.returncode != 0 and "unknown variant(s) ['no_such_variant']" in wrong.stderr, wrong.stderr[-3000:]
+    # every variant gpu-check.sh asks for is one the script names with gpu-check's flags (names say no precision,
+    # so the list on this machine is the GPU's)
+    import re
+
+    script = (REPO / "bench" / "gpu-check.sh").read_text()
+    asked = re.search(r"--only \$\{VARIANTS:-([^}]*)\}", script).group(1).replace("\\", " ").split()
+    asked += re.findall(r"--only (\w+)\s", script)
+    listed = bench("train_throughput.py", "--list", "--large-micro", "0")
+    names = {line.split(":")[0] for line in listed.stdout.splitlines()}
+    assert len(asked) >= 10 and set(asked) <= names, set(asked) - names
 
 
 @pytest.mark.slow  # trains every variant in its own process

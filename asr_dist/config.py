@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -408,7 +409,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.eval_micro_batch_seconds is not None and not cfg.data.eval_micro_batch_seconds > 0:
         raise ConfigError("data.eval_micro_batch_seconds must be above 0 (or null: data.eval_micro_batch_size)")
     seconds = (cfg.data.micro_batch_seconds, cfg.data.global_batch_seconds)
-    if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and x != AUTO and not x > 0 for x in seconds):
+    if (seconds[0] is None) != (seconds[1] is None) or any(x is not None and x != AUTO and not 0 < x < math.inf
+                                                           for x in seconds):
         raise ConfigError("the large-batch mode takes both data.micro_batch_seconds and data.global_batch_seconds, "
                           "above 0 (e.g. 600 and 1200 for one GPU: two micro-batches of up to 600 s per step)")
     gb = list(cfg.eval.group_by)

@@ -77,16 +77,15 @@ def cpu_seconds_choice(seconds: list[float], longest: float) -> float:
     return next((s for s in seconds if s <= CPU_LIMIT * longest), seconds[-1])
 
 
-def worst_count(lengths: np.ndarray, seconds: float, pad_to_multiple_of: int = 1, packed: bool = False) -> int:
+def worst_count(lengths: np.ndarray, seconds: float, pad_to_multiple_of: int = 1) -> int:
     """How many of the longest of ``lengths`` (samples) the probe of a micro-batch of ``seconds`` (padding
-    included, asr_dist.data.batching.cut_by_seconds) takes. Padded: the fewest whose padded size reaches the
-    seconds, so that no micro-batch of shorter utterances is larger (it may be one utterance over). Packed: as
-    many as the seconds hold (the micro-batch's size is the capacity, whatever it holds)."""
+    included, asr_dist.data.batching.cut_by_seconds) takes: the fewest whose padded size reaches the seconds.
+    The loader's micro-batches hold utterances x longest <= the seconds, so none holds more utterances of
+    more frames than the probe (which may be one utterance over); that bounds what grows with the utterances
+    even when packed: the per-utterance attention, the positional convolution's layout, the logits and CTC."""
     longest = int(np.max(lengths))
     padded = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    budget = seconds * 16000
-    count = budget // padded if packed else -(-budget // padded)
-    return int(min(len(lengths), max(1, count)))
+    return int(min(len(lengths), max(1, -(-(seconds * 16000) // padded))))
 
 
 def worst_batch(lengths: np.ndarray, micro: int, featurize, frames, vocab_size: int, pack_align: int | None,

@@ -27,12 +27,14 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from . import memory
 from .config import AUTO, Config, ConfigError, length_plan, load_config, shard_dirs
 from .data.augment import Augmentation
 from .data.index import build_failure, read_index
 from .data.loader import TrainLoader, unalignable
-from .data.packing import largest_need
+from .data.packing import largest_need, packed_length
 from .data.samples import input_padding
 from .data.shardset import ShardSet
 from .deepspeed_config import check_layerdrop, deepspeed_config
@@ -170,9 +172,10 @@ class RunPlan:
         padding = input_padding(self.featurize, d.pad_to_multiple_of)
         capacity = None
         if d.micro_batch_seconds is not None:
-            count = memory.worst_count(lengths, value, d.pad_to_multiple_of, packed=self.pack_align is not None)
-            if self.pack_align is not None:
-                capacity = largest_need(lengths, self.pack_align, micro_batch_seconds=value)
+            count = memory.worst_count(lengths, value, d.pad_to_multiple_of)
+            if self.pack_align is not None:  # the largest capacity, or more when the probe is one utterance over
+                capacity = max(largest_need(lengths, self.pack_align, micro_batch_seconds=value),
+                               packed_length(np.sort(lengths)[-count:].tolist(), self.pack_align))
             value = count
         return memory.worst_batch(lengths, value, self.featurize, self.alignable.frames, len(self.vocab),
                                   self.pack_align, padding, capacity)
@@ -350,7 +353,12 @@ def plan_run(cfg: Config, world_size: int, cuda: bool = False) -> RunPlan:
                               f"{why}. Set data.pack=false")
     augment = Augmentation.from_config(cfg.augment, cfg.seed)
     stretch = augment.longest_stretch if augment is not None else 1.0
-    micro_candidates += resolve_micro_batch_seconds(cfg, world_size, cuda, (shards.max_seconds or 0.0) * stretch)
+    if cfg.data.micro_batch_seconds == AUTO and shards.max_seconds is None:
+        raise ConfigError(f"data.micro_batch_seconds=auto: {', '.join(shards.dirs)} has no duration histogram in its "
+                          f"index.json, so the longest utterance is unknown; give data.micro_batch_seconds a number, or "
+                          f"rebuild the shards with `asr-dist shards build`")
+    longest = (shards.max_seconds or 0.0) * stretch
+    micro_candidates += resolve_micro_batch_seconds(cfg, world_size, cuda, longest)
     plan = RunPlan(cfg=cfg, world_size=world_size, cuda=cuda, family=family, model_config=model_config,
                    shards=shards, eval_sets=eval_sets, featurize=family.featurizer(),
                    alignable=family.alignment_check(model_config), steps_per_epoch=0, accumulation=0, total_steps=0,

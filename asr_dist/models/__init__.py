@@ -32,6 +32,7 @@ from ..config import ConfigError, ModelArgs
 from ..audio import normalize
 from ..text import PAD_TOKEN
 from ..frames import AlignmentCheck, num_ctc_frames
+from .batchnorm import use_fp32_batch_norm
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +444,7 @@ def build_model(args: ModelArgs, vocab: dict[str, int], seed: int = 0, family: M
     torch.manual_seed(seed)
     set_kernels(args)
     model = family.build(args, vocab, config)
+    use_fp32_batch_norm(model)  # DeepSpeed's bf16/fp16 keeps the running statistics in fp32 (models.batchnorm)
     freeze = args.freeze_feature_encoder if args.freeze_feature_encoder is not None else bool(args.pretrained)
     if freeze and family.has_front_end:  # a pretrained front end is kept; a random one (a preset) has to learn
         family.freeze_front_end(model)

@@ -153,8 +153,10 @@ def search(n: int, fits) -> int:
 @contextlib.contextmanager
 def on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None):
     """The model's parameters (in ``dtype``, as DeepSpeed casts them) and buffers on ``device`` for the block,
-    then back as they were, with every random generator's state."""
+    then back as they were, with every random generator's state. A forward that replaces a buffer (the conformer's
+    positional table grows into a new tensor) gets the old one back in its slot."""
     saved = [(t, t.data) for t in [*model.parameters(), *model.buffers()]]
+    slots = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()]
     py, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
@@ -164,11 +166,25 @@ def on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype |
                 b.data = b.data.to(device)
             yield model
         finally:
+            for m, name, b in slots:
+                m._buffers[name] = b
             for t, data in saved:
                 t.data = data
                 t.grad = None
             random.setstate(py)
             np.random.set_state(np_state)
+
+
+# what cuBLAS, cuDNN and cuFFT say when they cannot allocate their workspace or handle on a nearly full GPU: torch
+# raises these as a RuntimeError, not as torch.OutOfMemoryError
+ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED",
+                       "CUDNN_STATUS_NOT_INITIALIZED", "out of memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says the GPU ran out of memory."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ALLOCATION_FAILURES))
 
 
 def measure(model, batch: dict, forward, device: torch.device) -> int | None:
@@ -180,7 +196,9 @@ def measure(model, batch: dict, forward, device: torch.device) -> int | None:
         forward(model, batch).backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_reserved(device)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
         return None
     finally:
         for p in model.parameters():

@@ -162,6 +162,37 @@ def test_the_probe_leaves_the_model_and_the_random_generators_as_they_were(train
     assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(np.random.get_state(), np_state))
 
 
+def test_the_probe_puts_back_a_buffer_its_forward_replaced():
+    """The conformer's positional table is a buffer its forward replaces with a longer one (in the input's dtype):
+    after the probe the module holds the tensor it held before."""
+
+    class Grows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+            self.register_buffer("table", torch.zeros(2))
+
+        def forward(self, x):
+            self.table = torch.ones(4, dtype=x.dtype)
+            return (self.weight * x).sum()
+
+    model = Grows()
+    table = model.table
+    with memory.on_device(model, torch.device("cpu"), torch.bfloat16):
+        model(torch.ones(3, dtype=torch.bfloat16)).backward()
+        assert model.table.shape == (4,)
+    assert model.table is table and model.table.dtype == torch.float32 and torch.equal(table, torch.zeros(2))
+    assert model.weight.dtype == torch.float32 and model.weight.grad is None
+
+
+def test_an_allocation_failure_of_a_gpu_library_counts_as_out_of_memory():
+    assert memory.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert memory.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert memory.out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not memory.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not memory.out_of_memory(ValueError("out of memory"))
+
+
 def test_the_probe_pads_feature_frames_in_frames(train_shards, tmp_path):
     """w2v-BERT's input is fbank frames (320 samples each): data.pad_to_multiple_of=16000 pads its probe to
     whole seconds of frames (50), as its loader does, not to 16000 frames."""

@@ -91,10 +91,24 @@ def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
     import torch.distributed as dist
 
     os.environ.update(_env_vars(denv))  # DeepSpeed reads LOCAL_RANK & co. from here
+    _select_gpu(denv)
     if dist.is_available() and dist.is_initialized():
         return
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,
                                rank=denv.rank, world_size=denv.world_size)
+
+
+def _select_gpu(denv: DistEnv) -> None:
+    """Make this rank's GPU (device_index) the current device, and its index LOCAL_RANK, before a process group
+    starts: DeepSpeed binds its NCCL group to cuda:LOCAL_RANK and selects that device, and NCCL's object
+    collectives use the current one. A rank that sees one GPU (srun --gpus-per-task=1) drives cuda:0 whatever
+    its local rank."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = device_index(denv, torch.cuda.device_count())
+        os.environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
 
 
 def init_torch_process_group(denv: DistEnv, timeout_minutes: int, cuda: bool) -> None:
@@ -102,6 +116,8 @@ def init_torch_process_group(denv: DistEnv, timeout_minutes: int, cuda: bool) ->
     import torch.distributed as dist
 
     os.environ.update(_env_vars(denv))
+    if cuda:
+        _select_gpu(denv)
     if dist.is_available() and dist.is_initialized():
         return
     dist.init_process_group("nccl" if cuda else "gloo", rank=denv.rank, world_size=denv.world_size,

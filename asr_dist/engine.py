@@ -253,7 +253,7 @@ class Trainer:
                 error = str(e) if isinstance(e, TrackerError) else f"a tracker could not start: {type(e).__name__}: {e}"
         if self.world > 1:
             box = [error]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self.host_group)  # on the host: no GPU chosen yet matters
             error = box[0]
         if error:
             raise TrackerError(error)

@@ -128,6 +128,7 @@ class TrainArgs:
     average_last: int = 0  # export the element-wise mean of the last N checkpoints (this many are kept; the final one included) instead of the final weights; 0: off
     average_best: int = 0  # or of the best N checkpoints by the evaluation metric the run ranks by (train.early_stopping's, else the first set's WER); a checkpoint is saved at every evaluation and the best N are kept; 0: off
     early_stopping: dict = field(default_factory=dict)  # stop when an evaluation metric stops improving: {metric: wer|cer|loss, patience: K evaluations, min_delta: D (an improvement must beat the best by more), set: NAME or pooled (default: the first evaluation set)}; the best model is then exported as output_dir/model; {} = off
+    save_final: bool = True  # false: no checkpoint and no export (output_dir/model) when training ends, for throughput measurements and smoke runs; train.checkpoint_every and a preemption still save
     profile_steps: list = field(default_factory=list)  # [first, last] optimizer steps to trace with torch.profiler: a trace per rank (chrome://tracing, Perfetto) and a table of the top kernels under {output_dir}/profile/; [] = off
 
 
@@ -472,6 +473,10 @@ def check_run_end(cfg: Config) -> None:
         raise ConfigError(f"train.average_last={t.average_last} averages more checkpoints than are kept "
                           f"(train.keep_checkpoints={t.keep_checkpoints}): raise train.keep_checkpoints to at least "
                           f"{t.average_last}")
+    if not t.save_final and (es or t.average_last or t.average_best):
+        what = "train.early_stopping" if es else ("train.average_last" if t.average_last else "train.average_best")
+        raise ConfigError(f"{what} exports its model when training ends, and train.save_final=false exports none: "
+                          f"drop one of them")
     if t.average_last and not t.checkpoint_every:
         raise ConfigError("train.average_last averages checkpoints, and train.checkpoint_every=0 saves only the last: "
                           "give train.checkpoint_every")

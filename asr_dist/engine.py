@@ -375,9 +375,12 @@ class Trainer:
         evaluated_here = bool(stopped) and bool(state.history) and state.history[-1]["step"] == step
         results = self.evaluate(step) if self.evaluation.loaders and not evaluated_here else {}
         self._record(step, results)
-        self._save_unless_saved(step)
-        self._export_final(stopped)
-        self.writer.artifact(self.out / "model" / "README.md", "model")
+        if cfg.train.save_final:
+            self._save_unless_saved(step)
+            self._export_final(stopped)
+            self.writer.artifact(self.out / "model" / "README.md", "model")
+        elif self.denv.is_main:
+            log.info("train.save_final=false: no checkpoint of step %d and no export", step)
         self.writer.artifact(self.out / RESULTS_NAME, "eval")
         self.writer.artifact(self.out / CONFIG_NAME, "config")
         if state.best:

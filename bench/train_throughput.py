@@ -296,7 +296,8 @@ def asr_dist_run(shards: str, preset: str, precision: str, zero: int, steps: int
     run = [f"output_dir={out}", f"data.train_shards=[{shards}]", f"model.preset={preset}", f"model.family={FAMILY}",
            *(["model.freeze_feature_encoder=true"] if FAMILIES[FAMILY].has_front_end else []),
            f"train.max_steps={warmup + steps}", f"train.log_every={max(1, min(3, warmup))}",
-           "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never", f"data.num_workers={workers}"]
+           "train.checkpoint_every=0", "eval.every_steps=0", "train.resume=never", f"data.num_workers={workers}",
+           "train.save_final=false"]  # a checkpoint and an export of XLS-R-300M would cost seconds of each variant's limit
     if shipped:
         cfg = load_config(str(SHIPPED), [*run, "model.pretrained=null", "data.eval_shards={}", "train.num_epochs=null",
                                          *extra])
@@ -327,7 +328,8 @@ def epoch_shapes(cfg) -> dict:
     from asr_dist.data.packing import capacity_for, packed_length
     from asr_dist.plan import plan_run
 
-    plan = plan_run(cfg, 1)
+    # the run's own plan: on a GPU (flex attention is refused without one); train() has made its auto values concrete
+    plan = plan_run(cfg, 1, cuda=torch.cuda.is_available())
     loader = plan.loader(0)
     loader.set_epoch(0)
     pad = max(1, cfg.data.pad_to_multiple_of)

@@ -47,10 +47,23 @@ def test_run_end_settings_that_cannot_work_say_what_to_change():
              (["train.early_stopping={patience: 2, set: test}"], "not an evaluation set; choose one of dev"),
              (["train.average_last=3"], "raise train.keep_checkpoints to at least 3"),
              (["train.average_last=1"], "averaging one checkpoint"),
-             (["train.average_best=2", "eval.every_steps=0"], "give data.eval_shards and eval.every_steps > 0")]
+             (["train.average_best=2", "eval.every_steps=0"], "give data.eval_shards and eval.every_steps > 0"),
+             (["train.average_last=2", "train.checkpoint_every=5", "train.save_final=false"],
+              "train.average_last exports its model when training ends, and train.save_final=false exports none")]
     for override, words in cases:
         with pytest.raises(ConfigError, match=words):
             config(*override)
+
+
+def test_save_final_false_ends_a_run_without_a_checkpoint_or_an_export(train_shards, tmp_path):
+    out = tmp_path / "run"
+    r = launch("python", overrides(train_shards, out, "train.max_steps=2", "train.checkpoint_every=0",
+                                   "eval.every_steps=0", "data.eval_shards={}", "train.save_final=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train.save_final=false: no checkpoint of step 2 and no export" in r.stderr
+    assert sorted(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if "train/loss" in line) == [1, 2]
+    assert not (out / "model").exists() and not list(out.glob("checkpoints/step-*"))
 
 
 def test_pruning_keeps_the_protected_best_checkpoints(tmp_path):

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -351,6 +352,30 @@ def epoch_shapes(cfg) -> dict:
     return out
 
 
+def run_variant(cmd: list[str], env: dict, timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one variant's process, run in a process group of its own: at its limit, or
+    when this process is interrupted (gpu-check.sh's limit for the part), the whole group gets SIGINT and, 10 s
+    later, SIGKILL, so that no loader worker or compile worker lives on into the next variant, and none holds the
+    output pipes open."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+    return proc.returncode, stdout, stderr
+
+
 def variants(args, cuda: bool) -> dict:
     """name -> (kind, keyword arguments). The seed recipe is 32 utterances per optimizer step."""
     p, fast = args.precision, ("bf16" if cuda else args.precision)
@@ -531,10 +556,10 @@ def main() -> None:
             t = time.time()
             try:
                 env = {**os.environ, **table[name][1].get("env", {})}
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-                row = json.loads(lines[-1][7:]) if out.returncode == 0 and lines else \
-                    {"error": f"exit {out.returncode}: " + out.stderr.strip()[-1500:]}
+                code, stdout, stderr = run_variant(cmd, env, args.timeout)
+                lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+                row = json.loads(lines[-1][7:]) if code == 0 and lines else \
+                    {"error": f"exit {code}: " + stderr.strip()[-1500:]}
             except subprocess.TimeoutExpired:
                 row = {"error": f"stopped after {args.timeout:.0f} s"}
             row["wall_seconds"] = round(time.time() - t, 1)

@@ -128,7 +128,7 @@ class TrainArgs:
     average_last: int = 0  # export the element-wise mean of the last N checkpoints (this many are kept; the final one included) instead of the final weights; 0: off
     average_best: int = 0  # or of the best N checkpoints by the evaluation metric the run ranks by (train.early_stopping's, else the first set's WER); a checkpoint is saved at every evaluation and the best N are kept; 0: off
     early_stopping: dict = field(default_factory=dict)  # stop when an evaluation metric stops improving: {metric: wer|cer|loss, patience: K evaluations, min_delta: D (an improvement must beat the best by more), set: NAME or pooled (default: the first evaluation set)}; the best model is then exported as output_dir/model; {} = off
-    save_final: bool = True  # false: no checkpoint and no export (output_dir/model) when training ends, for throughput measurements and smoke runs; train.checkpoint_every and a preemption still save
+    save_final: bool = True  # false: no final checkpoint and no output_dir/model when training ends (an improved evaluation still exports output_dir/best), for throughput measurements and smoke runs; train.checkpoint_every and a preemption still save; refused with train.early_stopping, average_last and average_best
     profile_steps: list = field(default_factory=list)  # [first, last] optimizer steps to trace with torch.profiler: a trace per rank (chrome://tracing, Perfetto) and a table of the top kernels under {output_dir}/profile/; [] = off
 
 

@@ -91,7 +91,8 @@ def init_process_group(denv: DistEnv, timeout_minutes: int) -> None:
     import torch.distributed as dist
 
     os.environ.update(_env_vars(denv))  # DeepSpeed reads LOCAL_RANK & co. from here
-    _select_gpu(denv)
+    if configure_accelerator() == "cuda":
+        _select_gpu(denv)
     if dist.is_available() and dist.is_initialized():
         return
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False,

@@ -253,7 +253,7 @@ class Trainer:
                 error = str(e) if isinstance(e, TrackerError) else f"a tracker could not start: {type(e).__name__}: {e}"
         if self.world > 1:
             box = [error]
-            dist.broadcast_object_list(box, src=0, group=self.host_group)  # on the host: no GPU chosen yet matters
+            dist.broadcast_object_list(box, src=0, group=self.host_group)  # host data: over gloo, not NCCL
             error = box[0]
         if error:
             raise TrackerError(error)
@@ -380,7 +380,7 @@ class Trainer:
             self._export_final(stopped)
             self.writer.artifact(self.out / "model" / "README.md", "model")
         elif self.denv.is_main:
-            log.info("train.save_final=false: no checkpoint of step %d and no export", step)
+            log.info("train.save_final=false: no checkpoint of step %d and no %s/model", step, self.out)
         self.writer.artifact(self.out / RESULTS_NAME, "eval")
         self.writer.artifact(self.out / CONFIG_NAME, "config")
         if state.best:

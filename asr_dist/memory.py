@@ -176,9 +176,9 @@ def on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype |
 
 
 # what cuBLAS, cuDNN and cuFFT say when they cannot allocate their workspace or handle on a nearly full GPU: torch
-# raises these as a RuntimeError, not as torch.OutOfMemoryError
-ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED",
-                       "CUDNN_STATUS_NOT_INITIALIZED", "out of memory")
+# raises these as a RuntimeError, not as torch.OutOfMemoryError (CUBLAS_STATUS_ALLOC_FAILED, cuDNN 8's
+# CUDNN_STATUS_ALLOC_FAILED, cuDNN 9's CUDNN_STATUS_INTERNAL_ERROR_{DEVICE,HOST}_ALLOCATION_FAILED, CUFFT_ALLOC_FAILED)
+ALLOCATION_FAILURES = ("_ALLOC_FAILED", "_ALLOCATION_FAILED", "out of memory")
 
 
 def out_of_memory(e: BaseException) -> bool:

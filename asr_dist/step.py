@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import TrainingError
+from .memory import out_of_memory
 from .models.ctc import layerdrop_draw
 
 
@@ -90,7 +91,9 @@ def micro_step(engine, batch: dict, spec: StepSpec, skips: list[bool] | None) ->
     try:
         loss = forward(engine, batch, spec, skips)
         engine.backward(utterance_weighted(loss, len(batch["keys"]), spec.utterances_per_micro))
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
         # one rank cannot skip a batch alone (the others would wait in its gradient reduction)
         raise TrainingError(
             f"out of memory on rank {spec.rank} in a micro-batch of {len(batch['keys'])} utterances, "

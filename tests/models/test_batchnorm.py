@@ -40,7 +40,7 @@ def test_bf16_batch_norm_normalises_in_fp32_and_keeps_its_statistics_in_fp32():
     torch.testing.assert_close(bn.running_var, reference.running_var)
     assert int(bn.num_batches_tracked) == 1
     out.float().pow(2).sum().backward()
-    assert bn.weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert bn.weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16  # in the parameters' own dtype
     assert bn.weight.grad.abs().sum() > 0 and torch.isfinite(x.grad.float()).all()
 
     bn.eval()  # the running statistics normalise
@@ -50,6 +50,10 @@ def test_bf16_batch_norm_normalises_in_fp32_and_keeps_its_statistics_in_fp32():
     use_fp32_batch_norm(same)
     assert torch.equal(same(fp32), reference.train()(fp32))
     assert torch.equal(same[0].running_var, reference.running_var)
+    for dtype in (torch.bfloat16, torch.float64):  # statistics in the input's dtype: torch's own forward too
+        whole = torch.nn.Sequential(copy.deepcopy(reference)).to(dtype)
+        use_fp32_batch_norm(whole)
+        assert whole(fp32.to(dtype)).dtype == dtype
 
 
 def test_a_conformer_trains_in_bf16(train_shards, tmp_path):

@@ -95,7 +95,8 @@ if [[ "$parts" == *" w2vbert "* ]]; then
   table "$out/w2vbert.jsonl"
 fi
 # 3. tests/gpu: fp16 loss scaling on XLS-R-300M (1-4 s utterances, the longest) with its own limit, then bf16,
-#    ZeRO-3 export, the memory probe, the attention switch and the sync-free forward with what is left of TESTS_S
+#    ZeRO-3 export, the memory probe, the attention switch, the sync-free forward and the conformer in fp16 with what
+#    is left of TESTS_S
 #    (SIGINT lets pytest print the results of the tests that finished)
 if [[ "$parts" == *" tests "* ]]; then
   start=$SECONDS

@@ -212,3 +212,12 @@ def test_sync_free_forward_waits_for_the_gpu_less():
     print(f"host-device synchronisations in one forward + backward: transformers' forward {n_hf}, sync-free {n_ours}")
     assert n_ours < n_hf
     assert loss_ours == pytest.approx(loss_hf, rel=1e-3)
+
+
+def test_a_conformer_trains_in_fp16(synthetic_shards, tmp_path):
+    """wav2vec2-conformer's batch norm under DeepSpeed's fp16 (fp16 parameters, fp32 running statistics): the
+    configuration configs/wav2vec2-conformer.yaml ships, on cuDNN's batch norm."""
+    rows = train(synthetic_shards, tmp_path / "conformer", "model.family=wav2vec2-conformer", "model.preset=tiny",
+                 "distributed.precision=fp16", "train.max_steps=3", "train.log_every=1", "train.save_final=false")
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -224,9 +224,6 @@ class Trainer:
                 plan.micro_key)
         finally:
             model.config.layerdrop = layerdrop
-        # the probe's peak is no training figure (perf/gpu_memory_gb), and its cached blocks are DeepSpeed's to take
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
         key = plan.micro_key
         plan.use_micro_batch(micro)
         # the large-batch mode weighs each micro-batch's loss by its utterances over the mean, which the choice moves

@@ -182,7 +182,7 @@ ALLOCATION_FAILURES = ("_ALLOC_FAILED", "_ALLOCATION_FAILED", "out of memory")
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` says the GPU ran out of memory."""
+    """Whether ``e`` says the GPU ran out of memory (torch.OutOfMemoryError is a RuntimeError too)."""
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and any(s in str(e) for s in ALLOCATION_FAILURES))
 
@@ -196,7 +196,7 @@ def measure(model, batch: dict, forward, device: torch.device) -> int | None:
         forward(model, batch).backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_reserved(device)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except RuntimeError as e:
         if not out_of_memory(e):
             raise
         return None
@@ -241,6 +241,10 @@ def choose(model, sizes: list, make_batch, forward, device: torch.device, dtype:
     try:
         with on_device(model, device, dtype):
             index = search(n, fits)
+        # the probe's peak is no training figure (perf/gpu_memory_gb), and the blocks its copies of the parameters
+        # held are DeepSpeed's to take
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     except Exception as e:
         if world_size == 1:
             raise

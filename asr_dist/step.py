@@ -91,7 +91,7 @@ def micro_step(engine, batch: dict, spec: StepSpec, skips: list[bool] | None) ->
     try:
         loss = forward(engine, batch, spec, skips)
         engine.backward(utterance_weighted(loss, len(batch["keys"]), spec.utterances_per_micro))
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except RuntimeError as e:
         if not out_of_memory(e):
             raise
         # one rank cannot skip a batch alone (the others would wait in its gradient reduction)

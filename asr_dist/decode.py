@@ -105,9 +105,17 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
     samples' JSON to break the rates down by (``result["groups"]``, bootstrap intervals from ``seed``).
     ``subset``, ``split``: which part of a Hugging Face dataset or Common Voice release ``source`` is.
     ``cache_dir``: a node-local directory for the shards of a set at a URL (asr_dist.data.remote)."""
-    with model_directory(model_dir) as d:
-        result = _evaluate_model(d, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers,
-                                 denv, progress, decoder, group_by or [], seed, subset, split, cache_dir)
+    denv = denv or get_env()
+    started = denv.world_size > 1 and not (dist.is_available() and dist.is_initialized())
+    try:
+        with model_directory(model_dir) as d:
+            result = _evaluate_model(d, source, report, predictions, micro_batch_size, micro_batch_seconds,
+                                     num_workers, denv, progress, decoder, group_by or [], seed, subset, split,
+                                     cache_dir)
+    finally:
+        # a group left to the interpreter's exit can abort the process (gloo's threads still hold work then)
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
     result["model"] = str(model_dir)
     if report and result.pop("_write_report", False):
         Path(report).write_text(json.dumps(result, indent=1) + "\n")
@@ -117,7 +125,6 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
 
 def _evaluate_model(model_dir, source, report, predictions, micro_batch_size, micro_batch_seconds, num_workers, denv,
                     progress, decoder, group_by=(), seed=0, subset=None, split=None, cache_dir=None) -> dict:
-    denv = denv or get_env()
     beam = _beam_decoder(model_dir, decoder)
     device = (torch.device(f"cuda:{device_index(denv, torch.cuda.device_count())}") if torch.cuda.is_available()
               else torch.device("cpu"))

@@ -35,8 +35,8 @@ def _ranks(rank, world, port, root, out, seconds=None):
     evaluate_model(str(root / "model"), str(root / "shards"), report=str(out / "report.json"),
                    predictions=str(out / "pred.tsv"), micro_batch_size=4, num_workers=1, denv=denv, progress=False,
                    micro_batch_seconds=seconds)
-    # the group it started is ended: one left to the interpreter's exit can abort the rank (SIGABRT in gloo)
-    assert not torch.distributed.is_initialized()
+    if world > 1:  # the group it started is ended: one left to the interpreter's exit can abort the rank in gloo
+        assert not torch.distributed.is_initialized()
 
 
 def _evaluate_and_check_against_jiwer(root, out, world: int, seconds: float | None = None) -> dict:

@@ -26,7 +26,7 @@ from .data.eval_loader import EvalLoader
 from .data.samples import padded_inputs
 from .data.shardset import ShardSet
 from .config import DistributedArgs
-from .distributed import DistEnv, device_index, get_env, init_torch_process_group
+from .distributed import DistEnv, device_index, end_group, get_env, init_torch_process_group
 from .errors import InvalidValue, UserError
 from .evaluation import evaluate_set
 from .metrics import GreedyDecoder
@@ -113,9 +113,8 @@ def evaluate_model(model_dir: str, source: str, report: str | None = None, predi
                                      num_workers, denv, progress, decoder, group_by or [], seed, subset, split,
                                      cache_dir)
     finally:
-        # a group left to the interpreter's exit can abort the process (gloo's threads still hold work then)
-        if started and dist.is_initialized():
-            dist.destroy_process_group()
+        if started:  # the group this evaluation started ends with it, on error too
+            end_group()
     result["model"] = str(model_dir)
     if report and result.pop("_write_report", False):
         Path(report).write_text(json.dumps(result, indent=1) + "\n")

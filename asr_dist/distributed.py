@@ -11,12 +11,14 @@ Everything else receives ``rank`` and ``world_size`` as arguments.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 
 
@@ -75,13 +77,23 @@ def _env_vars(denv: DistEnv) -> dict[str, str]:
 def shutdown(denv: DistEnv) -> None:
     """After a run: a launched rank ends its process group; a single process keeps its (world size 1)
     group for a later run in the same process (DeepSpeed caches groups built on it) but takes back the
-    variables it set, so that child processes do not mistake themselves for ranks of it."""
-    import torch.distributed as dist
-
+    variables it set, so that child processes do not mistake themselves for ranks of it, and ends the group
+    when the interpreter exits."""
     if denv.launcher == "single":
         for k in _env_vars(denv):
             os.environ.pop(k, None)
-    elif dist.is_available() and dist.is_initialized():
+        atexit.unregister(end_group)  # once, however many runs
+        atexit.register(end_group)
+    else:
+        end_group()
+
+
+def end_group() -> None:
+    """End the process group, if one is alive. One left to the interpreter's finalization can abort the process
+    ("terminate called without an active exception"): gloo's threads still hold work then."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -147,8 +159,6 @@ class Heartbeat:
     so hangs are left to asr_dist.watchdog."""
 
     def __init__(self, rank: int, world_size: int, timeout: float, on_lost=None):
-        import threading
-
         import torch.distributed.distributed_c10d as c10d
 
         self.rank, self.world, self.timeout = rank, world_size, float(timeout)
@@ -210,5 +220,10 @@ class Heartbeat:
             time.sleep(0.05)
         return self.lost
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 10.0) -> None:
+        """Stop watching, and wait (up to ``wait`` seconds) for the thread to leave its store call: a daemon thread that
+        returns from C++ while the interpreter finalizes aborts the process ("terminate called without an active
+        exception")."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(wait)

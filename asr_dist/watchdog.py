@@ -98,8 +98,12 @@ class Watchdog:
             if self._last is not None:
                 self._last = time.monotonic()  # the pause is not a step's time
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 10.0) -> None:
+        """Stop watching, and wait (up to ``wait`` seconds) for the thread to leave its store call (see
+        Heartbeat.stop: a daemon thread that returns from C++ while the interpreter finalizes aborts the process)."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
     # ── the watchdog thread ──
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ from asr_dist.synth import write_corpus
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/trainkit.py, for tests in any folder below
 from trainkit import make_train_shards  # noqa: E402
+
+# a rank or tool that crashes in a test (SIGSEGV, SIGABRT, …) prints every thread's Python stack
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(scope="session")

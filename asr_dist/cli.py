@@ -582,5 +582,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `asr-dist` command (and launch/*.py): main(), then the exit handlers, then the end of the process
+    without the interpreter's finalization.
+
+    A distributed run's gloo worker threads may still be releasing the tensors of its last collective when the
+    main thread ends: DeepSpeed keeps its process groups, and so those threads, alive past destroy_process_group.
+    A worker that needs the GIL for that after finalization has begun aborts the process ("terminate called
+    without an active exception", SIGABRT) after a run that had finished well, and the launcher reports the job
+    failed. Everything a normal exit does for Python code still happens first: the atexit handlers (logging,
+    temporary directories, loader worker processes) and the flush of stdout and stderr. An error that escapes
+    main() ends the process the usual way, with its traceback."""
+    import atexit
+
+    code = main(argv)
+    atexit._run_exitfuncs()  # what the interpreter's exit runs: no public call gives them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)  # as sys.exit reads it
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from asr_dist.cli import main  # noqa: E402
+from asr_dist.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["transcribe", *sys.argv[1:]]))
+    run(["transcribe", *sys.argv[1:]])

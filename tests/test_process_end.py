@@ -1,6 +1,6 @@
-"""The heartbeat's and the watchdog's threads at the end of a rank: stop() waits for a store call in progress.
+"""The end of a rank's process, where C++ threads can abort it after a run that finished well.
 
-Both are daemon threads that call the job's rendezvous store, C++ code that releases the GIL. One that comes
+The heartbeat's and the watchdog's threads: stop() waits for a store call in progress. Both are daemon threads that call the job's rendezvous store, C++ code that releases the GIL. One that comes
 back from such a call while the interpreter finalizes cannot take the GIL again, and the process aborts with
 "terminate called without an active exception" (SIGABRT) after a run that had finished well."""
 
@@ -60,3 +60,20 @@ def test_a_stopped_thread_is_out_of_its_store_call_before_the_interpreter_ends(w
     r = subprocess.run([sys.executable, "-c", SCRIPT, which], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "terminate called" not in r.stderr, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "finished"
+
+
+def test_the_command_ends_after_its_exit_handlers_with_its_code_and_its_output(tmp_path):
+    """`asr-dist` and launch/*.py end without the interpreter's finalization (where gloo's worker threads can
+    abort the process), but after everything a normal exit does for Python code."""
+    script = (
+        "import atexit, sys\n"
+        "from asr_dist.cli import run\n"
+        "atexit.register(print, 'the exit handler ran')\n"
+        "print('buffered', end=' ')  # stdout is a pipe here: held in the buffer until flushed\n"
+        "run(['evaluate', '--model', sys.argv[1], '--shards', sys.argv[1]])\n"
+        "print('never')\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing")], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]  # the usage error's code, as main() returns it
+    assert r.stdout == "buffered the exit handler ran\n"
+    assert "asr-dist: error:" in r.stderr and "missing" in r.stderr
